@@ -1,0 +1,313 @@
+"""What a handler sees while it runs: progress reporting, stages, the activity log and checkpoints.
+
+``report()`` only writes a few attributes in memory and marks the job dirty; the monitor does the rest
+(throttled events, batched DB writes) on its tick. It is safe to call from a handler thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+from .models import Control
+
+StageSpec = Sequence[tuple[str, float] | str]
+
+
+class ProgressState:
+    """The live, in-memory progress of one running job. Written by handlers, read by the monitor."""
+
+    __slots__ = (
+        "_dirty",
+        "current",
+        "job_id",
+        "key",
+        "message",
+        "rate_p0",
+        "rate_t0",
+        "stage_index",
+        "stage_name",
+        "stage_names",
+        "stage_weights",
+        "total",
+    )
+
+    def __init__(self, job_id: int | str, dirty: set[tuple[str, int | str]]) -> None:
+        self.job_id = job_id
+        self.key: tuple[str, int | str] = ("job", job_id)
+        self._dirty = dirty
+        self.current: float | None = None
+        self.total: float | None = None
+        self.message: str | None = None
+        self.stage_names: list[str] = []
+        self.stage_weights: list[float] = []
+        self.stage_index: int | None = None
+        self.stage_name: str | None = None
+        # First (time, percent) sample of this run, for the ETA.
+        self.rate_t0: float | None = None
+        self.rate_p0: float | None = None
+
+    def report(self, current: float | None, total: float | None = None, message: str | None = None) -> None:
+        """Record progress. Cheap and synchronous: no I/O, no allocation beyond the arguments."""
+        self.current = current
+        if total is not None:
+            self.total = total
+        if message is not None:
+            self.message = message
+        self._dirty.add(self.key)
+
+    def set_stages(self, stages: StageSpec) -> None:
+        """Declare the stages and their weights (a bare name weighs 1)."""
+        names: list[str] = []
+        weights: list[float] = []
+        for item in stages:
+            if isinstance(item, str):
+                names.append(item)
+                weights.append(1.0)
+            else:
+                names.append(str(item[0]))
+                weights.append(max(0.0, float(item[1])))
+        self.stage_names = names
+        self.stage_weights = weights
+        self._dirty.add(self.key)
+
+    def enter_stage(self, name: str, total: float | None) -> None:
+        """Start stage ``name``: its own current/total start over."""
+        if name not in self.stage_names:
+            self.stage_names.append(name)
+            self.stage_weights.append(1.0)
+        self.stage_index = self.stage_names.index(name)
+        self.stage_name = name
+        self.current = 0 if total is not None else None
+        self.total = total
+        self._dirty.add(self.key)
+
+    def leave_stage(self, name: str) -> None:
+        """Finish stage ``name``: it counts as fully done in the weighted percent."""
+        if self.stage_name == name and self.total is not None:
+            self.current = self.total
+        self._dirty.add(self.key)
+
+    @property
+    def indeterminate(self) -> bool:
+        """True when there is no total to measure against."""
+        return self.total is None or self.total <= 0
+
+    def percentage(self) -> float | None:
+        """Percent of the current total (the current stage's, when in a stage)."""
+        if self.indeterminate or self.current is None:
+            return None
+        assert self.total is not None
+        return max(0.0, min(100.0, 100.0 * self.current / self.total))
+
+    def weighted_percent(self) -> float | None:
+        """Overall percent, weighting each declared stage; None when nothing can be said."""
+        frac = self.percentage()
+        if not self.stage_names or self.stage_index is None:
+            return frac
+        weights = self.stage_weights
+        total_w = sum(weights) or 1.0
+        done_w = sum(weights[: self.stage_index])
+        cur_w = weights[self.stage_index] * ((frac or 0.0) / 100.0)
+        return max(0.0, min(100.0, 100.0 * (done_w + cur_w) / total_w))
+
+    def eta_seconds(self, now: float) -> float | None:
+        """Seconds left at the rate observed so far in this run; None while unknown."""
+        p = self.weighted_percent()
+        if p is None or (self.indeterminate and not self.stage_names):
+            return None
+        if self.rate_t0 is None or self.rate_p0 is None:
+            self.rate_t0, self.rate_p0 = now, p
+            return None
+        dt = now - self.rate_t0
+        dp = p - self.rate_p0
+        if dt < 1.0 or dp <= 0.0 or p >= 100.0:
+            return None
+        eta = (100.0 - p) * dt / dp
+        if eta > 90 * 86400:  # a rate this slow says nothing useful
+            return None
+        return round(eta, 1)
+
+
+class ContextBackend(Protocol):
+    """Where a context's checkpoints and log lines go (the worker, or memory for direct jobs)."""
+
+    async def checkpoint(self, ctx: JobContext, state: Any, has_state: bool) -> None:
+        """Persist ``state`` (if given) and raise a JobInterrupt if the job must stop or pause."""
+
+    def log(self, ctx: JobContext, level: str, message: str, context: dict[str, Any] | None) -> None:
+        """Append to the activity log without waiting."""
+
+
+class StageScope:
+    """``async with ctx.stage(name, total)`` (or plain ``with`` in a sync handler)."""
+
+    def __init__(self, state: ProgressState, name: str, total: float | None) -> None:
+        self._state = state
+        self._name = name
+        self._total = total
+
+    def __enter__(self) -> StageScope:
+        self._state.enter_stage(self._name, self._total)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if et is None:
+            self._state.leave_stage(self._name)
+
+    async def __aenter__(self) -> StageScope:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(et, ev, tb)
+
+
+class JobContext:
+    """The handle an async handler gets: ``report``, ``stages``, ``stage``, ``log`` and ``checkpoint``."""
+
+    def __init__(
+        self,
+        *,
+        job_id: int | str,
+        job_type: str,
+        payload: dict[str, Any],
+        checkpoint_state: Any,
+        attempt: int,
+        state: ProgressState,
+        backend: ContextBackend,
+        owner: str | None = None,
+        room: str | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.job_type = job_type
+        self.payload = payload
+        #: The state saved by the last ``checkpoint()`` of an earlier run (None on a first run).
+        self.checkpoint_state = checkpoint_state
+        self.attempt = attempt
+        self.owner = owner
+        self.room = room
+        self.progress = state
+        self._backend = backend
+        #: "run", "pause", "cancel" or "shutdown": what has been asked of this job. Set by the worker.
+        self.control: str = Control.RUN
+        #: Set whenever ``control`` changes, so waiters wake up.
+        self.control_changed = asyncio.Event()
+
+    # -- progress ------------------------------------------------------------------------------
+    def report(self, current: float | None, total: float | None = None, message: str | None = None) -> None:
+        """Report progress (sync, no I/O). ``total=None`` keeps the previous total; no total at all is
+        indeterminate progress."""
+        self.progress.report(current, total, message)
+
+    def advance(self, n: float = 1, message: str | None = None) -> None:
+        """Add ``n`` to the current value."""
+        self.progress.report((self.progress.current or 0) + n, None, message)
+
+    def stages(self, stages: StageSpec) -> None:
+        """Declare weighted stages, e.g. ``[("fetch", 1), ("render", 3)]``."""
+        self.progress.set_stages(stages)
+
+    def stage(self, name: str, total: float | None = None) -> StageScope:
+        """Enter a stage for the duration of a ``with``/``async with`` block."""
+        return StageScope(self.progress, name, total)
+
+    def log(self, level: str, message: str, **context: Any) -> None:
+        """Append an entry to the job's activity log (capped; written on the monitor's tick)."""
+        self._backend.log(self, level, str(message), context or None)
+
+    # -- control -------------------------------------------------------------------------------
+    @property
+    def should_pause(self) -> bool:
+        """Whether a pause was requested (the next ``checkpoint()`` will pause the job)."""
+        return self.control == Control.PAUSE
+
+    @property
+    def should_cancel(self) -> bool:
+        """Whether a cancel was requested."""
+        return self.control == Control.CANCEL
+
+    def set_control(self, control: str) -> None:
+        """Record a new control request (called by the worker or the service)."""
+        if control != self.control:
+            # A cancel is never downgraded to a pause by a late heartbeat.
+            if self.control == Control.CANCEL and control == Control.PAUSE:
+                return
+            self.control = control
+            self.control_changed.set()
+
+    async def checkpoint(self, state: Any = ...) -> None:
+        """The pause/cancel point. Saves ``state`` durably (when given), then stops here if asked to.
+
+        A resumed job finds the last saved state in :attr:`checkpoint_state`.
+        """
+        has_state = state is not ...
+        if has_state:
+            self.checkpoint_state = state
+        await self._backend.checkpoint(self, state if has_state else None, has_state)
+
+
+class SyncJobContext:
+    """The handle a synchronous handler (run in a thread) gets; ``checkpoint()`` blocks instead of awaiting."""
+
+    def __init__(self, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> None:
+        self._ctx = ctx
+        self._loop = loop
+        self.job_id = ctx.job_id
+        self.job_type = ctx.job_type
+        self.payload = ctx.payload
+        self.attempt = ctx.attempt
+        self.owner = ctx.owner
+        self.room = ctx.room
+
+    @property
+    def checkpoint_state(self) -> Any:
+        """The state saved by the last checkpoint."""
+        return self._ctx.checkpoint_state
+
+    def report(self, current: float | None, total: float | None = None, message: str | None = None) -> None:
+        """See :meth:`JobContext.report`."""
+        self._ctx.progress.report(current, total, message)
+
+    def advance(self, n: float = 1, message: str | None = None) -> None:
+        """See :meth:`JobContext.advance`."""
+        self._ctx.advance(n, message)
+
+    def stages(self, stages: StageSpec) -> None:
+        """See :meth:`JobContext.stages`."""
+        self._ctx.stages(stages)
+
+    def stage(self, name: str, total: float | None = None) -> StageScope:
+        """See :meth:`JobContext.stage` (use it with a plain ``with``)."""
+        return self._ctx.stage(name, total)
+
+    def log(self, level: str, message: str, **context: Any) -> None:
+        """See :meth:`JobContext.log`."""
+        self._loop.call_soon_threadsafe(lambda: self._ctx.log(level, message, **context))
+
+    @property
+    def should_pause(self) -> bool:
+        """Whether a pause was requested."""
+        return self._ctx.should_pause
+
+    @property
+    def should_cancel(self) -> bool:
+        """Whether a cancel was requested."""
+        return self._ctx.should_cancel
+
+    def checkpoint(self, state: Any = ...) -> None:
+        """Save ``state`` and raise (JobPaused/JobCancelled) here if the job must stop. Blocks the thread."""
+        fut = asyncio.run_coroutine_threadsafe(self._ctx.checkpoint(state), self._loop)
+        fut.result()
+
+
+def monotonic() -> float:
+    """The clock used for throttling and ETAs."""
+    return time.monotonic()
+
+
+__all__ = ["ContextBackend", "JobContext", "ProgressState", "StageScope", "SyncJobContext"]

@@ -1,0 +1,152 @@
+"""Database models (SQLModel) for jobs, batches, the activity log and chat message bindings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime (SQLModel stores and returns datetimes in UTC)."""
+    return datetime.now(UTC)
+
+
+class JobStatus(StrEnum):
+    """The lifecycle states of a job."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True for the states a job does not leave on its own."""
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE_STATUSES = frozenset({JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED})
+
+
+class JobKind(StrEnum):
+    """Where a job comes from (see the spec: queued, direct, tracked)."""
+
+    QUEUED = "queued"
+    TRACKED = "tracked"
+    DIRECT = "direct"
+
+
+class Control(StrEnum):
+    """What has been asked of a running job; delivered through the DB so other processes see it."""
+
+    RUN = "run"
+    PAUSE = "pause"
+    CANCEL = "cancel"
+
+
+class Job(SQLModel, table=True):
+    """One unit of work: a queued handler run or a tracked external job."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_claim", "status", "priority", "run_at"),
+        Index("ix_jobs_updated", "updated_at"),
+        Index("ix_jobs_batch", "batch_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    type: str = Field(max_length=200)
+    kind: str = Field(default=JobKind.QUEUED, max_length=16)
+    name: str | None = Field(default=None, max_length=300)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default=JobStatus.PENDING, max_length=16)
+    control: str = Field(default=Control.RUN, max_length=16)
+    control_by: str | None = Field(default=None, max_length=300)
+    priority: int = 0
+    run_at: datetime = Field(default_factory=utcnow)
+    attempts: int = 0
+    max_attempts: int = 1
+    timeout: float | None = None
+    # Progress, written in batches on the monitor's tick.
+    progress_current: float | None = None
+    progress_total: float | None = None
+    progress_message: str | None = None
+    stage_name: str | None = None
+    stage_index: int | None = None
+    stage_count: int | None = None
+    weighted_percent: float | None = None
+    checkpoint: Any | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    result: Any | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    error: str | None = None
+    owner: str | None = Field(default=None, max_length=300)
+    room: str | None = Field(default=None, max_length=300)
+    batch_id: int | None = Field(default=None, foreign_key="batches.id")
+    interrupted: bool = False
+    worker_id: str | None = Field(default=None, max_length=100)
+    lease_until: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Batch(SQLModel, table=True):
+    """A group of jobs shown as one chat message with aggregate progress."""
+
+    __tablename__ = "batches"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=300)
+    owner: str | None = Field(default=None, max_length=300)
+    room: str | None = Field(default=None, max_length=300)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Activity(SQLModel, table=True):
+    """One entry of a job's activity log (capped per job)."""
+
+    __tablename__ = "activity"
+    __table_args__ = (Index("ix_activity_job", "job_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="jobs.id")
+    at: datetime = Field(default_factory=utcnow)
+    level: str = Field(default="info", max_length=16)
+    message: str
+    context: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+class MessageBinding(SQLModel, table=True):
+    """Which chat message shows a job or batch, so that a restart edits it instead of posting anew."""
+
+    __tablename__ = "message_bindings"
+    __table_args__ = (UniqueConstraint("platform", "target_kind", "target_id", "room"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    platform: str = Field(max_length=32)
+    target_kind: str = Field(max_length=8)  # "job" or "batch"
+    target_id: int
+    room: str = Field(max_length=300)
+    message_id: str = Field(max_length=300)
+    pinned: bool = False
+    finished: bool = False
+    extra: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class KeyValue(SQLModel, table=True):
+    """Small persistent state for adapters: sync tokens, device ids."""
+
+    __tablename__ = "kv"
+
+    key: str = Field(primary_key=True, max_length=200)
+    value: Any | None = Field(default=None, sa_column=Column(JSON, nullable=True))

@@ -1,0 +1,502 @@
+"""The JobProgressMonitor: turns reports and status changes into throttled events, and persists progress.
+
+* In-process reports mark a job dirty. On each tick, a dirty job whose window is open (no event in the
+  last ``min_interval``) gets one event with its latest state. A job that stays dirty is emitted as soon as
+  its window opens, so the trailing state always goes out.
+* Status changes are emitted at once, outside the throttle, and are never dropped.
+* Progress of in-process jobs is written to the DB in one transaction per write tick.
+* Every ``poll_interval`` the store is polled for rows other processes changed (tracked jobs, other
+  workers, CLI actions), which feed the same paths.
+* Batches get their own throttled events with aggregates computed from their jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from .context import ProgressState
+from .events import EventBus, JobProgressEvent, next_seq
+from .models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from .store import BatchSummary, JobStore, ProgressWrite
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int | str]
+
+
+def _ts(dt: datetime | None) -> float | None:
+    return None if dt is None else dt.timestamp()
+
+
+@dataclass(slots=True)
+class JobView:
+    """What the monitor knows of a job's record (status, identity, persisted progress)."""
+
+    id: int | str
+    type: str
+    status: str
+    name: str | None = None
+    priority: int = 0
+    attempts: int = 0
+    owner: str | None = None
+    room: str | None = None
+    batch_id: int | None = None
+    error: str | None = None
+    result: Any = None
+    interrupted: bool = False
+    control: str | None = None
+    control_by: str | None = None
+    current: float | None = None
+    total: float | None = None
+    message: str | None = None
+    stage_name: str | None = None
+    stage_index: int | None = None
+    stage_count: int | None = None
+    weighted_percent: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: datetime | None = None
+    persisted: bool = True
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobView:
+        """Build a view from a stored job."""
+        return cls(
+            id=job.id or 0,
+            type=job.type,
+            status=str(job.status),
+            name=job.name,
+            priority=job.priority,
+            attempts=job.attempts,
+            owner=job.owner,
+            room=job.room,
+            batch_id=job.batch_id,
+            error=job.error,
+            result=job.result,
+            interrupted=bool(job.interrupted),
+            control=job.control,
+            control_by=job.control_by,
+            current=job.progress_current,
+            total=job.progress_total,
+            message=job.progress_message,
+            stage_name=job.stage_name,
+            stage_index=job.stage_index,
+            stage_count=job.stage_count,
+            weighted_percent=job.weighted_percent,
+            started_at=_ts(job.started_at),
+            finished_at=_ts(job.finished_at),
+            updated_at=job.updated_at,
+        )
+
+    def progress_signature(self) -> tuple[Any, ...]:
+        """The fields whose change is a progress update."""
+        return (self.current, self.total, self.message, self.stage_name, self.stage_index, self.weighted_percent)
+
+
+class JobProgressMonitor:
+    """Throttles progress into events, emits status changes at once, and persists progress in batches."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        store: JobStore | None = None,
+        *,
+        min_interval: float = 0.5,
+        poll_interval: float = 1.0,
+        tick_interval: float | None = None,
+        write_interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        batch_error_limit: int = 5,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.min_interval = min_interval
+        self.poll_interval = poll_interval
+        self.tick_interval = tick_interval if tick_interval is not None else max(0.005, min(0.05, min_interval / 10))
+        self.write_interval = write_interval if write_interval is not None else max(0.1, min_interval)
+        self.clock = clock
+        self.batch_error_limit = batch_error_limit
+        self._views: dict[Key, JobView] = {}
+        self._live: dict[int | str, ProgressState] = {}
+        self._dirty: set[Key] = set()
+        self._unsaved: set[int] = set()
+        self._last_emit: dict[Key, float] = {}
+        self._last_status: dict[Key, str] = {}
+        self._last_seq: dict[Key, int] = {}
+        self._batch_dirty: set[int] = set()
+        self._batch_urgent: set[int] = set()
+        self._batch_last: dict[int, BatchSummary] = {}
+        self._pending_logs: list[tuple[int, str, str, dict[str, Any] | None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._poll_since: datetime = utcnow() - timedelta(seconds=2)
+        self._poll_wakeup = asyncio.Event()
+        self._stopping = False
+        self.events_emitted = 0
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Start the emit loop and (with a store) the write/poll loop."""
+        self._stopping = False
+        self._tasks.append(asyncio.create_task(self._emit_loop(), name="monitor-emit"))
+        if self.store is not None:
+            self._tasks.append(asyncio.create_task(self._io_loop(), name="monitor-io"))
+
+    async def stop(self) -> None:
+        """Flush what is pending (events, progress, logs) and stop the loops."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        self._emit_due(force=True)
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self._flush_writes()
+
+    def wake_poll(self) -> None:
+        """Poll the store now (LISTEN/NOTIFY or a local write can call this)."""
+        self._poll_wakeup.set()
+
+    # ------------------------------------------------------------ job sources
+    def attach(self, job: Job | JobView) -> ProgressState:
+        """Register a job that runs in this process; returns the state its context reports into."""
+        view = job if isinstance(job, JobView) else JobView.from_job(job)
+        key: Key = ("job", view.id)
+        st = self._live.get(view.id)
+        if st is None:
+            st = ProgressState(view.id, self._dirty)
+            # A resumed job starts from what it had reported before.
+            st.current, st.total, st.message = view.current, view.total, view.message
+            st.stage_name, st.stage_index = view.stage_name, view.stage_index
+            self._live[view.id] = st
+        self._views[key] = view
+        return st
+
+    def detach(self, job_id: int | str) -> None:
+        """Forget the live state of a job that stopped running here (after its final event)."""
+        st = self._live.pop(job_id, None)
+        if st is not None and isinstance(job_id, int):
+            self._unsaved.discard(job_id)
+
+    def live_state(self, job_id: int | str) -> ProgressState | None:
+        """The in-process progress state of a running job, if it runs here."""
+        return self._live.get(job_id)
+
+    def job_changed(self, job: Job | JobView, *, force: bool = False) -> JobProgressEvent | None:
+        """A job's record changed in this process. A new status is emitted at once."""
+        view = job if isinstance(job, JobView) else JobView.from_job(job)
+        key: Key = ("job", view.id)
+        old = self._views.get(key)
+        st = self._live.get(view.id)
+        if st is not None:
+            # The live state is newer than the row's progress columns.
+            view.current, view.total, view.message = st.current, st.total, st.message
+        self._views[key] = view
+        if view.batch_id is not None:
+            self._batch_dirty.add(view.batch_id)
+        if force or self._last_status.get(key) != view.status:
+            if view.batch_id is not None:
+                self._batch_urgent.add(view.batch_id)
+            return self._emit_job(key, status_changed=True)
+        if old is None or old.progress_signature() != view.progress_signature() or old.control != view.control:
+            self._dirty.add(key)
+        return None
+
+    def log(self, job_id: int, level: str, message: str, context: dict[str, Any] | None = None) -> None:
+        """Queue an activity entry; written with the next write tick."""
+        self._pending_logs.append((job_id, level, message, context))
+
+    # --------------------------------------------------------------- emitting
+    def _emit_job(self, key: Key, *, status_changed: bool) -> JobProgressEvent | None:
+        view = self._views.get(key)
+        if view is None:
+            return None
+        ev = self.build_job_event(view, status_changed=status_changed)
+        self._dirty.discard(key)
+        self._last_emit[key] = self.clock()
+        self._last_status[key] = view.status
+        self._last_seq[key] = ev.seq
+        if view.persisted and isinstance(view.id, int) and view.id in self._live:
+            self._unsaved.add(view.id)
+        self.events_emitted += 1
+        self.bus.publish(ev)
+        if ev.terminal:
+            self._last_emit.pop(key, None)
+        return ev
+
+    def build_job_event(self, view: JobView, *, status_changed: bool = False) -> JobProgressEvent:
+        """An event for a job from its view and (when it runs here) its live progress."""
+        st = self._live.get(view.id)
+        now = self.clock()
+        if st is not None:
+            current, total, message = st.current, st.total, st.message
+            pct = st.percentage()
+            wpct = st.weighted_percent()
+            stage_name, stage_index = st.stage_name, st.stage_index
+            stage_count = len(st.stage_names) or None
+            indeterminate = st.indeterminate and not st.stage_names
+            eta = st.eta_seconds(now) if view.status == JobStatus.RUNNING else None
+        else:
+            current, total, message = view.current, view.total, view.message
+            pct = None
+            if total and total > 0 and current is not None:
+                pct = max(0.0, min(100.0, 100.0 * current / total))
+            wpct = view.weighted_percent if view.weighted_percent is not None else pct
+            stage_name, stage_index, stage_count = view.stage_name, view.stage_index, view.stage_count
+            indeterminate = not total
+            eta = None
+        status = view.status
+        if status == JobStatus.COMPLETED:
+            # A completed job is at 100%, whatever it last reported.
+            if total:
+                current = total
+            pct = 100.0
+            wpct = 100.0
+            indeterminate = False
+        if status in TERMINAL_STATUSES:
+            eta = None
+        return JobProgressEvent(
+            id=view.id,
+            type="job",
+            status=status,
+            seq=next_seq(),
+            timestamp=time.time(),
+            message=message,
+            name=view.name or view.type,
+            current=current,
+            total=total,
+            percentage=None if pct is None else round(pct, 2),
+            weighted_percent=None if wpct is None else round(wpct, 2),
+            indeterminate=indeterminate,
+            eta_seconds=eta,
+            stage_name=stage_name,
+            stage_index=stage_index,
+            stage_count=stage_count,
+            job_type=view.type,
+            priority=view.priority,
+            retry_count=max(0, view.attempts - 1),
+            owner=view.owner,
+            room=view.room,
+            batch_id=view.batch_id,
+            error=view.error,
+            result=view.result,
+            interrupted=view.interrupted,
+            control=view.control,
+            control_by=view.control_by,
+            started_at=view.started_at,
+            finished_at=view.finished_at,
+            status_changed=status_changed,
+        )
+
+    def _emit_due(self, *, force: bool = False) -> None:
+        if not self._dirty:
+            return
+        now = self.clock()
+        window = self.min_interval
+        for key in list(self._dirty):
+            last = self._last_emit.get(key)
+            if force or last is None or now - last >= window:
+                if key[0] == "job":
+                    self._emit_job(key, status_changed=False)
+                else:
+                    self._dirty.discard(key)
+
+    async def _emit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            try:
+                self._emit_due()
+            except Exception:  # never let one bad event stop all emissions
+                log.exception("monitor emit tick failed")
+
+    # ------------------------------------------------------------- DB + polls
+    async def _io_loop(self) -> None:
+        next_write = self.clock()
+        next_poll = self.clock() + self.poll_interval
+        while True:
+            now = self.clock()
+            try:
+                if now >= next_write:
+                    next_write = now + self.write_interval
+                    await self._flush_writes()
+                if now >= next_poll or self._poll_wakeup.is_set():
+                    self._poll_wakeup.clear()
+                    next_poll = now + self.poll_interval
+                    await self.poll_once()
+                await self._refresh_batches()
+                self._evict()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("monitor I/O tick failed; will retry")
+            timeout = max(0.0, min(next_write, next_poll) - self.clock())
+            timeout = min(timeout, self.tick_interval * 2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_wakeup.wait(), timeout)
+
+    async def _flush_writes(self) -> None:
+        assert self.store is not None
+        writes: list[ProgressWrite] = []
+        for jid in list(self._unsaved):
+            st = self._live.get(jid)
+            if st is None:
+                continue
+            writes.append(
+                ProgressWrite(
+                    job_id=jid,
+                    current=st.current,
+                    total=st.total,
+                    message=st.message[:2000] if st.message else st.message,
+                    stage_name=st.stage_name,
+                    stage_index=st.stage_index,
+                    stage_count=len(st.stage_names) or None,
+                    weighted_percent=st.weighted_percent(),
+                )
+            )
+        self._unsaved.clear()
+        if writes:
+            await self.store.write_progress(writes)
+        if self._pending_logs:
+            logs, self._pending_logs = self._pending_logs, []
+            await self.store.log_many(logs)
+
+    async def poll_once(self) -> int:
+        """Read rows changed since the last poll and emit what other processes changed. Returns the count."""
+        if self.store is None:
+            return 0
+        since = self._poll_since - timedelta(seconds=2)
+        rows = await self.store.changed_since(since)
+        changed = 0
+        for job in rows:
+            if job.updated_at and job.updated_at > self._poll_since:
+                self._poll_since = job.updated_at
+            view = JobView.from_job(job)
+            key: Key = ("job", view.id)
+            old = self._views.get(key)
+            if view.id in self._live:
+                # Running here: our own events are authoritative, unless another process took the job away.
+                if old is not None and old.status == view.status:
+                    if old.control != view.control:
+                        old.control, old.control_by = view.control, view.control_by
+                    continue
+            if old is not None and old.updated_at is not None and view.updated_at is not None:
+                if view.updated_at < old.updated_at:
+                    continue
+            if old is None or old.status != view.status or self._last_status.get(key) != view.status:
+                self.job_changed(view)
+                changed += 1
+            elif old.progress_signature() != view.progress_signature() or old.control != view.control:
+                self._views[key] = view
+                self._dirty.add(key)
+                if view.batch_id is not None:
+                    self._batch_dirty.add(view.batch_id)
+                changed += 1
+            else:
+                old.updated_at = view.updated_at
+        return changed
+
+    async def _refresh_batches(self) -> None:
+        if self.store is None or not (self._batch_dirty or self._batch_urgent):
+            return
+        now = self.clock()
+        todo = set(self._batch_urgent)
+        for bid in self._batch_dirty:
+            last = self._last_emit.get(("batch", bid))
+            if last is None or now - last >= self.min_interval:
+                todo.add(bid)
+        for bid in todo:
+            self._batch_dirty.discard(bid)
+            self._batch_urgent.discard(bid)
+            try:
+                summary = await self.store.batch_summary(bid, error_limit=self.batch_error_limit)
+            except LookupError:
+                continue
+            self.emit_batch(summary)
+
+    def emit_batch(self, summary: BatchSummary) -> JobProgressEvent:
+        """Emit a batch event from its aggregate summary."""
+        bid = summary.batch.id or 0
+        key: Key = ("batch", bid)
+        ev = self.build_batch_event(summary)
+        ev.status_changed = self._last_status.get(key) != ev.status
+        self._last_status[key] = ev.status
+        self._last_emit[key] = self.clock()
+        self._last_seq[key] = ev.seq
+        self._batch_last[bid] = summary
+        self.events_emitted += 1
+        self.bus.publish(ev)
+        return ev
+
+    def build_batch_event(self, summary: BatchSummary) -> JobProgressEvent:
+        """An event for a batch from its aggregate summary."""
+        b = summary.batch
+        total = summary.total
+        pct = round(100.0 * summary.current / total, 2) if total else None
+        done = summary.completed + summary.failed + summary.counts.get(JobStatus.CANCELLED, 0)
+        parts = [f"{summary.completed}/{total} completed"]
+        if summary.failed:
+            parts.append(f"{summary.failed} failed")
+        return JobProgressEvent(
+            id=b.id or 0,
+            type="batch",
+            status=str(summary.status),
+            seq=next_seq(),
+            timestamp=time.time(),
+            message=summary.current_operation or ", ".join(parts),
+            name=b.name,
+            current=done,
+            total=total,
+            percentage=pct,
+            weighted_percent=pct,
+            indeterminate=total == 0,
+            owner=b.owner,
+            room=b.room,
+            total_operations=total,
+            completed_operations=summary.completed,
+            failed_operations=summary.failed,
+            current_operation=summary.current_operation,
+            errors=list(summary.errors),
+        )
+
+    def _evict(self) -> None:
+        # Keep memory bounded: forget finished jobs we no longer need to compare against.
+        if len(self._views) <= 20_000:
+            return
+        for key, view in list(self._views.items()):
+            if view.status in TERMINAL_STATUSES and view.id not in self._live:
+                del self._views[key]
+                self._last_status.pop(key, None)
+                self._last_seq.pop(key, None)
+                self._last_emit.pop(key, None)
+            if len(self._views) <= 10_000:
+                break
+
+    # --------------------------------------------------------------- queries
+    def last_seq(self, kind: str, ident: int | str) -> int | None:
+        """The seq of the last event emitted for a job or batch."""
+        return self._last_seq.get((kind, ident))
+
+    def current_event(self, job: Job | JobView) -> JobProgressEvent:
+        """An event with the job's current state (for snapshots and stream starts); not published."""
+        view = job if isinstance(job, JobView) else JobView.from_job(job)
+        known = self._views.get(("job", view.id))
+        if known is not None and view.id in self._live:
+            view = known
+        return self.build_job_event(view)
+
+    def running_views(self) -> list[JobView]:
+        """Jobs known to be running, with their live progress folded in."""
+        out = []
+        for key, view in self._views.items():
+            if key[0] == "job" and view.status == JobStatus.RUNNING:
+                out.append(view)
+        return out

@@ -1,0 +1,1034 @@
+"""The durable job store: submit, claim, finish, user actions, queries and bindings.
+
+Every public method is ``async`` and runs its SQL in the :class:`~core.db.Database` executor, so the
+event loop never blocks. The hot paths (claim, finish, progress writes) use SQLAlchemy Core statements
+and handle many jobs per transaction.
+
+Writes made on behalf of a worker are *fenced*: they only apply while the job is still ``running`` under
+that worker's id. A worker that lost its lease can therefore not overwrite a job someone else recovered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy.engine import Row
+
+from .db import Database
+from .errors import IllegalTransition, JobNotFound
+from .lifecycle import check_action
+from .models import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    Activity,
+    Batch,
+    Control,
+    Job,
+    JobKind,
+    JobStatus,
+    KeyValue,
+    MessageBinding,
+    utcnow,
+)
+
+jobs_t = Job.__table__  # type: ignore[attr-defined]
+batches_t = Batch.__table__  # type: ignore[attr-defined]
+activity_t = Activity.__table__  # type: ignore[attr-defined]
+bindings_t = MessageBinding.__table__  # type: ignore[attr-defined]
+kv_t = KeyValue.__table__  # type: ignore[attr-defined]
+
+S = JobStatus
+
+RecoveryPolicy = Literal["pause", "requeue"]
+
+
+def row_to_job(row: Row[Any]) -> Job:
+    """Build a detached :class:`Job` from a Core result row."""
+    return Job(**dict(row._mapping))
+
+
+@dataclass(slots=True)
+class NewJob:
+    """Everything needed to insert one job (payload already validated)."""
+
+    type: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    kind: str = JobKind.QUEUED
+    name: str | None = None
+    priority: int = 0
+    run_at: datetime | None = None
+    max_attempts: int = 1
+    timeout: float | None = None
+    owner: str | None = None
+    room: str | None = None
+    batch_id: int | None = None
+    status: str = JobStatus.PENDING
+    progress_total: float | None = None
+
+
+@dataclass(slots=True)
+class ProgressWrite:
+    """One job's latest progress, written on the monitor's tick."""
+
+    job_id: int
+    current: float | None
+    total: float | None
+    message: str | None
+    stage_name: str | None
+    stage_index: int | None
+    stage_count: int | None
+    weighted_percent: float | None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a run ended, as reported by a worker, to be written in a group commit."""
+
+    job_id: int
+    worker_id: str
+    status: JobStatus
+    result: Any = None
+    error: str | None = None
+    checkpoint: Any = None
+    has_checkpoint: bool = False
+    note: str | None = None
+    progress: ProgressWrite | None = None
+
+
+@dataclass(slots=True)
+class ActionResult:
+    """The effect of a user action on a job: its new record and whether the change is still on its way."""
+
+    job: Job
+    action: str
+    #: True when a running job was asked to pause or cancel and will do so at its next checkpoint.
+    requested: bool = False
+
+
+@dataclass(slots=True)
+class BatchSummary:
+    """Aggregate state of a batch, derived from its jobs."""
+
+    batch: Batch
+    total: int
+    counts: dict[str, int]
+    current_operation: str | None
+    errors: list[str]
+    current: float
+    status: JobStatus
+
+    @property
+    def completed(self) -> int:
+        """Jobs that completed."""
+        return self.counts.get(S.COMPLETED, 0)
+
+    @property
+    def failed(self) -> int:
+        """Jobs that failed."""
+        return self.counts.get(S.FAILED, 0)
+
+
+def derive_batch_status(counts: dict[str, int]) -> JobStatus:
+    """A batch's status from its jobs' statuses."""
+    total = sum(counts.values())
+    if total == 0:
+        return S.PENDING
+    if counts.get(S.RUNNING, 0):
+        return S.RUNNING
+    if counts.get(S.PENDING, 0):
+        # Some done and some waiting: the batch is under way.
+        done = sum(counts.get(s, 0) for s in TERMINAL_STATUSES)
+        return S.RUNNING if done or counts.get(S.PAUSED, 0) else S.PENDING
+    if counts.get(S.PAUSED, 0):
+        return S.PAUSED
+    if counts.get(S.FAILED, 0):
+        return S.FAILED
+    if counts.get(S.COMPLETED, 0):
+        return S.COMPLETED
+    return S.CANCELLED
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff: ``base * 2**(attempt-1)``, capped."""
+    return min(cap, base * math.pow(2, max(0, attempt - 1)))
+
+
+class JobStore:
+    """Durable storage of jobs and everything around them."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        activity_limit: int = 100,
+        retry_backoff: float = 2.0,
+        retry_backoff_max: float = 300.0,
+    ) -> None:
+        self.db = db
+        self.activity_limit = activity_limit
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+
+    # ----------------------------------------------------------------- schema
+    async def init(self) -> None:
+        """Create the schema if needed."""
+        await self.db.run(self.db.create_schema)
+
+    # ----------------------------------------------------------------- submit
+    async def submit(self, job: NewJob, *, actor: str | None = None) -> Job:
+        """Insert one job and its first activity entry; return the stored job."""
+        return (await self.submit_many([job], actor=actor))[0]
+
+    async def submit_many(self, jobs: Sequence[NewJob], *, actor: str | None = None) -> list[Job]:
+        """Insert several jobs in one transaction."""
+        return await self.db.run(self._submit_many, list(jobs), actor)
+
+    def _submit_many(self, jobs: list[NewJob], actor: str | None) -> list[Job]:
+        now = utcnow()
+        out: list[Job] = []
+        with self.db.engine.begin() as conn:
+            for nj in jobs:
+                values = {
+                    "type": nj.type,
+                    "kind": nj.kind,
+                    "name": nj.name,
+                    "payload": nj.payload,
+                    "status": nj.status,
+                    "control": Control.RUN,
+                    "priority": nj.priority,
+                    "run_at": nj.run_at or now,
+                    "attempts": 0,
+                    "max_attempts": max(1, nj.max_attempts),
+                    "timeout": nj.timeout,
+                    "owner": nj.owner,
+                    "room": nj.room,
+                    "batch_id": nj.batch_id,
+                    "progress_total": nj.progress_total,
+                    "interrupted": False,
+                    "created_at": now,
+                    "updated_at": now,
+                    "started_at": now if nj.status == S.RUNNING else None,
+                }
+                row = conn.execute(insert(jobs_t).values(**values).returning(*jobs_t.c)).one()
+                job = row_to_job(row)
+                who = f" by {actor or nj.owner}" if (actor or nj.owner) else ""
+                what = "tracking started" if nj.kind == JobKind.TRACKED else "submitted"
+                self._log(conn, job.id or 0, "info", f"{what}{who}", None, now)
+                out.append(job)
+        return out
+
+    async def create_batch(self, name: str, *, owner: str | None = None, room: str | None = None) -> Batch:
+        """Create an empty batch."""
+        return await self.db.run(self._create_batch, name, owner, room)
+
+    def _create_batch(self, name: str, owner: str | None, room: str | None) -> Batch:
+        now = utcnow()
+        with self.db.engine.begin() as conn:
+            row = conn.execute(
+                insert(batches_t)
+                .values(name=name, owner=owner, room=room, created_at=now, updated_at=now)
+                .returning(*batches_t.c)
+            ).one()
+        return Batch(**dict(row._mapping))
+
+    # ------------------------------------------------------------------ claim
+    async def claim(
+        self, worker_id: str, limit: int, *, types: Iterable[str] | None = None, lease_seconds: float = 30.0
+    ) -> list[Job]:
+        """Atomically move up to ``limit`` due pending jobs to running under ``worker_id``.
+
+        Order: highest priority first, then earliest run_at, then id. On PostgreSQL the candidate rows
+        are locked with ``FOR UPDATE SKIP LOCKED``; on SQLite the transaction is ``BEGIN IMMEDIATE``.
+        """
+        if limit <= 0:
+            return []
+        return await self.db.run(self._claim, worker_id, limit, list(types) if types else None, lease_seconds)
+
+    def _claim(self, worker_id: str, limit: int, types: list[str] | None, lease_seconds: float) -> list[Job]:
+        now = utcnow()
+        cond = [jobs_t.c.status == S.PENDING, jobs_t.c.run_at <= now, jobs_t.c.kind == JobKind.QUEUED]
+        if types is not None:
+            cond.append(jobs_t.c.type.in_(types))
+        pick = (
+            select(jobs_t.c.id)
+            .where(*cond)
+            .order_by(jobs_t.c.priority.desc(), jobs_t.c.run_at, jobs_t.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self.db.engine.begin() as conn:
+            ids = [r[0] for r in conn.execute(pick)]
+            if not ids:
+                return []
+            rows = conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.id.in_(ids), jobs_t.c.status == S.PENDING)
+                .values(
+                    status=S.RUNNING,
+                    control=Control.RUN,
+                    attempts=jobs_t.c.attempts + 1,
+                    worker_id=worker_id,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    started_at=func.coalesce(jobs_t.c.started_at, now),
+                    interrupted=False,
+                    updated_at=now,
+                )
+                .returning(*jobs_t.c)
+            ).all()
+        jobs = [row_to_job(r) for r in rows]
+        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id or 0))
+        return jobs
+
+    async def next_run_at(self, types: Iterable[str] | None = None) -> datetime | None:
+        """The earliest run_at of a pending queued job (for the worker's idle wait)."""
+        return await self.db.run(self._next_run_at, list(types) if types else None)
+
+    def _next_run_at(self, types: list[str] | None) -> datetime | None:
+        cond = [jobs_t.c.status == S.PENDING, jobs_t.c.kind == JobKind.QUEUED]
+        if types is not None:
+            cond.append(jobs_t.c.type.in_(types))
+        with self.db.engine.connect() as conn:
+            return conn.execute(select(func.min(jobs_t.c.run_at)).where(*cond)).scalar()
+
+    # ----------------------------------------------------------------- finish
+    async def finish_many(self, outcomes: Sequence[Outcome]) -> list[Job]:
+        """Record how runs ended, in one transaction. Returns the jobs whose row changed.
+
+        Failures with attempts left go back to pending with exponential backoff. Each write is fenced on
+        the worker id: a job recovered by someone else is left alone.
+        """
+        if not outcomes:
+            return []
+        return await self.db.run(self._finish_many, list(outcomes))
+
+    def _finish_many(self, outcomes: list[Outcome]) -> list[Job]:
+        now = utcnow()
+        changed: list[Job] = []
+        with self.db.engine.begin() as conn:
+            for oc in outcomes:
+                fence = and_(
+                    jobs_t.c.id == oc.job_id,
+                    jobs_t.c.worker_id == oc.worker_id,
+                    jobs_t.c.status == S.RUNNING,
+                )
+                values: dict[str, Any] = {"updated_at": now, "lease_until": None}
+                level, note = "info", oc.note
+                if oc.status == S.COMPLETED:
+                    values.update(status=S.COMPLETED, result=oc.result, error=None, finished_at=now)
+                    note = note or "completed"
+                elif oc.status == S.FAILED:
+                    cur = conn.execute(
+                        select(jobs_t.c.attempts, jobs_t.c.max_attempts).where(fence)
+                    ).first()
+                    if cur is None:
+                        continue
+                    attempts, max_attempts = cur
+                    level = "error"
+                    if attempts < max_attempts:
+                        delay = backoff_delay(attempts, self.retry_backoff, self.retry_backoff_max)
+                        values.update(
+                            status=S.PENDING,
+                            error=oc.error,
+                            run_at=now + timedelta(seconds=delay),
+                            worker_id=None,
+                        )
+                        note = f"failed (attempt {attempts}/{max_attempts}): {oc.error}; retrying in {delay:g}s"
+                    else:
+                        values.update(status=S.FAILED, error=oc.error, finished_at=now)
+                        note = f"failed: {oc.error}"
+                elif oc.status == S.CANCELLED:
+                    values.update(status=S.CANCELLED, finished_at=now)
+                elif oc.status == S.PAUSED:
+                    values.update(status=S.PAUSED, control=Control.RUN, worker_id=None)
+                elif oc.status == S.PENDING:
+                    values.update(status=S.PENDING, worker_id=None)
+                else:  # pragma: no cover - programming error
+                    raise ValueError(f"bad outcome status {oc.status}")
+                if oc.has_checkpoint:
+                    values["checkpoint"] = oc.checkpoint
+                if oc.progress is not None:
+                    p = oc.progress
+                    values.update(
+                        progress_current=p.current,
+                        progress_total=p.total,
+                        progress_message=p.message,
+                        stage_name=p.stage_name,
+                        stage_index=p.stage_index,
+                        stage_count=p.stage_count,
+                        weighted_percent=p.weighted_percent,
+                    )
+                row = conn.execute(update(jobs_t).where(fence).values(**values).returning(*jobs_t.c)).first()
+                if row is None:
+                    continue
+                job = row_to_job(row)
+                if note is None and oc.status in (S.CANCELLED, S.PAUSED):
+                    note = str(oc.status) + (f" by {job.control_by}" if job.control_by else "")
+                if note:
+                    self._log(conn, oc.job_id, level, note, None, now)
+                changed.append(job)
+        return changed
+
+    async def save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
+        """Persist a running job's checkpoint state; return its control value, or None if the lease is lost."""
+        return await self.db.run(self._save_checkpoint, job_id, worker_id, state)
+
+    def _save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
+        with self.db.engine.begin() as conn:
+            return conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.id == job_id, jobs_t.c.worker_id == worker_id, jobs_t.c.status == S.RUNNING)
+                .values(checkpoint=state)
+                .returning(jobs_t.c.control)
+            ).scalar()
+
+    async def heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
+        """Extend the leases of this worker's running jobs; return each job's control value."""
+        return await self.db.run(self._heartbeat, worker_id, lease_seconds)
+
+    def _heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
+        until = utcnow() + timedelta(seconds=lease_seconds)
+        with self.db.engine.begin() as conn:
+            rows = conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.worker_id == worker_id, jobs_t.c.status == S.RUNNING)
+                .values(lease_until=until)
+                .returning(jobs_t.c.id, jobs_t.c.control)
+            ).all()
+        return {r[0]: r[1] for r in rows}
+
+    async def controls(self, job_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+        """``{id: (status, control)}`` for the given jobs."""
+        return await self.db.run(self._controls, list(job_ids))
+
+    def _controls(self, job_ids: list[int]) -> dict[int, tuple[str, str]]:
+        if not job_ids:
+            return {}
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs_t.c.id, jobs_t.c.status, jobs_t.c.control).where(jobs_t.c.id.in_(job_ids))
+            ).all()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    # --------------------------------------------------------------- recovery
+    async def recover(
+        self, policy: RecoveryPolicy = "pause", *, expired_only: bool = False, reason: str | None = None
+    ) -> list[Job]:
+        """Recover queued jobs left ``running`` by a dead process.
+
+        With ``expired_only`` only jobs whose lease has run out are touched (other workers may be alive).
+        ``policy="pause"`` marks them paused and interrupted; ``"requeue"`` puts them back to pending.
+        """
+        return await self.db.run(self._recover, policy, expired_only, reason)
+
+    def _recover(self, policy: RecoveryPolicy, expired_only: bool, reason: str | None) -> list[Job]:
+        now = utcnow()
+        cond = [jobs_t.c.status == S.RUNNING, jobs_t.c.kind == JobKind.QUEUED]
+        if expired_only:
+            cond.append(or_(jobs_t.c.lease_until.is_(None), jobs_t.c.lease_until < now))
+        why = reason or ("interrupted by restart" if not expired_only else "interrupted: worker lease expired")
+        with self.db.engine.begin() as conn:
+            ids = [r[0] for r in conn.execute(select(jobs_t.c.id).where(*cond).with_for_update(skip_locked=True))]
+            if not ids:
+                return []
+            if policy == "requeue":
+                values: dict[str, Any] = {"status": S.PENDING, "interrupted": True, "run_at": now}
+                note = f"{why}; requeued"
+            else:
+                values = {"status": S.PAUSED, "interrupted": True}
+                note = why
+            rows = conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.id.in_(ids), jobs_t.c.status == S.RUNNING)
+                .values(control=Control.RUN, worker_id=None, lease_until=None, updated_at=now, **values)
+                .returning(*jobs_t.c)
+            ).all()
+            for r in rows:
+                self._log(conn, r.id, "warning", note, None, now)
+        return [row_to_job(r) for r in rows]
+
+    # ----------------------------------------------------------- user actions
+    async def act(self, job_id: int, action: str, *, actor: str | None = None) -> ActionResult:
+        """Apply a user action (``pause``, ``resume``, ``cancel``, ``retry``) with the legal transitions only.
+
+        Raises :class:`JobNotFound` or :class:`IllegalTransition` (whose text a chat user can read).
+        A running queued job is asked to pause or cancel through its ``control`` column; the worker
+        running it (in any process) acts at the next checkpoint.
+        """
+        return await self.db.run(self._act, job_id, action, actor)
+
+    def _act(self, job_id: int, action: str, actor: str | None) -> ActionResult:
+        now = utcnow()
+        with self.db.engine.begin() as conn:
+            row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id).with_for_update()).first()
+            if row is None:
+                raise JobNotFound(job_id)
+            job = row_to_job(row)
+            status = S(job.status)
+            check_action(job_id, status, action)
+            by = f" by {actor}" if actor else ""
+            tracked = job.kind == JobKind.TRACKED
+            values: dict[str, Any] = {"updated_at": now, "control_by": actor}
+            requested = False
+            if action == "pause":
+                if status == S.RUNNING and not tracked:
+                    if job.control == Control.PAUSE:
+                        raise IllegalTransition(job_id, "already pausing", "paused again")
+                    values["control"] = Control.PAUSE
+                    requested, note = True, f"pause requested{by}"
+                else:
+                    values.update(status=S.PAUSED, control=Control.PAUSE if tracked else Control.RUN)
+                    note = f"paused{by}"
+            elif action == "resume":
+                if tracked:
+                    values.update(status=S.RUNNING, control=Control.RUN)
+                else:
+                    values.update(status=S.PENDING, control=Control.RUN, run_at=now)
+                note = f"resumed{by}"
+            elif action == "cancel":
+                if status == S.RUNNING and not tracked:
+                    values["control"] = Control.CANCEL
+                    requested, note = True, f"cancel requested{by}"
+                else:
+                    values.update(status=S.CANCELLED, control=Control.CANCEL, finished_at=now, worker_id=None)
+                    note = f"cancelled{by}"
+            elif action == "retry":
+                if tracked:
+                    raise IllegalTransition(job_id, f"a tracked {status} job", "retried")
+                values.update(
+                    status=S.PENDING,
+                    control=Control.RUN,
+                    run_at=now,
+                    attempts=0,
+                    error=None,
+                    result=None,
+                    finished_at=None,
+                    checkpoint=None,
+                    progress_current=None,
+                    progress_message=None,
+                    weighted_percent=None,
+                    interrupted=False,
+                )
+                note = f"retried{by}"
+            else:  # pragma: no cover - check_action rejects unknown actions first
+                raise ValueError(action)
+            new = conn.execute(
+                update(jobs_t).where(jobs_t.c.id == job_id).values(**values).returning(*jobs_t.c)
+            ).one()
+            self._log(conn, job_id, "info", note, None, now)
+        return ActionResult(job=row_to_job(new), action=action, requested=requested)
+
+    async def act_batch(self, batch_id: int, action: str, *, actor: str | None = None) -> list[ActionResult]:
+        """Apply a user action to every job of a batch for which it is legal. Raises if none qualifies."""
+        ids = await self.db.run(self._batch_job_ids, batch_id)
+        if not ids:
+            raise JobNotFound(batch_id, "batch")
+        results: list[ActionResult] = []
+        last_error: IllegalTransition | None = None
+        for jid in ids:
+            try:
+                results.append(await self.act(jid, action, actor=actor))
+            except IllegalTransition as exc:
+                last_error = exc
+        if not results and last_error is not None:
+            summary = await self.batch_summary(batch_id)
+            from .lifecycle import ACTION_WORD
+
+            raise IllegalTransition(batch_id, summary.status, ACTION_WORD[action], kind="Batch")
+        return results
+
+    def _batch_job_ids(self, batch_id: int) -> list[int]:
+        with self.db.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(jobs_t.c.id).where(jobs_t.c.batch_id == batch_id))]
+
+    # ---------------------------------------------------------- tracked jobs
+    async def tracked_update(
+        self,
+        job_id: int,
+        *,
+        current: float | None = None,
+        total: float | None = None,
+        message: str | None = None,
+        stage: str | None = None,
+    ) -> Job:
+        """Record progress reported for a tracked job from outside; returns the job (with its control)."""
+        return await self.db.run(self._tracked_update, job_id, current, total, message, stage)
+
+    def _tracked_update(
+        self, job_id: int, current: float | None, total: float | None, message: str | None, stage: str | None
+    ) -> Job:
+        now = utcnow()
+        with self.db.engine.begin() as conn:
+            row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id)).first()
+            if row is None:
+                raise JobNotFound(job_id)
+            job = row_to_job(row)
+            if job.kind != JobKind.TRACKED:
+                raise IllegalTransition(job_id, "not a tracked job", "sent progress from outside")
+            if S(job.status).terminal:
+                return job
+            values: dict[str, Any] = {"updated_at": now}
+            if current is not None:
+                values["progress_current"] = current
+            if total is not None:
+                values["progress_total"] = total
+            if message is not None:
+                values["progress_message"] = message
+            if stage is not None:
+                values["stage_name"] = stage
+            if job.status == S.PENDING:
+                values.update(status=S.RUNNING, started_at=now)
+            row = conn.execute(
+                update(jobs_t).where(jobs_t.c.id == job_id).values(**values).returning(*jobs_t.c)
+            ).one()
+        return row_to_job(row)
+
+    async def tracked_finish(
+        self, job_id: int, status: JobStatus, *, result: Any = None, error: str | None = None
+    ) -> Job:
+        """Complete or fail a tracked job (reported from outside)."""
+        return await self.db.run(self._tracked_finish, job_id, status, result, error)
+
+    def _tracked_finish(self, job_id: int, status: JobStatus, result: Any, error: str | None) -> Job:
+        now = utcnow()
+        with self.db.engine.begin() as conn:
+            row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id).with_for_update()).first()
+            if row is None:
+                raise JobNotFound(job_id)
+            job = row_to_job(row)
+            if job.kind != JobKind.TRACKED:
+                raise IllegalTransition(job_id, "not a tracked job", "finished from outside")
+            if S(job.status).terminal:
+                word = "completed" if status == S.COMPLETED else "failed"
+                raise IllegalTransition(job_id, str(job.status), word)
+            values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now}
+            if status == S.COMPLETED:
+                values.update(result=result, error=None)
+                if job.progress_total is not None:
+                    values["progress_current"] = job.progress_total
+            else:
+                values["error"] = error or "failed"
+            new = conn.execute(
+                update(jobs_t).where(jobs_t.c.id == job_id).values(**values).returning(*jobs_t.c)
+            ).one()
+            note = "completed" if status == S.COMPLETED else f"failed: {values.get('error')}"
+            self._log(conn, job_id, "info" if status == S.COMPLETED else "error", note, None, now)
+        return row_to_job(new)
+
+    # --------------------------------------------------------------- progress
+    async def write_progress(self, writes: Sequence[ProgressWrite]) -> None:
+        """Write many jobs' progress in one transaction (the monitor calls this once per tick)."""
+        if writes:
+            await self.db.run(self._write_progress, list(writes))
+
+    def _write_progress(self, writes: list[ProgressWrite]) -> None:
+        now = utcnow()
+        stmt = (
+            update(jobs_t)
+            .where(
+                jobs_t.c.id == bindparam("b_id"),
+                # executemany cannot expand IN lists, hence the explicit ORs.
+                or_(jobs_t.c.status == S.RUNNING, jobs_t.c.status == S.PAUSED, jobs_t.c.status == S.PENDING),
+            )
+            .values(
+                progress_current=bindparam("b_cur"),
+                progress_total=bindparam("b_tot"),
+                progress_message=bindparam("b_msg"),
+                stage_name=bindparam("b_sn"),
+                stage_index=bindparam("b_si"),
+                stage_count=bindparam("b_sc"),
+                weighted_percent=bindparam("b_wp"),
+                updated_at=now,
+            )
+        )
+        params = [
+            {
+                "b_id": w.job_id,
+                "b_cur": w.current,
+                "b_tot": w.total,
+                "b_msg": w.message,
+                "b_sn": w.stage_name,
+                "b_si": w.stage_index,
+                "b_sc": w.stage_count,
+                "b_wp": w.weighted_percent,
+            }
+            for w in writes
+        ]
+        with self.db.engine.begin() as conn:
+            conn.execute(stmt, params)
+
+    # --------------------------------------------------------------- activity
+    async def log(
+        self, job_id: int, level: str, message: str, context: dict[str, Any] | None = None
+    ) -> None:
+        """Append to a job's activity log, dropping the oldest entries beyond the cap."""
+        await self.db.run(self._log_tx, [(job_id, level, message, context)])
+
+    async def log_many(self, entries: Sequence[tuple[int, str, str, dict[str, Any] | None]]) -> None:
+        """Append several activity entries in one transaction."""
+        if entries:
+            await self.db.run(self._log_tx, list(entries))
+
+    def _log_tx(self, entries: list[tuple[int, str, str, dict[str, Any] | None]]) -> None:
+        now = utcnow()
+        with self.db.engine.begin() as conn:
+            for job_id, level, message, context in entries:
+                self._log(conn, job_id, level, message, context, now, trim=False)
+            for job_id in {e[0] for e in entries}:
+                self._trim(conn, job_id)
+
+    def _log(
+        self,
+        conn: Connection,
+        job_id: int,
+        level: str,
+        message: str,
+        context: dict[str, Any] | None,
+        at: datetime,
+        *,
+        trim: bool = True,
+    ) -> None:
+        conn.execute(
+            insert(activity_t).values(job_id=job_id, at=at, level=level, message=message[:2000], context=context)
+        )
+        if trim:
+            self._trim(conn, job_id)
+
+    def _trim(self, conn: Connection, job_id: int) -> None:
+        cutoff = conn.execute(
+            select(activity_t.c.id)
+            .where(activity_t.c.job_id == job_id)
+            .order_by(activity_t.c.id.desc())
+            .offset(self.activity_limit)
+            .limit(1)
+        ).scalar()
+        if cutoff is not None:
+            conn.execute(delete(activity_t).where(activity_t.c.job_id == job_id, activity_t.c.id <= cutoff))
+
+    async def activity(self, job_id: int, limit: int = 20) -> list[Activity]:
+        """The newest ``limit`` activity entries of a job, oldest first."""
+        return await self.db.run(self._activity, job_id, limit)
+
+    def _activity(self, job_id: int, limit: int) -> list[Activity]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(activity_t)
+                .where(activity_t.c.job_id == job_id)
+                .order_by(activity_t.c.id.desc())
+                .limit(limit)
+            ).all()
+        return [Activity(**dict(r._mapping)) for r in reversed(rows)]
+
+    # ---------------------------------------------------------------- queries
+    async def get(self, job_id: int) -> Job:
+        """One job; raises :class:`JobNotFound`."""
+        job = await self.db.run(self._get, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def _get(self, job_id: int) -> Job | None:
+        with self.db.engine.connect() as conn:
+            row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id)).first()
+        return row_to_job(row) if row else None
+
+    async def get_many(self, job_ids: Sequence[int]) -> list[Job]:
+        """The jobs with the given ids that exist."""
+        return await self.db.run(self._get_many, list(job_ids))
+
+    def _get_many(self, job_ids: list[int]) -> list[Job]:
+        if not job_ids:
+            return []
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(select(jobs_t).where(jobs_t.c.id.in_(job_ids))).all()
+        return [row_to_job(r) for r in rows]
+
+    async def list_jobs(
+        self,
+        *,
+        statuses: Iterable[str] | None = None,
+        type: str | None = None,
+        batch_id: int | None = None,
+        room: str | None = None,
+        limit: int = 50,
+        newest_first: bool = True,
+    ) -> list[Job]:
+        """Jobs matching the filters."""
+        return await self.db.run(
+            self._list_jobs, list(statuses) if statuses else None, type, batch_id, room, limit, newest_first
+        )
+
+    def _list_jobs(
+        self,
+        statuses: list[str] | None,
+        type_: str | None,
+        batch_id: int | None,
+        room: str | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[Job]:
+        q = select(jobs_t)
+        if statuses:
+            q = q.where(jobs_t.c.status.in_(statuses))
+        if type_:
+            q = q.where(jobs_t.c.type == type_)
+        if batch_id is not None:
+            q = q.where(jobs_t.c.batch_id == batch_id)
+        if room is not None:
+            q = q.where(jobs_t.c.room == room)
+        q = q.order_by(jobs_t.c.id.desc() if newest_first else jobs_t.c.id).limit(max(1, min(limit, 10_000)))
+        with self.db.engine.connect() as conn:
+            return [row_to_job(r) for r in conn.execute(q)]
+
+    async def changed_since(self, since: datetime, limit: int = 5000) -> list[Job]:
+        """Jobs whose row changed at or after ``since`` (the monitor's cross-process poll)."""
+        return await self.db.run(self._changed_since, since, limit)
+
+    def _changed_since(self, since: datetime, limit: int) -> list[Job]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs_t).where(jobs_t.c.updated_at >= since).order_by(jobs_t.c.updated_at).limit(limit)
+            ).all()
+        return [row_to_job(r) for r in rows]
+
+    async def stats(self) -> dict[str, Any]:
+        """Counts by status, plus totals."""
+        return await self.db.run(self._stats)
+
+    def _stats(self) -> dict[str, Any]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(select(jobs_t.c.status, func.count()).group_by(jobs_t.c.status)).all()
+            batches = conn.execute(select(func.count()).select_from(batches_t)).scalar() or 0
+        counts = {str(s): 0 for s in S}
+        counts.update({r[0]: r[1] for r in rows})
+        return {"counts": counts, "total": sum(counts.values()), "batches": batches}
+
+    async def cleanup(self, older_than_days: float) -> int:
+        """Delete finished jobs (and their activity) that ended more than ``older_than_days`` ago."""
+        return await self.db.run(self._cleanup, older_than_days)
+
+    def _cleanup(self, older_than_days: float) -> int:
+        cutoff = utcnow() - timedelta(days=older_than_days)
+        cond = and_(jobs_t.c.status.in_([str(s) for s in TERMINAL_STATUSES]), jobs_t.c.finished_at < cutoff)
+        with self.db.engine.begin() as conn:
+            ids = [r[0] for r in conn.execute(select(jobs_t.c.id).where(cond))]
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                conn.execute(delete(activity_t).where(activity_t.c.job_id.in_(chunk)))
+                conn.execute(
+                    delete(bindings_t).where(bindings_t.c.target_kind == "job", bindings_t.c.target_id.in_(chunk))
+                )
+                conn.execute(delete(jobs_t).where(jobs_t.c.id.in_(chunk)))
+        return len(ids)
+
+    async def vacuum(self) -> None:
+        """Reclaim space (SQLite ``VACUUM``; PostgreSQL autovacuums, so nothing to do there)."""
+        if self.db.is_sqlite:
+            await self.db.run(self._vacuum)
+
+    def _vacuum(self) -> None:
+        with self.db.engine.connect() as conn:
+            conn.exec_driver_sql("COMMIT") if conn.in_transaction() else None
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            raw.execute("VACUUM")
+
+    # ---------------------------------------------------------------- batches
+    async def get_batch(self, batch_id: int) -> Batch:
+        """One batch; raises :class:`JobNotFound`."""
+        b = await self.db.run(self._get_batch, batch_id)
+        if b is None:
+            raise JobNotFound(batch_id, "batch")
+        return b
+
+    def _get_batch(self, batch_id: int) -> Batch | None:
+        with self.db.engine.connect() as conn:
+            row = conn.execute(select(batches_t).where(batches_t.c.id == batch_id)).first()
+        return Batch(**dict(row._mapping)) if row else None
+
+    async def batch_summary(self, batch_id: int, *, error_limit: int = 5) -> BatchSummary:
+        """Aggregate progress of a batch, computed from its jobs."""
+        s = await self.db.run(self._batch_summary, batch_id, error_limit)
+        if s is None:
+            raise JobNotFound(batch_id, "batch")
+        return s
+
+    def _batch_summary(self, batch_id: int, error_limit: int) -> BatchSummary | None:
+        with self.db.engine.connect() as conn:
+            brow = conn.execute(select(batches_t).where(batches_t.c.id == batch_id)).first()
+            if brow is None:
+                return None
+            rows = conn.execute(
+                select(jobs_t.c.status, func.count()).where(jobs_t.c.batch_id == batch_id).group_by(jobs_t.c.status)
+            ).all()
+            counts = {r[0]: r[1] for r in rows}
+            running = conn.execute(
+                select(jobs_t.c.id, jobs_t.c.type, jobs_t.c.name, jobs_t.c.progress_message)
+                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == S.RUNNING)
+                .order_by(jobs_t.c.updated_at.desc())
+                .limit(1)
+            ).first()
+            errs = conn.execute(
+                select(jobs_t.c.id, jobs_t.c.error)
+                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == S.FAILED)
+                .order_by(jobs_t.c.finished_at.desc())
+                .limit(error_limit)
+            ).all()
+            frac = conn.execute(
+                select(func.coalesce(func.sum(jobs_t.c.weighted_percent), 0.0)).where(
+                    jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_([S.RUNNING, S.PAUSED])
+                )
+            ).scalar()
+        total = sum(counts.values())
+        done = sum(counts.get(s, 0) for s in TERMINAL_STATUSES)
+        current_op = None
+        if running is not None:
+            label = running.name or running.type
+            current_op = f"#{running.id} {label}" + (f": {running.progress_message}" if running.progress_message else "")
+        return BatchSummary(
+            batch=Batch(**dict(brow._mapping)),
+            total=total,
+            counts=counts,
+            current_operation=current_op,
+            errors=[f"#{r[0]}: {r[1]}" for r in errs],
+            current=done + float(frac or 0.0) / 100.0,
+            status=derive_batch_status(counts),
+        )
+
+    # --------------------------------------------------------------- bindings
+    async def get_binding(self, platform: str, target_kind: str, target_id: int) -> MessageBinding | None:
+        """The chat message bound to a job or batch on a platform, if any."""
+        return await self.db.run(self._get_binding, platform, target_kind, target_id)
+
+    def _get_binding(self, platform: str, target_kind: str, target_id: int) -> MessageBinding | None:
+        with self.db.engine.connect() as conn:
+            row = conn.execute(
+                select(bindings_t).where(
+                    bindings_t.c.platform == platform,
+                    bindings_t.c.target_kind == target_kind,
+                    bindings_t.c.target_id == target_id,
+                )
+            ).first()
+        return MessageBinding(**dict(row._mapping)) if row else None
+
+    async def find_binding_by_message(self, platform: str, message_id: str) -> MessageBinding | None:
+        """The binding whose chat message id is ``message_id`` (reactions and buttons use this)."""
+        return await self.db.run(self._find_binding_by_message, platform, message_id)
+
+    def _find_binding_by_message(self, platform: str, message_id: str) -> MessageBinding | None:
+        with self.db.engine.connect() as conn:
+            row = conn.execute(
+                select(bindings_t).where(bindings_t.c.platform == platform, bindings_t.c.message_id == message_id)
+            ).first()
+        return MessageBinding(**dict(row._mapping)) if row else None
+
+    async def save_binding(
+        self,
+        platform: str,
+        target_kind: str,
+        target_id: int,
+        room: str,
+        message_id: str,
+        *,
+        pinned: bool | None = None,
+        finished: bool | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> MessageBinding:
+        """Create or update the binding of a job or batch to a chat message."""
+        return await self.db.run(
+            self._save_binding, platform, target_kind, target_id, room, message_id, pinned, finished, extra
+        )
+
+    def _save_binding(
+        self,
+        platform: str,
+        target_kind: str,
+        target_id: int,
+        room: str,
+        message_id: str,
+        pinned: bool | None,
+        finished: bool | None,
+        extra: dict[str, Any] | None,
+    ) -> MessageBinding:
+        now = utcnow()
+        key = and_(
+            bindings_t.c.platform == platform,
+            bindings_t.c.target_kind == target_kind,
+            bindings_t.c.target_id == target_id,
+        )
+        values: dict[str, Any] = {"room": room, "message_id": message_id, "updated_at": now}
+        if pinned is not None:
+            values["pinned"] = pinned
+        if finished is not None:
+            values["finished"] = finished
+        if extra is not None:
+            values["extra"] = extra
+        with self.db.engine.begin() as conn:
+            row = conn.execute(update(bindings_t).where(key).values(**values).returning(*bindings_t.c)).first()
+            if row is None:
+                values.setdefault("pinned", False)
+                values.setdefault("finished", False)
+                row = conn.execute(
+                    insert(bindings_t)
+                    .values(platform=platform, target_kind=target_kind, target_id=target_id, created_at=now, **values)
+                    .returning(*bindings_t.c)
+                ).one()
+        return MessageBinding(**dict(row._mapping))
+
+    async def open_bindings(self, platform: str) -> list[MessageBinding]:
+        """Bindings of a platform whose message is not finished yet (pinned or still being edited)."""
+        return await self.db.run(self._open_bindings, platform)
+
+    def _open_bindings(self, platform: str) -> list[MessageBinding]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(bindings_t).where(
+                    bindings_t.c.platform == platform,
+                    or_(bindings_t.c.finished.is_(False), bindings_t.c.pinned.is_(True)),
+                )
+            ).all()
+        return [MessageBinding(**dict(r._mapping)) for r in rows]
+
+    # --------------------------------------------------------------------- kv
+    async def kv_get(self, key: str, default: Any = None) -> Any:
+        """Read a small persistent value (adapters keep sync tokens and device ids here)."""
+        return await self.db.run(self._kv_get, key, default)
+
+    def _kv_get(self, key: str, default: Any) -> Any:
+        with self.db.engine.connect() as conn:
+            row = conn.execute(select(kv_t.c.value).where(kv_t.c.key == key)).first()
+        return default if row is None else row[0]
+
+    async def kv_set(self, key: str, value: Any) -> None:
+        """Write a small persistent value."""
+        await self.db.run(self._kv_set, key, value)
+
+    def _kv_set(self, key: str, value: Any) -> None:
+        with self.db.engine.begin() as conn:
+            n = conn.execute(update(kv_t).where(kv_t.c.key == key).values(value=value)).rowcount
+            if not n:
+                conn.execute(insert(kv_t).values(key=key, value=value))
+
+    async def ping(self) -> bool:
+        """Whether the database answers."""
+        return await self.db.run(self._ping)
+
+    def _ping(self) -> bool:
+        with self.db.engine.connect() as conn:
+            return conn.execute(text("SELECT 1")).scalar() == 1
+
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "ActionResult",
+    "BatchSummary",
+    "JobStore",
+    "NewJob",
+    "Outcome",
+    "ProgressWrite",
+    "derive_batch_status",
+]

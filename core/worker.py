@@ -1,0 +1,411 @@
+"""The worker: claims queued jobs, runs their handlers with concurrency limits, and records outcomes.
+
+* Claims are batched (up to the free slots at once) and outcomes are written in group commits.
+* Pause and cancel are cooperative at ``checkpoint()``. A cancel the handler ignores is enforced by
+  cancelling its task after ``cancel_grace`` seconds.
+* Control requests reach a job through the DB (the heartbeat reads them every ``poll_interval``) or, in
+  this process, at once through :meth:`Worker.request_control`.
+* A graceful stop asks running jobs to stop at their next checkpoint and requeues them from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .context import JobContext, SyncJobContext
+from .errors import JobCancelled, JobInterrupt, JobPaused, LeaseLost
+from .models import Control, Job, JobStatus, utcnow
+from .monitor import JobProgressMonitor, JobView
+from .registry import HandlerRegistry
+from .store import JobStore, Outcome, ProgressWrite, RecoveryPolicy
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN = "shutdown"
+
+
+def make_worker_id() -> str:
+    """A worker id unique across hosts and processes."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(slots=True)
+class RunningJob:
+    """A job this worker is running."""
+
+    job: Job
+    ctx: JobContext
+    task: asyncio.Task[None] | None = None
+    cancel_timer: asyncio.TimerHandle | None = None
+    pending_logs: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)
+
+
+class _QueuedBackend:
+    """Checkpoints and logs of queued jobs: persisted through the store, fenced on the worker id."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def checkpoint(self, ctx: JobContext, state: Any, has_state: bool) -> None:
+        w = self.worker
+        job_id = int(ctx.job_id)
+        if has_state:
+            control = await w.store.save_checkpoint(job_id, w.worker_id, state)
+            if control is None:
+                raise LeaseLost()
+            ctx.set_control(control)
+        raise_for_control(ctx)
+
+    def log(self, ctx: JobContext, level: str, message: str, context: dict[str, Any] | None) -> None:
+        self.worker.monitor.log(int(ctx.job_id), level, message, context)
+
+
+def raise_for_control(ctx: JobContext) -> None:
+    """Raise the interrupt matching the context's control request, if any."""
+    if ctx.control == Control.CANCEL:
+        raise JobCancelled()
+    if ctx.control == Control.PAUSE:
+        raise JobPaused()
+    if ctx.control == SHUTDOWN:
+        raise JobInterrupt(SHUTDOWN)
+
+
+class Worker:
+    """Runs queued jobs from the store."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        registry: HandlerRegistry,
+        monitor: JobProgressMonitor,
+        *,
+        concurrency: int = 4,
+        worker_id: str | None = None,
+        poll_interval: float = 1.0,
+        lease_seconds: float = 30.0,
+        cancel_grace: float = 5.0,
+        shutdown_grace: float = 10.0,
+        recovery: RecoveryPolicy = "pause",
+        recover_on_start: bool = True,
+        reap_expired: bool = False,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.monitor = monitor
+        self.concurrency = max(1, concurrency)
+        self.worker_id = worker_id or make_worker_id()
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.cancel_grace = cancel_grace
+        self.shutdown_grace = shutdown_grace
+        self.recovery: RecoveryPolicy = recovery
+        self.recover_on_start = recover_on_start
+        self.reap_expired = reap_expired
+        self.running: dict[int, RunningJob] = {}
+        self._backend = _QueuedBackend(self)
+        self._wakeup = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._outcomes: list[tuple[Outcome, RunningJob]] = []
+        self._outcome_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._accepting = True
+        self.completed_count = 0
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> list[Job]:
+        """Recover jobs left running by a dead process (per policy), then start claiming. Returns them."""
+        recovered: list[Job] = []
+        if self.recover_on_start:
+            recovered = await self.store.recover(self.recovery, expired_only=self.reap_expired)
+            for job in recovered:
+                self.monitor.job_changed(job)
+            if recovered:
+                log.warning("recovered %d interrupted job(s) (policy %s)", len(recovered), self.recovery)
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="worker-claim"),
+            asyncio.create_task(self._finish_loop(), name="worker-finish"),
+            asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
+        ]
+        return recovered
+
+    async def stop(self, *, grace: float | None = None) -> None:
+        """Stop claiming; ask running jobs to stop at their next checkpoint and requeue them from there.
+
+        Jobs still running after ``grace`` seconds are cancelled as tasks and requeued as well.
+        """
+        self._accepting = False
+        grace = self.shutdown_grace if grace is None else grace
+        for rj in list(self.running.values()):
+            rj.ctx.set_control(SHUTDOWN)
+        tasks = [rj.task for rj in self.running.values() if rj.task is not None]
+        if tasks:
+            _, still = await asyncio.wait(tasks, timeout=grace)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+        self._stopping = True
+        self._wakeup.set()
+        self._outcome_ready.set()
+        for t in self._tasks:
+            if t.get_name() != "worker-finish":
+                t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        await self._flush_outcomes()
+
+    def wake(self) -> None:
+        """Look for work now (called on submit in this process)."""
+        self._wakeup.set()
+
+    def request_control(self, job_id: int, control: str) -> bool:
+        """Deliver a pause or cancel to a job running in this process at once. Returns whether it runs here."""
+        rj = self.running.get(job_id)
+        if rj is None:
+            return False
+        self._apply_control(rj, control)
+        return True
+
+    def _apply_control(self, rj: RunningJob, control: str) -> None:
+        rj.ctx.set_control(control)
+        if rj.ctx.control == Control.CANCEL and rj.cancel_timer is None and rj.task is not None:
+            task = rj.task
+            rj.cancel_timer = asyncio.get_running_loop().call_later(self.cancel_grace, task.cancel)
+
+    # ---------------------------------------------------------------- loops
+    async def _claim_loop(self) -> None:
+        types = None
+        while not self._stopping:
+            try:
+                if not self._accepting:
+                    await asyncio.sleep(3600)
+                free = self.concurrency - len(self.running)
+                if free <= 0:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                types = self.registry.types()
+                self._wakeup.clear()
+                jobs = await self.store.claim(
+                    self.worker_id, free, types=types, lease_seconds=self.lease_seconds
+                )
+                for job in jobs:
+                    self._start_job(job)
+                if len(jobs) == free:
+                    continue  # maybe more is due; loop until the slots are full
+                await self._idle_wait(types)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("claim failed; retrying")
+                await asyncio.sleep(self.poll_interval)
+
+    async def _idle_wait(self, types: list[str]) -> None:
+        timeout = self.poll_interval
+        nxt = await self.store.next_run_at(types)
+        if nxt is not None:
+            delta = (nxt - utcnow()).total_seconds()
+            timeout = max(0.0, min(timeout, delta))
+        if timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(0.05, min(self.poll_interval, self.lease_seconds / 3))
+        last_reap = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if self.running:
+                    controls = await self.store.heartbeat(self.worker_id, self.lease_seconds)
+                    for jid, rj in list(self.running.items()):
+                        control = controls.get(jid)
+                        if control is None:
+                            # The row is no longer ours (recovered elsewhere): stop the handler, write nothing.
+                            if rj.task is not None and not rj.task.done():
+                                rj.ctx.set_control("lease-lost")
+                                rj.task.cancel()
+                        elif control != Control.RUN:
+                            self._apply_control(rj, control)
+                if self.reap_expired and time.monotonic() - last_reap >= self.lease_seconds / 2:
+                    last_reap = time.monotonic()
+                    for job in await self.store.recover(self.recovery, expired_only=True):
+                        self.monitor.job_changed(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat failed")
+
+    async def _finish_loop(self) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            try:
+                await self._flush_outcomes()
+            except Exception:
+                log.exception("writing job outcomes failed; retrying")
+                await asyncio.sleep(0.5)
+                self._outcome_ready.set()
+            if self._stopping and not self._outcomes:
+                return
+
+    async def _flush_outcomes(self) -> None:
+        if not self._outcomes:
+            return
+        batch, self._outcomes = self._outcomes, []
+        try:
+            changed = await self.store.finish_many([oc for oc, _ in batch])
+        except BaseException:
+            self._outcomes[:0] = batch
+            raise
+        by_id = {j.id: j for j in changed}
+        for oc, _rj in batch:
+            job = by_id.get(oc.job_id)
+            if job is not None:
+                self.monitor.job_changed(job)
+                if job.status == JobStatus.COMPLETED:
+                    self.completed_count += 1
+            self.monitor.detach(oc.job_id)
+
+    # ----------------------------------------------------------------- runs
+    def _start_job(self, job: Job) -> None:
+        assert job.id is not None
+        state = self.monitor.attach(job)
+        ctx = JobContext(
+            job_id=job.id,
+            job_type=job.type,
+            payload=dict(job.payload or {}),
+            checkpoint_state=job.checkpoint,
+            attempt=job.attempts,
+            state=state,
+            backend=self._backend,
+            owner=job.owner,
+            room=job.room,
+        )
+        rj = RunningJob(job=job, ctx=ctx)
+        self.running[job.id] = rj
+        self.monitor.job_changed(job)
+        rj.task = asyncio.create_task(self._run(rj), name=f"job-{job.id}")
+
+    async def _run(self, rj: RunningJob) -> None:
+        job, ctx = rj.job, rj.ctx
+        assert job.id is not None
+        outcome: Outcome | None = None
+        try:
+            spec = self.registry.get(job.type)
+            data = self.registry.parse(spec, dict(job.payload or {}))
+            timeout = job.timeout if job.timeout is not None else spec.timeout
+            async with asyncio.timeout(timeout):
+                if spec.is_async:
+                    result = await spec.fn(ctx, data)
+                else:
+                    sctx = SyncJobContext(ctx, asyncio.get_running_loop())
+                    result = await asyncio.to_thread(spec.fn, sctx, data)
+            outcome = self._outcome(job, JobStatus.COMPLETED, result=_jsonable(result))
+        except JobPaused:
+            outcome = self._outcome(job, JobStatus.PAUSED)
+        except JobCancelled:
+            outcome = self._outcome(job, JobStatus.CANCELLED)
+        except LeaseLost:
+            outcome = None
+        except JobInterrupt as exc:
+            if exc.action == SHUTDOWN:
+                outcome = self._outcome(
+                    job, JobStatus.PENDING, note="stopped by shutdown; continues from its checkpoint"
+                )
+            else:
+                outcome = None
+        except asyncio.CancelledError:
+            outcome = self._cancelled_task_outcome(job, ctx)
+            if outcome is None and not self._stopping and ctx.control not in (Control.CANCEL, SHUTDOWN):
+                raise
+        except TimeoutError:
+            outcome = self._outcome(job, JobStatus.FAILED, error=f"timed out after {job.timeout or 0:g}s")
+        except Exception as exc:
+            outcome = self._outcome(job, JobStatus.FAILED, error=_describe(exc))
+            log.info("job #%s failed: %s", job.id, outcome.error)
+        finally:
+            if rj.cancel_timer is not None:
+                rj.cancel_timer.cancel()
+            self.running.pop(job.id, None)
+            self._slot_freed.set()
+            self._wakeup.set()
+            if outcome is not None:
+                outcome.progress = self._progress_of(job.id)
+                self._outcomes.append((outcome, rj))
+                self._outcome_ready.set()
+            else:
+                self.monitor.detach(job.id)
+
+    def _progress_of(self, job_id: int) -> ProgressWrite | None:
+        st = self.monitor.live_state(job_id)
+        if st is None:
+            return None
+        return ProgressWrite(
+            job_id=job_id,
+            current=st.current,
+            total=st.total,
+            message=st.message[:2000] if st.message else st.message,
+            stage_name=st.stage_name,
+            stage_index=st.stage_index,
+            stage_count=len(st.stage_names) or None,
+            weighted_percent=st.weighted_percent(),
+        )
+
+    def _cancelled_task_outcome(self, job: Job, ctx: JobContext) -> Outcome | None:
+        if ctx.control == Control.CANCEL:
+            return self._outcome(job, JobStatus.CANCELLED)
+        if ctx.control == SHUTDOWN or not self._accepting:
+            return self._outcome(job, JobStatus.PENDING, note="stopped by shutdown; continues from its checkpoint")
+        return None
+
+    def _outcome(
+        self,
+        job: Job,
+        status: JobStatus,
+        *,
+        result: Any = None,
+        error: str | None = None,
+        note: str | None = None,
+    ) -> Outcome:
+        return Outcome(
+            job_id=job.id or 0,
+            worker_id=self.worker_id,
+            status=status,
+            result=result,
+            error=error,
+            note=note,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}"[:1000] if text else name
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        if hasattr(value, "model_dump"):
+            return value.model_dump(mode="json")
+        return repr(value)
+
+
+__all__ = ["JobView", "Worker", "make_worker_id"]
