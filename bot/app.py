@@ -1,0 +1,183 @@
+"""Wiring: builds the service, adapters, HTTP API and cron from settings, and runs them until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from adapters.base import ChatAdapter
+from adapters.commands import CommandRouter
+from core.builtin import register_builtins
+from core.cron import CronScheduler, ScheduleEntry
+from core.models import TERMINAL_STATUSES
+from core.registry import HandlerRegistry, default_registry
+from core.service import ProgressService, ServiceConfig
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def service_config(settings: Settings, *, run_worker: bool = True) -> ServiceConfig:
+    """Map settings onto the engine's config."""
+    w, p = settings.worker, settings.progress
+    return ServiceConfig(
+        database_url=settings.database.url,
+        concurrency=w.concurrency,
+        recovery=w.recovery,
+        min_interval=p.min_interval_ms / 1000,
+        poll_interval=p.poll_interval_ms / 1000,
+        activity_limit=p.activity_limit,
+        lease_seconds=w.lease_seconds,
+        cancel_grace=w.cancel_grace_seconds,
+        shutdown_grace=w.shutdown_grace_seconds,
+        retry_backoff=w.retry_backoff_seconds,
+        retry_backoff_max=w.retry_backoff_max_seconds,
+        default_max_attempts=w.max_attempts,
+        run_worker=run_worker,
+    )
+
+
+def build_service(
+    settings: Settings, *, run_worker: bool = True, registry: HandlerRegistry | None = None
+) -> ProgressService:
+    """A service for these settings, with the built-in handlers registered."""
+    from core.db import Database
+
+    db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    svc = ProgressService(service_config(settings, run_worker=run_worker), registry=registry or default_registry,
+                          database=db)
+    register_builtins(svc.registry, lambda: svc.store)
+    return svc
+
+
+def build_adapters(
+    settings: Settings, service: ProgressService, *, console_interactive: bool | None = None
+) -> list[ChatAdapter]:
+    """The chat adapters the settings enable; the console adapter when no chat platform is configured."""
+    adapters: list[ChatAdapter] = []
+    auth = settings.auth
+    if settings.matrix.enabled:
+        from adapters.matrix import MatrixAdapter, MatrixConfig
+
+        m = settings.matrix
+        router = CommandRouter(service, admins=auth.admins, runners=auth.runners, prefix=m.command_prefix)
+        adapters.append(MatrixAdapter(service, router, MatrixConfig.from_settings(m)))
+    if settings.discord.enabled:
+        from adapters.discord import DiscordAdapter, DiscordConfig
+
+        router = CommandRouter(service, admins=auth.admins, runners=auth.runners, prefix="/")
+        adapters.append(DiscordAdapter(service, router, DiscordConfig.from_settings(settings.discord)))
+    console_on = settings.console.enabled
+    if console_on is None:
+        console_on = not adapters
+    if console_on:
+        from adapters.console import ConsoleAdapter
+
+        router = CommandRouter(service, admins=auth.admins, runners=auth.runners, prefix="")
+        adapters.append(ConsoleAdapter(service, router, interactive=console_interactive))
+    return adapters
+
+
+class Application:
+    """``progressbot run``: the worker, monitor, scheduler, adapters and HTTP API, as configured."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        with_adapters: bool = True,
+        with_http: bool = True,
+        run_worker: bool = True,
+        demo: int = 0,
+        exit_when_done: bool = False,
+        console_interactive: bool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service = build_service(settings, run_worker=run_worker)
+        self.adapters: list[ChatAdapter] = (
+            build_adapters(settings, self.service, console_interactive=console_interactive) if with_adapters else []
+        )
+        self.with_http = with_http and settings.http is not None
+        self.http: Any = None
+        self.cron = CronScheduler(
+            self.service,
+            [ScheduleEntry(job=s.job, cron=s.cron, payload=s.payload, room=s.room, name=s.name)
+             for s in settings.schedule],
+        )
+        self.demo = demo
+        self.exit_when_done = exit_when_done
+        self._stop = asyncio.Event()
+        self._demo_ids: list[int] = []
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to shut down (what SIGINT and SIGTERM do)."""
+        self._stop.set()
+
+    async def start(self) -> None:
+        """Start everything, in dependency order."""
+        await self.service.start()
+        for job in self.service.recovered:
+            log.warning("job #%s was running when the service stopped; it is %s", job.id, job.status)
+        for adapter in self.adapters:
+            await adapter.start()
+        if self.with_http:
+            from .http_api import HttpApi
+
+            assert self.settings.http is not None
+            self.http = HttpApi(self.service, self.settings.http)
+            await self.http.start()
+        self.cron.start()
+        for i in range(self.demo):
+            job = await self.service.submit(
+                "demo.count", {"steps": 10 + 5 * i, "delay_ms": 300 + 100 * i}, owner="demo",
+                name=f"demo {i + 1}",
+            )
+            self._demo_ids.append(job.id or 0)
+
+    async def stop(self) -> None:
+        """Stop everything, in reverse order; running jobs are requeued from their checkpoints."""
+        self.cron.stop()
+        if self.http is not None:
+            with contextlib.suppress(Exception):
+                await self.http.stop()
+        # Stop the worker first so the adapters can still show the final states it writes.
+        if self.service.worker is not None:
+            await self.service.worker.stop()
+        for adapter in reversed(self.adapters):
+            with contextlib.suppress(Exception):
+                await adapter.stop()
+        await self.service.stop()
+
+    async def _watch_demo(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(0.5)
+            jobs = await self.service.store.get_many(self._demo_ids)
+            if jobs and all(j.status in TERMINAL_STATUSES for j in jobs):
+                await asyncio.sleep(0.2)
+                self._stop.set()
+
+    async def run(self) -> None:
+        """Start, wait for SIGINT/SIGTERM (or the demo's end), then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        watcher: asyncio.Task[None] | None = None
+        try:
+            await self.start()
+            if self.exit_when_done and self._demo_ids:
+                watcher = asyncio.create_task(self._watch_demo())
+            await self._stop.wait()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await self.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
