@@ -46,7 +46,11 @@ class FakeClock:
         return self.now()
 
     def freeze(self) -> None:
-        """Stop the clock at the current instant; only :meth:`advance` moves it afterwards."""
+        """Stop the clock at the current instant; only :meth:`advance` moves it afterwards.
+
+        Beware: rate-limit windows then only reset when the test advances the clock, so a bot
+        waiting out a 429 in real time would retry into the same full bucket.
+        """
         self._frozen_at = self.now()
 
     def unfreeze(self) -> None:

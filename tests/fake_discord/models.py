@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "ADMINISTRATOR",
+    "ALL_PERMISSIONS",
     "ATTACH_FILES",
     "DEFAULT_BOT_PERMISSIONS",
     "DEFAULT_EVERYONE_PERMISSIONS",
@@ -25,7 +26,6 @@ __all__ = [
     "SEND_MESSAGES",
     "USE_APPLICATION_COMMANDS",
     "VIEW_CHANNEL",
-    "ALL_PERMISSIONS",
     "EditRecord",
     "ErrorRecord",
     "FakeChannel",
@@ -67,7 +67,7 @@ DISCORD_EPOCH_MS = 1420070400000
 
 def iso(ts: float) -> str:
     """Discord's ISO-8601 timestamp format for epoch seconds ``ts``."""
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat()
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).isoformat()
 
 
 def snowflake_time(snowflake: int | str) -> float:
@@ -214,7 +214,8 @@ class FakeGuild:
             return user.permissions
         if user.id == self.owner_id:
             return ALL_PERMISSIONS
-        perms = self.role(self.id).permissions if self.role(self.id) else 0
+        everyone = self.role(self.id)
+        perms = everyone.permissions if everyone is not None else 0
         for rid in user.roles:
             role = self.role(rid)
             if role is not None:

@@ -28,7 +28,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -542,8 +542,10 @@ class FakeDiscordServer:
         return any(s.identified for s in self._sessions)
 
     # ------------------------------------------------------------------ waiting helpers
+    # These take an explicit ``timeout`` (hence the ASYNC109 waivers): a test waiting on the bot
+    # must fail with a clear message, not hang until pytest-timeout kills the whole session.
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait (real time) until ``predicate()`` is true; it is re-checked after every recorded event."""
         assert self._changed is not None, "server not started"
         cond = self._changed
@@ -557,13 +559,15 @@ class FakeDiscordServer:
         except TimeoutError:
             raise TimeoutError(f"condition not met within {timeout}s") from None
 
-    async def wait_until_connected(self, timeout: float = 5.0) -> None:
+    async def wait_until_connected(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait until a bot has identified and received READY + GUILD_CREATE."""
         assert self._connected is not None, "server not started"
         await asyncio.wait_for(self._connected.wait(), timeout)
 
     async def wait_interaction_response(
-        self, interaction: InteractionRecord | int | str, timeout: float = 5.0
+        self,
+        interaction: InteractionRecord | int | str,
+        timeout: float = 5.0,  # noqa: ASYNC109
     ) -> InteractionResponseRecord:
         """Wait for the bot's callback to an interaction and return it.
 
@@ -580,7 +584,10 @@ class FakeDiscordServer:
         return self.responses_to(iid)[0]
 
     async def wait_followup(
-        self, interaction: InteractionRecord | int | str, count: int = 1, timeout: float = 5.0
+        self,
+        interaction: InteractionRecord | int | str,
+        count: int = 1,
+        timeout: float = 5.0,  # noqa: ASYNC109
     ) -> list[FollowupRecord]:
         """Wait until ``count`` follow-up calls were made with the interaction's token."""
         iid = self._iid(interaction)
@@ -602,6 +609,16 @@ class FakeDiscordServer:
                 await session.send(0, data, event)
                 sent += 1
         return sent
+
+    async def drop_gateway(self, code: int = 4000) -> None:
+        """Close every gateway socket from the server side (4000 = "unknown error", resumable).
+
+        discord.py then reconnects to ``resume_gateway_url`` and sends RESUME, which the fake
+        answers with RESUMED; use it to test reconnect handling.
+        """
+        self._connected = asyncio.Event()
+        for session in list(self._sessions):
+            await session.ws.close(code=code, message=b"fake discord dropped the connection")
 
     async def dispatch_slash_command(
         self,
@@ -705,7 +722,10 @@ class FakeDiscordServer:
         self, content: str, user: FakeUser | None = None, channel_id: int | str | None = None
     ) -> FakeMessage:
         """A user posts a message in a channel: stored and sent as MESSAGE_CREATE (if intents allow)."""
-        guild = self._guild(None) if channel_id is None else self._guild_of_channel(_sid(channel_id))
+        try:
+            guild = self._guild(None) if channel_id is None else self._guild_of_channel(_sid(channel_id))
+        except ApiError:
+            raise LookupError(f"unknown channel {channel_id}") from None
         cid = _sid(channel_id) if channel_id is not None else self.channel_id
         author = user or guild.members[0]
         msg = FakeMessage(
@@ -1076,7 +1096,9 @@ class FakeDiscordServer:
 
     @staticmethod
     def _ratelimit_headers(bucket: Bucket, now: float) -> dict[str, str]:
-        reset_after = bucket.reset_after(now)
+        # Rounded *up* to the millisecond: a client sleeping exactly this long must find the
+        # window reset, never arrive a fraction of a millisecond early and collect a 429.
+        reset_after = math.ceil(bucket.reset_after(now) * 1000) / 1000
         return {
             "X-RateLimit-Limit": str(bucket.limit),
             "X-RateLimit-Remaining": str(bucket.remaining(now)),
@@ -1134,7 +1156,7 @@ class FakeDiscordServer:
 
     @web.middleware
     async def _middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Any]
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         """Auth, forced 429s, rate-limit buckets, JSON errors and request recording for REST."""
         if not request.path.startswith(API_PREFIX):
@@ -1173,7 +1195,7 @@ class FakeDiscordServer:
     async def _handle_api(
         self,
         request: web.Request,
-        handler: Callable[[web.Request], Any],
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
         method: str,
         route: str,
         major: str,
@@ -1270,6 +1292,9 @@ class FakeDiscordServer:
                     (i.get("intents", 0) for i in reversed(self.identifies) if i.get("_session_id") == sid), 0
                 )
                 await session.send(0, {"_trace": ["fake"]}, "RESUMED")
+                if self._connected is not None:
+                    self._connected.set()
+                await self._notify()
             else:
                 await session.send(9, False)  # INVALID_SESSION, not resumable
         elif op == 8:  # REQUEST_GUILD_MEMBERS
@@ -1375,7 +1400,12 @@ class FakeDiscordServer:
             {
                 "url": self.gateway_url,
                 "shards": 1,
-                "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1},
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 999,
+                    "reset_after": 0,
+                    "max_concurrency": 1,
+                },
             }
         )
 
@@ -1485,17 +1515,24 @@ class FakeDiscordServer:
         cid, mid = request.match_info["channel_id"], request.match_info["message_id"]
         msg = self._live_message(cid, mid)
         payload, files = await self._read_payload(request)
-        if msg.author["id"] != self.bot_user.id and any(k in payload for k in ("content", "embeds", "components")):
+        if msg.author["id"] != self.bot_user.id and any(
+            k in payload for k in ("content", "embeds", "components")
+        ):
             raise ApiError(403, 50005, "Cannot edit a message authored by another user")
         now = self.clock.now()
-        if self.old_edit_rule and now - msg.created_at > self.old_edit_age:
-            used = self._old_edits.get(mid, 0)
-            if used >= self.old_edit_allowance:
-                raise ApiError(
-                    400, 30046, "Maximum number of edits to messages older than 1 hour reached. Try again later."
-                )
-            self._old_edits[mid] = used + 1
+        # Discord's 1-hour rule: messages older than an hour get a tiny, separate edit budget
+        # (``old_edit_allowance``, 0 by default = no edits at all) before error 30046.
+        is_old = self.old_edit_rule and now - msg.created_at > self.old_edit_age
+        used = self._old_edits.get(mid, 0)
+        if is_old and used >= self.old_edit_allowance:
+            raise ApiError(
+                400,
+                30046,
+                "Maximum number of edits to messages older than 1 hour reached. Try again later.",
+            )
         self._check_message_payload(payload, creating=False, has_files=bool(files))
+        if is_old:
+            self._old_edits[mid] = used + 1
         self._apply_edit(msg, payload)
         msg.attachments.extend(files)
         self._record_edit(msg, payload, "rest")
@@ -1506,10 +1543,14 @@ class FakeDiscordServer:
     async def _delete_message(self, request: web.Request) -> web.Response:
         cid, mid = request.match_info["channel_id"], request.match_info["message_id"]
         msg = self._live_message(cid, mid)
-        if msg.author["id"] != self.bot_user.id and not self.bot_permissions & (MANAGE_MESSAGES | ADMINISTRATOR):
+        if msg.author["id"] != self.bot_user.id and not self.bot_permissions & (
+            MANAGE_MESSAGES | ADMINISTRATOR
+        ):
             raise ApiError(403, 50013, "Missing Permissions")
         self._delete(msg)
-        await self._echo("MESSAGE_DELETE", {"id": msg.id, "channel_id": msg.channel_id, "guild_id": msg.guild_id})
+        await self._echo(
+            "MESSAGE_DELETE", {"id": msg.id, "channel_id": msg.channel_id, "guild_id": msg.guild_id}
+        )
         return _no_content()
 
     def _delete(self, msg: FakeMessage) -> None:
@@ -1552,7 +1593,8 @@ class FakeDiscordServer:
         last = iso(pins[-1].pinned_at) if pins and pins[-1].pinned_at is not None else None
         guild = self._guild_of_channel(channel_id)
         await self.dispatch_event(
-            "CHANNEL_PINS_UPDATE", {"guild_id": guild.id, "channel_id": channel_id, "last_pin_timestamp": last}
+            "CHANNEL_PINS_UPDATE",
+            {"guild_id": guild.id, "channel_id": channel_id, "last_pin_timestamp": last},
         )
 
     async def _get_pins_new(self, request: web.Request) -> web.Response:
@@ -1594,7 +1636,15 @@ class FakeDiscordServer:
         flags = int(data.get("flags") or 0)
         allowed = {
             APPLICATION_COMMAND: {CB_MESSAGE, CB_DEFERRED_MESSAGE, 9, 10, 12},
-            MESSAGE_COMPONENT: {CB_MESSAGE, CB_DEFERRED_MESSAGE, CB_DEFERRED_UPDATE, CB_UPDATE_MESSAGE, 9, 10, 12},
+            MESSAGE_COMPONENT: {
+                CB_MESSAGE,
+                CB_DEFERRED_MESSAGE,
+                CB_DEFERRED_UPDATE,
+                CB_UPDATE_MESSAGE,
+                9,
+                10,
+                12,
+            },
             AUTOCOMPLETE: {CB_AUTOCOMPLETE},
         }.get(rec.type, set())
         if ctype not in allowed:

@@ -75,7 +75,11 @@ def _embed_errors(embeds: list[dict[str, Any]]) -> list[FormError]:
                 errors.append(_too_long(("embeds", i, "fields", j, "value"), FIELD_VALUE))
     if total > EMBED_TOTAL_LIMIT:
         errors.append(
-            (("embeds",), "MAX_EMBED_SIZE_EXCEEDED", f"Embed size exceeds maximum size of {EMBED_TOTAL_LIMIT}")
+            (
+                ("embeds",),
+                "MAX_EMBED_SIZE_EXCEEDED",
+                f"Embed size exceeds maximum size of {EMBED_TOTAL_LIMIT}",
+            )
         )
     return errors
 

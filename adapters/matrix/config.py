@@ -1,0 +1,82 @@
+"""Configuration of the Matrix adapter, built from the bot's settings without importing them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _secret(value: Any) -> str | None:
+    """The plain text of a pydantic ``SecretStr`` (or a str), or None when unset or empty."""
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    text = getter() if callable(getter) else str(value)
+    return text or None
+
+
+@dataclass(slots=True)
+class MatrixConfig:
+    """What the Matrix adapter needs to know.
+
+    ``password`` and ``access_token`` come from the environment through the settings; one of them is
+    required. The tuning knobs at the end have defaults suited to a real deployment; tests shorten them.
+    """
+
+    homeserver: str
+    user_id: str
+    password: str | None = None
+    access_token: str | None = None
+    device_id: str | None = None
+    device_name: str = "progressbot"
+    rooms: list[str] = field(default_factory=list)
+    command_prefix: str = "!"
+    #: Room members with at least this power level count as moderators (may control any job).
+    min_power_level: int | None = None
+    #: Pin progress messages while their job is active (needs power level 50 in the room by default).
+    pin: bool = True
+    #: Offer ⏸ ▶ ⏹ as reactions on each progress message.
+    react: bool = True
+    #: Send a reply that mentions the requester when a job or batch finishes.
+    reply_on_finish: bool = True
+    #: The room's sustained edit budget (edits per second) and its burst; 429s adjust it further.
+    edit_rate: float = 0.5
+    edit_burst: int = 8
+    #: Long-poll timeout of /sync, in milliseconds.
+    sync_timeout_ms: int = 30_000
+    #: Timeout of one HTTP request (other than the long poll), in seconds.
+    request_timeout: float = 20.0
+    #: Reconnect backoff after a lost connection: first delay and cap, in seconds.
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    #: How long :meth:`MatrixAdapter.stop` waits for pending edits to go out, in seconds.
+    stop_grace: float = 5.0
+
+    @classmethod
+    def from_settings(cls, s: Any, **overrides: Any) -> MatrixConfig:
+        """Build from a ``MatrixSettings``-like object (duck-typed: adapters do not import ``bot``)."""
+        values: dict[str, Any] = {
+            "homeserver": str(s.homeserver or ""),
+            "user_id": str(s.user_id or ""),
+            "password": _secret(getattr(s, "password", None)),
+            "access_token": _secret(getattr(s, "access_token", None)),
+            "device_id": getattr(s, "device_id", None),
+            "device_name": getattr(s, "device_name", "progressbot") or "progressbot",
+            "rooms": list(getattr(s, "rooms", None) or []),
+            "command_prefix": getattr(s, "command_prefix", "!") or "!",
+            "min_power_level": getattr(s, "min_power_level", None),
+            "pin": bool(getattr(s, "pin", True)),
+            "react": bool(getattr(s, "react", True)),
+        }
+        for name in ("edit_rate", "edit_burst", "reply_on_finish", "sync_timeout_ms"):
+            if getattr(s, name, None) is not None:
+                values[name] = getattr(s, name)
+        values.update(overrides)
+        return cls(**values)
+
+    def __repr__(self) -> str:
+        # Never print secrets in logs or tracebacks.
+        return (
+            f"MatrixConfig(homeserver={self.homeserver!r}, user_id={self.user_id!r}, rooms={self.rooms!r}, "
+            f"password={'***' if self.password else None}, access_token={'***' if self.access_token else None})"
+        )
