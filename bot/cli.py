@@ -260,6 +260,8 @@ def _control(action: str) -> Callable[..., None]:
 for _action in ("pause", "resume", "cancel", "retry"):
     app.command(name=_action)(_control(_action))
 
+from . import cli_http  # noqa: E402,F401
+
 
 def main() -> None:
     """Entry point of the ``progressbot`` script."""

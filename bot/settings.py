@@ -7,6 +7,7 @@ Secrets (tokens, passwords) belong in the environment. Invalid config is reporte
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -250,10 +251,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         loaded = _Loaded(**overrides)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from None
-    except ValueError as exc:  # TOML syntax errors and the like
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{toml_path}: invalid TOML: {exc}") from None
+    except ValueError as exc:
         raise ConfigError(f"config: {exc}") from None
-    except Exception as exc:
-        if exc.__class__.__name__ == "TOMLDecodeError":
-            raise ConfigError(f"{toml_path}: invalid TOML: {exc}") from None
-        raise
     return loaded

@@ -16,6 +16,8 @@ from .models import Control
 
 StageSpec = Sequence[tuple[str, float] | str]
 
+_CONTROL_RANK = {Control.RUN: 0, "shutdown": 1, Control.PAUSE: 2, Control.CANCEL: 3, "lease-lost": 4}
+
 
 class ProgressState:
     """The live, in-memory progress of one running job. Written by handlers, read by the monitor."""
@@ -231,14 +233,15 @@ class JobContext:
         """Whether a cancel was requested."""
         return self.control == Control.CANCEL
 
-    def set_control(self, control: str) -> None:
-        """Record a new control request (called by the worker or the service)."""
-        if control != self.control:
-            # A cancel is never downgraded to a pause by a late heartbeat.
-            if self.control == Control.CANCEL and control == Control.PAUSE:
-                return
-            self.control = control
-            self.control_changed.set()
+    def set_control(self, control: str, *, force: bool = False) -> None:
+        """Record a control request. During a run requests only escalate (run < shutdown < pause < cancel),
+        so a stale "run" read from the DB never undoes a pause or a shutdown; ``force`` allows resuming."""
+        if control == self.control:
+            return
+        if not force and _CONTROL_RANK.get(control, 0) < _CONTROL_RANK.get(self.control, 0):
+            return
+        self.control = control
+        self.control_changed.set()
 
     async def checkpoint(self, state: Any = ...) -> None:
         """The pause/cancel point. Saves ``state`` durably (when given), then stops here if asked to.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -51,8 +52,12 @@ class Control(StrEnum):
     CANCEL = "cancel"
 
 
-class Job(SQLModel, table=True):
-    """One unit of work: a queued handler run or a tracked external job."""
+class JobTable(SQLModel, table=True):
+    """The ``jobs`` table: one unit of work, a queued handler run or a tracked external job.
+
+    The store reads rows into :class:`Job` records (plain dataclasses; building instrumented ORM objects
+    costs more than the SQL on the hot path).
+    """
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -90,11 +95,53 @@ class Job(SQLModel, table=True):
     batch_id: int | None = Field(default=None, foreign_key="batches.id")
     interrupted: bool = False
     worker_id: str | None = Field(default=None, max_length=100)
+    #: Which process last wrote the row (see JobStore.origin).
+    origin: str | None = Field(default=None, max_length=32)
     lease_until: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+@dataclass(slots=True)
+class Job:
+    """A job as read from the store (a detached, plain record of a ``jobs`` row)."""
+
+    id: int | None = None
+    type: str = ""
+    kind: str = JobKind.QUEUED
+    name: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    status: str = JobStatus.PENDING
+    control: str = Control.RUN
+    control_by: str | None = None
+    priority: int = 0
+    run_at: datetime = field(default_factory=utcnow)
+    attempts: int = 0
+    max_attempts: int = 1
+    timeout: float | None = None
+    progress_current: float | None = None
+    progress_total: float | None = None
+    progress_message: str | None = None
+    stage_name: str | None = None
+    stage_index: int | None = None
+    stage_count: int | None = None
+    weighted_percent: float | None = None
+    checkpoint: Any | None = None
+    result: Any | None = None
+    error: str | None = None
+    owner: str | None = None
+    room: str | None = None
+    batch_id: int | None = None
+    interrupted: bool = False
+    worker_id: str | None = None
+    origin: str | None = None
+    lease_until: datetime | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime = field(default_factory=utcnow)
 
 
 class Batch(SQLModel, table=True):

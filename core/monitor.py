@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .context import ProgressState
@@ -33,6 +33,17 @@ Key = tuple[str, int | str]
 
 def _ts(dt: datetime | None) -> float | None:
     return None if dt is None else dt.timestamp()
+
+
+def _older(a: datetime | None, b: datetime | None) -> bool:
+    """Whether record time ``a`` is strictly before ``b`` (naive times are UTC; unknown is never older)."""
+    if a is None or b is None:
+        return False
+    if a.tzinfo is None:
+        a = a.replace(tzinfo=UTC)
+    if b.tzinfo is None:
+        b = b.replace(tzinfo=UTC)
+    return a < b
 
 
 @dataclass(slots=True)
@@ -196,6 +207,10 @@ class JobProgressMonitor:
         view = job if isinstance(job, JobView) else JobView.from_job(job)
         key: Key = ("job", view.id)
         old = self._views.get(key)
+        if old is not None and old is not view and _older(view.updated_at, old.updated_at):
+            # A stale record must not turn a newer state back: e.g. submit()'s "pending" row that
+            # arrives after the worker already claimed the job and announced it as running.
+            return None
         st = self._live.get(view.id)
         if st is not None:
             # The live state is newer than the row's progress columns.

@@ -186,9 +186,9 @@ class ProgressService:
         """Call ``fn`` after each submit (the PostgreSQL backend sends NOTIFY from here)."""
         self._wakers.append(fn)
 
-    def _wake(self) -> None:
+    def _wake(self, run_at_delay: float | None = None) -> None:
         if self.worker is not None:
-            self.worker.wake()
+            self.worker.wake(run_at_delay)
         for fn in self._wakers:
             fn()
 
@@ -261,7 +261,7 @@ class ProgressService:
         )
         job = await self.store.submit(nj, actor=owner)
         self.monitor.job_changed(job)
-        self._wake()
+        self._wake((job.run_at - utcnow()).total_seconds())
         return job
 
     async def submit_batch(
@@ -478,7 +478,9 @@ class ProgressService:
             exc.args = (f"Job #{job_id} is {status}; it can't be {ACTION_WORD[action]}",)
             raise exc
         view.control_by = actor
-        run.ctx.set_control({"pause": Control.PAUSE, "resume": Control.RUN, "cancel": Control.CANCEL}[action])
+        run.ctx.set_control(
+            {"pause": Control.PAUSE, "resume": Control.RUN, "cancel": Control.CANCEL}[action], force=True
+        )
         if action == "cancel" and run.task is not None:
             asyncio.get_running_loop().call_later(self.config.cancel_grace, run.task.cancel)
         job = Job(id=None, type=view.type, status=view.status, name=view.name, owner=view.owner, room=view.room)

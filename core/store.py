@@ -10,13 +10,15 @@ that worker's id. A worker that lost its lease can therefore not overwrite a job
 
 from __future__ import annotations
 
+import asyncio
 import math
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import JSON, Connection, and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.engine import Row
 
 from .db import Database
@@ -31,18 +33,84 @@ from .models import (
     Job,
     JobKind,
     JobStatus,
+    JobTable,
     KeyValue,
     MessageBinding,
     utcnow,
 )
 
-jobs_t = Job.__table__  # type: ignore[attr-defined]
+jobs_t = JobTable.__table__  # type: ignore[attr-defined]
 batches_t = Batch.__table__  # type: ignore[attr-defined]
 activity_t = Activity.__table__  # type: ignore[attr-defined]
 bindings_t = MessageBinding.__table__  # type: ignore[attr-defined]
 kv_t = KeyValue.__table__  # type: ignore[attr-defined]
 
 S = JobStatus
+
+# Claim statements, built once: statement construction costs more than SQLite's work on this path.
+_CLAIM_PICK = (
+    select(jobs_t.c.id)
+    .where(
+        jobs_t.c.status == JobStatus.PENDING,
+        jobs_t.c.run_at <= bindparam("c_now"),
+        jobs_t.c.kind == JobKind.QUEUED,
+        or_(bindparam("c_all_types"), jobs_t.c.type.in_(bindparam("c_types", expanding=True))),
+    )
+    .order_by(jobs_t.c.priority.desc(), jobs_t.c.run_at, jobs_t.c.id)
+    .limit(bindparam("c_limit"))
+)
+_CLAIM_VALUES = {
+    "status": JobStatus.RUNNING,
+    "control": Control.RUN,
+    "attempts": jobs_t.c.attempts + 1,
+    "worker_id": bindparam("c_worker"),
+    "lease_until": bindparam("c_lease"),
+    "started_at": func.coalesce(jobs_t.c.started_at, bindparam("c_now")),
+    "interrupted": False,
+    "updated_at": bindparam("c_now"),
+    "origin": bindparam("c_origin"),
+}
+_CLAIM_SQLITE = (
+    update(jobs_t)
+    .where(jobs_t.c.id.in_(_CLAIM_PICK.scalar_subquery()), jobs_t.c.status == JobStatus.PENDING)
+    .values(**_CLAIM_VALUES)
+    .returning(*jobs_t.c)
+)
+_CLAIM_PICK_LOCKED = _CLAIM_PICK.with_for_update(skip_locked=True)
+_CLAIM_UPDATE_IDS = (
+    update(jobs_t)
+    .where(jobs_t.c.id.in_(bindparam("c_ids", expanding=True)), jobs_t.c.status == JobStatus.PENDING)
+    .values(**_CLAIM_VALUES)
+    .returning(*jobs_t.c)
+)
+_INSERT_JOBS = insert(jobs_t).returning(*jobs_t.c, sort_by_parameter_order=True)
+_INSERT_ACTIVITY = insert(activity_t)
+
+# The completion of many jobs in one executemany; fenced on the worker id and the running status.
+_COMPLETE_STMT = (
+    update(jobs_t)
+    .where(
+        jobs_t.c.id == bindparam("b_id"),
+        jobs_t.c.worker_id == bindparam("b_worker"),
+        jobs_t.c.status == JobStatus.RUNNING,
+    )
+    .values(
+        status=JobStatus.COMPLETED,
+        result=bindparam("b_result", type_=JSON),
+        error=None,
+        finished_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"),
+        origin=bindparam("b_origin"),
+        lease_until=None,
+        progress_current=bindparam("b_cur"),
+        progress_total=bindparam("b_tot"),
+        progress_message=bindparam("b_msg"),
+        stage_name=bindparam("b_sn"),
+        stage_index=bindparam("b_si"),
+        stage_count=bindparam("b_sc"),
+        weighted_percent=bindparam("b_wp"),
+    )
+)
 
 RecoveryPolicy = Literal["pause", "requeue"]
 
@@ -98,6 +166,15 @@ class Outcome:
     has_checkpoint: bool = False
     note: str | None = None
     progress: ProgressWrite | None = None
+
+
+@dataclass(slots=True)
+class FinishResult:
+    """What :meth:`JobStore.finish_many` wrote: completed ids, and the other changed rows."""
+
+    completed_ids: set[int] = field(default_factory=set)
+    changed: list[Job] = field(default_factory=list)
+    finished_at: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -168,11 +245,16 @@ class JobStore:
         activity_limit: int = 100,
         retry_backoff: float = 2.0,
         retry_backoff_max: float = 300.0,
+        origin: str | None = None,
     ) -> None:
         self.db = db
+        #: Tags every row this store writes, so this process's monitor can skip its own changes when polling.
+        self.origin = origin or uuid.uuid4().hex[:16]
         self.activity_limit = activity_limit
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = retry_backoff_max
+        self._submit_queue: list[tuple[list[NewJob], str | None, asyncio.Future[list[Job]]]] = []
+        self._submit_flusher: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- schema
     async def init(self) -> None:
@@ -185,41 +267,108 @@ class JobStore:
         return (await self.submit_many([job], actor=actor))[0]
 
     async def submit_many(self, jobs: Sequence[NewJob], *, actor: str | None = None) -> list[Job]:
-        """Insert several jobs in one transaction."""
-        return await self.db.run(self._submit_many, list(jobs), actor)
+        """Insert several jobs in one transaction.
 
-    def _submit_many(self, jobs: list[NewJob], actor: str | None) -> list[Job]:
+        Concurrent calls are group-committed: submissions that arrive while a transaction is in flight
+        are written together in the next one, each caller still getting its own jobs back.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Job]] = loop.create_future()
+        self._submit_queue.append((list(jobs), actor, fut))
+        if self._submit_flusher is None or self._submit_flusher.done():
+            self._submit_flusher = loop.create_task(self._flush_submits(), name="store-submit-flush")
+        return await fut
+
+    async def _flush_submits(self) -> None:
+        while self._submit_queue:
+            groups, self._submit_queue = self._submit_queue, []
+            try:
+                results = await self.db.run(self._submit_groups, [(g[0], g[1]) for g in groups])
+            except Exception:
+                if len(groups) == 1:
+                    results = None
+                else:
+                    # Isolate the bad submission: write each group in its own transaction.
+                    for jobs, actor, fut in groups:
+                        try:
+                            out = await self.db.run(self._submit_many, jobs, actor)
+                        except Exception as exc:
+                            if not fut.done():
+                                fut.set_exception(exc)
+                        else:
+                            if not fut.done():
+                                fut.set_result(out)
+                    continue
+                try:
+                    await self.db.run(self._submit_many, groups[0][0], groups[0][1])
+                except Exception as exc:
+                    if not groups[0][2].done():
+                        groups[0][2].set_exception(exc)
+                continue
+            for (_, _, fut), out in zip(groups, results, strict=True):
+                if not fut.done():
+                    fut.set_result(out)
+
+    def _submit_groups(self, groups: list[tuple[list[NewJob], str | None]]) -> list[list[Job]]:
+        if len(groups) == 1:
+            return [self._submit_many(*groups[0])]
+        flat: list[NewJob] = []
+        actors: list[str | None] = []
+        for jobs, actor in groups:
+            flat.extend(jobs)
+            actors.extend([actor] * len(jobs))
+        out = self._submit_many(flat, None, actors=actors)
+        res, i = [], 0
+        for jobs, _ in groups:
+            res.append(out[i : i + len(jobs)])
+            i += len(jobs)
+        return res
+
+    def _submit_many(
+        self, jobs: list[NewJob], actor: str | None, *, actors: list[str | None] | None = None
+    ) -> list[Job]:
+        if not jobs:
+            return []
         now = utcnow()
-        out: list[Job] = []
+        rows = [
+            {
+                "type": nj.type,
+                "kind": nj.kind,
+                "name": nj.name,
+                "payload": nj.payload,
+                "status": nj.status,
+                "control": Control.RUN,
+                "priority": nj.priority,
+                "run_at": nj.run_at or now,
+                "attempts": 0,
+                "max_attempts": max(1, nj.max_attempts),
+                "timeout": nj.timeout,
+                "owner": nj.owner,
+                "room": nj.room,
+                "batch_id": nj.batch_id,
+                "progress_total": nj.progress_total,
+                "interrupted": False,
+                "created_at": now,
+                "updated_at": now,
+                "origin": self.origin,
+                "started_at": now if nj.status == S.RUNNING else None,
+            }
+            for nj in jobs
+        ]
         with self.db.engine.begin() as conn:
-            for nj in jobs:
-                values = {
-                    "type": nj.type,
-                    "kind": nj.kind,
-                    "name": nj.name,
-                    "payload": nj.payload,
-                    "status": nj.status,
-                    "control": Control.RUN,
-                    "priority": nj.priority,
-                    "run_at": nj.run_at or now,
-                    "attempts": 0,
-                    "max_attempts": max(1, nj.max_attempts),
-                    "timeout": nj.timeout,
-                    "owner": nj.owner,
-                    "room": nj.room,
-                    "batch_id": nj.batch_id,
-                    "progress_total": nj.progress_total,
-                    "interrupted": False,
-                    "created_at": now,
-                    "updated_at": now,
-                    "started_at": now if nj.status == S.RUNNING else None,
-                }
-                row = conn.execute(insert(jobs_t).values(**values).returning(*jobs_t.c)).one()
-                job = row_to_job(row)
-                who = f" by {actor or nj.owner}" if (actor or nj.owner) else ""
+            # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
+            result = conn.execute(_INSERT_JOBS, rows)
+            out = [row_to_job(r) for r in result]
+            notes = []
+            for idx, (nj, job) in enumerate(zip(jobs, out, strict=True)):
+                who = (actors[idx] if actors is not None else actor) or nj.owner
                 what = "tracking started" if nj.kind == JobKind.TRACKED else "submitted"
-                self._log(conn, job.id or 0, "info", f"{what}{who}", None, now)
-                out.append(job)
+                notes.append(
+                    {"job_id": job.id, "at": now, "level": "info", "message": what + (f" by {who}" if who else ""),
+                     "context": None}
+                )
+            # No trim here: a new job has one entry; the batched log path enforces the cap.
+            conn.execute(_INSERT_ACTIVITY, notes)
         return out
 
     async def create_batch(self, name: str, *, owner: str | None = None, room: str | None = None) -> Batch:
@@ -251,35 +400,24 @@ class JobStore:
 
     def _claim(self, worker_id: str, limit: int, types: list[str] | None, lease_seconds: float) -> list[Job]:
         now = utcnow()
-        cond = [jobs_t.c.status == S.PENDING, jobs_t.c.run_at <= now, jobs_t.c.kind == JobKind.QUEUED]
-        if types is not None:
-            cond.append(jobs_t.c.type.in_(types))
-        pick = (
-            select(jobs_t.c.id)
-            .where(*cond)
-            .order_by(jobs_t.c.priority.desc(), jobs_t.c.run_at, jobs_t.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+        params: dict[str, Any] = {
+            "c_now": now,
+            "c_limit": limit,
+            "c_types": types or [],
+            "c_all_types": types is None,
+            "c_worker": worker_id,
+            "c_lease": now + timedelta(seconds=lease_seconds),
+            "c_origin": self.origin,
+        }
         with self.db.engine.begin() as conn:
-            ids = [r[0] for r in conn.execute(pick)]
-            if not ids:
-                return []
-            rows = conn.execute(
-                update(jobs_t)
-                .where(jobs_t.c.id.in_(ids), jobs_t.c.status == S.PENDING)
-                .values(
-                    status=S.RUNNING,
-                    control=Control.RUN,
-                    attempts=jobs_t.c.attempts + 1,
-                    worker_id=worker_id,
-                    lease_until=now + timedelta(seconds=lease_seconds),
-                    started_at=func.coalesce(jobs_t.c.started_at, now),
-                    interrupted=False,
-                    updated_at=now,
-                )
-                .returning(*jobs_t.c)
-            ).all()
+            if self.db.is_sqlite:
+                # BEGIN IMMEDIATE already serialises writers: one UPDATE ... WHERE id IN (SELECT ...) suffices.
+                rows = conn.execute(_CLAIM_SQLITE, params).all()
+            else:
+                ids = [r[0] for r in conn.execute(_CLAIM_PICK_LOCKED, params)]
+                if not ids:
+                    return []
+                rows = conn.execute(_CLAIM_UPDATE_IDS, dict(params, c_ids=ids)).all()
         jobs = [row_to_job(r) for r in rows]
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id or 0))
         return jobs
@@ -296,82 +434,119 @@ class JobStore:
             return conn.execute(select(func.min(jobs_t.c.run_at)).where(*cond)).scalar()
 
     # ----------------------------------------------------------------- finish
-    async def finish_many(self, outcomes: Sequence[Outcome]) -> list[Job]:
-        """Record how runs ended, in one transaction. Returns the jobs whose row changed.
+    async def finish_many(self, outcomes: Sequence[Outcome]) -> FinishResult:
+        """Record how runs ended, in one transaction.
 
         Failures with attempts left go back to pending with exponential backoff. Each write is fenced on
-        the worker id: a job recovered by someone else is left alone.
+        the worker id: a job recovered by someone else is left alone. Completions (the hot path) are
+        written with one executemany; the other outcomes return their updated rows.
         """
         if not outcomes:
-            return []
+            return FinishResult()
         return await self.db.run(self._finish_many, list(outcomes))
 
-    def _finish_many(self, outcomes: list[Outcome]) -> list[Job]:
+    def _finish_many(self, outcomes: list[Outcome]) -> FinishResult:
         now = utcnow()
-        changed: list[Job] = []
+        res = FinishResult(finished_at=now)
+        done = [oc for oc in outcomes if oc.status == S.COMPLETED]
+        rest = [oc for oc in outcomes if oc.status != S.COMPLETED]
         with self.db.engine.begin() as conn:
-            for oc in outcomes:
-                fence = and_(
-                    jobs_t.c.id == oc.job_id,
-                    jobs_t.c.worker_id == oc.worker_id,
-                    jobs_t.c.status == S.RUNNING,
+            if done:
+                res.completed_ids = self._complete_many(conn, done, now)
+            for oc in rest:
+                job = self._finish_one(conn, oc, now)
+                if job is not None:
+                    res.changed.append(job)
+        return res
+
+    def _complete_many(self, conn: Connection, done: list[Outcome], now: datetime) -> set[int]:
+        params = []
+        for oc in done:
+            p = oc.progress
+            params.append(
+                {
+                    "b_id": oc.job_id,
+                    "b_worker": oc.worker_id,
+                    "b_result": oc.result,
+                    "b_cur": p.current if p else None,
+                    "b_tot": p.total if p else None,
+                    "b_msg": p.message if p else None,
+                    "b_sn": p.stage_name if p else None,
+                    "b_si": p.stage_index if p else None,
+                    "b_sc": p.stage_count if p else None,
+                    "b_wp": p.weighted_percent if p else None,
+                }
+            )
+        conn.execute(_COMPLETE_STMT, [dict(p, b_now=now, b_origin=self.origin) for p in params])
+        ids = [oc.job_id for oc in done]
+        applied = {
+            r[0]
+            for r in conn.execute(
+                select(jobs_t.c.id).where(
+                    jobs_t.c.id.in_(ids), jobs_t.c.status == S.COMPLETED, jobs_t.c.finished_at == now
                 )
-                values: dict[str, Any] = {"updated_at": now, "lease_until": None}
-                level, note = "info", oc.note
-                if oc.status == S.COMPLETED:
-                    values.update(status=S.COMPLETED, result=oc.result, error=None, finished_at=now)
-                    note = note or "completed"
-                elif oc.status == S.FAILED:
-                    cur = conn.execute(
-                        select(jobs_t.c.attempts, jobs_t.c.max_attempts).where(fence)
-                    ).first()
-                    if cur is None:
-                        continue
-                    attempts, max_attempts = cur
-                    level = "error"
-                    if attempts < max_attempts:
-                        delay = backoff_delay(attempts, self.retry_backoff, self.retry_backoff_max)
-                        values.update(
-                            status=S.PENDING,
-                            error=oc.error,
-                            run_at=now + timedelta(seconds=delay),
-                            worker_id=None,
-                        )
-                        note = f"failed (attempt {attempts}/{max_attempts}): {oc.error}; retrying in {delay:g}s"
-                    else:
-                        values.update(status=S.FAILED, error=oc.error, finished_at=now)
-                        note = f"failed: {oc.error}"
-                elif oc.status == S.CANCELLED:
-                    values.update(status=S.CANCELLED, finished_at=now)
-                elif oc.status == S.PAUSED:
-                    values.update(status=S.PAUSED, control=Control.RUN, worker_id=None)
-                elif oc.status == S.PENDING:
-                    values.update(status=S.PENDING, worker_id=None)
-                else:  # pragma: no cover - programming error
-                    raise ValueError(f"bad outcome status {oc.status}")
-                if oc.has_checkpoint:
-                    values["checkpoint"] = oc.checkpoint
-                if oc.progress is not None:
-                    p = oc.progress
-                    values.update(
-                        progress_current=p.current,
-                        progress_total=p.total,
-                        progress_message=p.message,
-                        stage_name=p.stage_name,
-                        stage_index=p.stage_index,
-                        stage_count=p.stage_count,
-                        weighted_percent=p.weighted_percent,
-                    )
-                row = conn.execute(update(jobs_t).where(fence).values(**values).returning(*jobs_t.c)).first()
-                if row is None:
-                    continue
-                job = row_to_job(row)
-                if note is None and oc.status in (S.CANCELLED, S.PAUSED):
-                    note = str(oc.status) + (f" by {job.control_by}" if job.control_by else "")
-                if note:
-                    self._log(conn, oc.job_id, level, note, None, now)
-                changed.append(job)
-        return changed
+            )
+        }
+        if applied:
+            conn.execute(
+                insert(activity_t),
+                [{"job_id": i, "at": now, "level": "info", "message": "completed", "context": None} for i in applied],
+            )
+        return applied
+
+    def _finish_one(self, conn: Connection, oc: Outcome, now: datetime) -> Job | None:
+        fence = and_(
+            jobs_t.c.id == oc.job_id,
+            jobs_t.c.worker_id == oc.worker_id,
+            jobs_t.c.status == S.RUNNING,
+        )
+        values: dict[str, Any] = {"updated_at": now, "origin": self.origin, "lease_until": None}
+        level, note = "info", oc.note
+        if oc.status == S.FAILED:
+            cur = conn.execute(select(jobs_t.c.attempts, jobs_t.c.max_attempts).where(fence)).first()
+            if cur is None:
+                return None
+            attempts, max_attempts = cur
+            level = "error"
+            if attempts < max_attempts:
+                delay = backoff_delay(attempts, self.retry_backoff, self.retry_backoff_max)
+                values.update(
+                    status=S.PENDING, error=oc.error, run_at=now + timedelta(seconds=delay), worker_id=None
+                )
+                note = f"failed (attempt {attempts}/{max_attempts}): {oc.error}; retrying in {delay:g}s"
+            else:
+                values.update(status=S.FAILED, error=oc.error, finished_at=now)
+                note = f"failed: {oc.error}"
+        elif oc.status == S.CANCELLED:
+            values.update(status=S.CANCELLED, finished_at=now)
+        elif oc.status == S.PAUSED:
+            values.update(status=S.PAUSED, control=Control.RUN, worker_id=None)
+        elif oc.status == S.PENDING:
+            values.update(status=S.PENDING, worker_id=None)
+        else:  # pragma: no cover - programming error
+            raise ValueError(f"bad outcome status {oc.status}")
+        if oc.has_checkpoint:
+            values["checkpoint"] = oc.checkpoint
+        if oc.progress is not None:
+            p = oc.progress
+            values.update(
+                progress_current=p.current,
+                progress_total=p.total,
+                progress_message=p.message,
+                stage_name=p.stage_name,
+                stage_index=p.stage_index,
+                stage_count=p.stage_count,
+                weighted_percent=p.weighted_percent,
+            )
+        row = conn.execute(update(jobs_t).where(fence).values(**values).returning(*jobs_t.c)).first()
+        if row is None:
+            return None
+        job = row_to_job(row)
+        if note is None and oc.status in (S.CANCELLED, S.PAUSED):
+            note = str(oc.status) + (f" by {job.control_by}" if job.control_by else "")
+        if note:
+            self._log(conn, oc.job_id, level, note, None, now)
+        return job
 
     async def save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
         """Persist a running job's checkpoint state; return its control value, or None if the lease is lost."""
@@ -444,7 +619,7 @@ class JobStore:
             rows = conn.execute(
                 update(jobs_t)
                 .where(jobs_t.c.id.in_(ids), jobs_t.c.status == S.RUNNING)
-                .values(control=Control.RUN, worker_id=None, lease_until=None, updated_at=now, **values)
+                .values(control=Control.RUN, worker_id=None, lease_until=None, updated_at=now, origin=self.origin, **values)
                 .returning(*jobs_t.c)
             ).all()
             for r in rows:
@@ -472,8 +647,11 @@ class JobStore:
             check_action(job_id, status, action)
             by = f" by {actor}" if actor else ""
             tracked = job.kind == JobKind.TRACKED
-            values: dict[str, Any] = {"updated_at": now, "control_by": actor}
+            values: dict[str, Any] = {"updated_at": now, "origin": self.origin, "control_by": actor}
             requested = False
+            if status != S.RUNNING:
+                # The row is no longer a worker's; other processes' monitors must see this change.
+                values["worker_id"] = None
             if action == "pause":
                 if status == S.RUNNING and not tracked:
                     if job.control == Control.PAUSE:
@@ -571,7 +749,7 @@ class JobStore:
                 raise IllegalTransition(job_id, "not a tracked job", "sent progress from outside")
             if S(job.status).terminal:
                 return job
-            values: dict[str, Any] = {"updated_at": now}
+            values: dict[str, Any] = {"updated_at": now, "origin": self.origin}
             if current is not None:
                 values["progress_current"] = current
             if total is not None:
@@ -605,7 +783,7 @@ class JobStore:
             if S(job.status).terminal:
                 word = "completed" if status == S.COMPLETED else "failed"
                 raise IllegalTransition(job_id, str(job.status), word)
-            values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now}
+            values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now, "origin": self.origin}
             if status == S.COMPLETED:
                 values.update(result=result, error=None)
                 if job.progress_total is not None:
@@ -643,6 +821,7 @@ class JobStore:
                 stage_count=bindparam("b_sc"),
                 weighted_percent=bindparam("b_wp"),
                 updated_at=now,
+                origin=self.origin,
             )
         )
         params = [
@@ -784,15 +963,19 @@ class JobStore:
         with self.db.engine.connect() as conn:
             return [row_to_job(r) for r in conn.execute(q)]
 
-    async def changed_since(self, since: datetime, limit: int = 5000) -> list[Job]:
-        """Jobs whose row changed at or after ``since`` (the monitor's cross-process poll)."""
-        return await self.db.run(self._changed_since, since, limit)
+    async def changed_since(self, since: datetime, limit: int = 5000, *, others_only: bool = True) -> list[Job]:
+        """Jobs whose row changed at or after ``since`` (the monitor's cross-process poll).
 
-    def _changed_since(self, since: datetime, limit: int) -> list[Job]:
+        With ``others_only`` rows last written by this store are skipped: this process knows them already.
+        """
+        return await self.db.run(self._changed_since, since, limit, others_only)
+
+    def _changed_since(self, since: datetime, limit: int, others_only: bool) -> list[Job]:
+        q = select(jobs_t).where(jobs_t.c.updated_at >= since)
+        if others_only:
+            q = q.where(or_(jobs_t.c.origin.is_(None), jobs_t.c.origin != self.origin))
         with self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(jobs_t).where(jobs_t.c.updated_at >= since).order_by(jobs_t.c.updated_at).limit(limit)
-            ).all()
+            rows = conn.execute(q.order_by(jobs_t.c.updated_at).limit(limit)).all()
         return [row_to_job(r) for r in rows]
 
     async def stats(self) -> dict[str, Any]:

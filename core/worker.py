@@ -96,6 +96,7 @@ class Worker:
         recovery: RecoveryPolicy = "pause",
         recover_on_start: bool = True,
         reap_expired: bool = False,
+        prefetch: int | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -110,12 +111,17 @@ class Worker:
         self.recover_on_start = recover_on_start
         self.reap_expired = reap_expired
         self.running: dict[int, RunningJob] = {}
+        #: Jobs claimed ahead of a free slot (only while the queue is deep); started before claiming again.
+        self._ready: list[Job] = []
+        self.prefetch = max(0, prefetch if prefetch is not None else min(64, 16 * self.concurrency))
         self._backend = _QueuedBackend(self)
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._outcomes: list[tuple[Outcome, RunningJob]] = []
+        self._outcomes: list[tuple[Outcome, RunningJob | None]] = []
         self._outcome_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._next_due: float | None = None
+        self._next_due_check = 0.0
         self._stopping = False
         self._accepting = True
         self.completed_count = 0
@@ -144,6 +150,10 @@ class Worker:
         """
         self._accepting = False
         grace = self.shutdown_grace if grace is None else grace
+        # Jobs claimed ahead but never started go straight back to the queue.
+        for job in self._ready:
+            self._outcomes.append((Outcome(job_id=job.id or 0, worker_id=self.worker_id, status=JobStatus.PENDING), None))
+        self._ready.clear()
         for rj in list(self.running.values()):
             rj.ctx.set_control(SHUTDOWN)
         tasks = [rj.task for rj in self.running.values() if rj.task is not None]
@@ -165,8 +175,12 @@ class Worker:
         self._tasks.clear()
         await self._flush_outcomes()
 
-    def wake(self) -> None:
-        """Look for work now (called on submit in this process)."""
+    def wake(self, run_at_delay: float | None = None) -> None:
+        """Look for work now (called on submit in this process); ``run_at_delay`` for a delayed job."""
+        if run_at_delay is not None and run_at_delay > 0:
+            due = time.monotonic() + run_at_delay
+            if self._next_due is None or due < self._next_due:
+                self._next_due = due
         self._wakeup.set()
 
     def request_control(self, job_id: int, control: str) -> bool:
@@ -185,7 +199,7 @@ class Worker:
 
     # ---------------------------------------------------------------- loops
     async def _claim_loop(self) -> None:
-        types = None
+        deep = False  # the last claim came back full: the queue is deep, so claim ahead
         while not self._stopping:
             try:
                 if not self._accepting:
@@ -195,15 +209,24 @@ class Worker:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     continue
+                while free > 0 and self._ready:
+                    self._start_job(self._ready.pop(0))
+                    free -= 1
+                if free <= 0:
+                    continue
                 types = self.registry.types()
                 self._wakeup.clear()
-                jobs = await self.store.claim(
-                    self.worker_id, free, types=types, lease_seconds=self.lease_seconds
-                )
+                # Claiming a few jobs ahead turns one claim transaction per job into one per batch.
+                want = free + (self.prefetch if deep else 0)
+                jobs = await self.store.claim(self.worker_id, want, types=types, lease_seconds=self.lease_seconds)
+                deep = len(jobs) == want
                 for job in jobs:
-                    self._start_job(job)
-                if len(jobs) == free:
-                    continue  # maybe more is due; loop until the slots are full
+                    if len(self.running) < self.concurrency:
+                        self._start_job(job)
+                    else:
+                        self._ready.append(job)
+                if deep or self._ready:
+                    continue
                 await self._idle_wait(types)
             except asyncio.CancelledError:
                 raise
@@ -213,10 +236,16 @@ class Worker:
 
     async def _idle_wait(self, types: list[str]) -> None:
         timeout = self.poll_interval
-        nxt = await self.store.next_run_at(types)
-        if nxt is not None:
-            delta = (nxt - utcnow()).total_seconds()
-            timeout = max(0.0, min(timeout, delta))
+        now = time.monotonic()
+        # Look for delayed jobs at most once per poll interval, not on every idle moment.
+        if now >= self._next_due_check:
+            self._next_due_check = now + self.poll_interval
+            nxt = await self.store.next_run_at(types)
+            self._next_due = None if nxt is None else now + (nxt - utcnow()).total_seconds()
+        if self._next_due is not None:
+            timeout = max(0.0, min(timeout, self._next_due - now))
+            if timeout <= 0:
+                self._next_due = None
         if timeout <= 0:
             return
         with contextlib.suppress(TimeoutError):
@@ -228,7 +257,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                if self.running:
+                if self.running or self._ready:
                     controls = await self.store.heartbeat(self.worker_id, self.lease_seconds)
                     for jid, rj in list(self.running.items()):
                         control = controls.get(jid)
@@ -266,17 +295,25 @@ class Worker:
             return
         batch, self._outcomes = self._outcomes, []
         try:
-            changed = await self.store.finish_many([oc for oc, _ in batch])
+            res = await self.store.finish_many([oc for oc, _ in batch])
         except BaseException:
             self._outcomes[:0] = batch
             raise
-        by_id = {j.id: j for j in changed}
-        for oc, _rj in batch:
-            job = by_id.get(oc.job_id)
-            if job is not None:
-                self.monitor.job_changed(job)
-                if job.status == JobStatus.COMPLETED:
-                    self.completed_count += 1
+        by_id = {j.id: j for j in res.changed}
+        for oc, rj in batch:
+            if oc.job_id in res.completed_ids and rj is not None:
+                # Build the final view from what we know instead of re-reading the row.
+                view = JobView.from_job(rj.job)
+                view.status = JobStatus.COMPLETED
+                view.result = oc.result
+                view.error = None
+                view.finished_at = res.finished_at.timestamp() if res.finished_at else time.time()
+                self.monitor.job_changed(view)
+                self.completed_count += 1
+            else:
+                job = by_id.get(oc.job_id)
+                if job is not None:
+                    self.monitor.job_changed(job)
             self.monitor.detach(oc.job_id)
 
     # ----------------------------------------------------------------- runs

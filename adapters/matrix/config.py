@@ -42,6 +42,8 @@ class MatrixConfig:
     #: The room's sustained edit budget (edits per second) and its burst; 429s adjust it further.
     edit_rate: float = 0.5
     edit_burst: int = 8
+    #: Edits of different messages that may be in flight at once in one room (always one per message).
+    max_in_flight: int = 4
     #: Long-poll timeout of /sync, in milliseconds.
     sync_timeout_ms: int = 30_000
     #: Timeout of one HTTP request (other than the long poll), in seconds.
@@ -76,7 +78,8 @@ class MatrixConfig:
 
     def __repr__(self) -> str:
         # Never print secrets in logs or tracebacks.
+        hidden = {k: "***" if getattr(self, k) else None for k in ("password", "access_token")}
         return (
             f"MatrixConfig(homeserver={self.homeserver!r}, user_id={self.user_id!r}, rooms={self.rooms!r}, "
-            f"password={'***' if self.password else None}, access_token={'***' if self.access_token else None})"
+            f"password={hidden['password']}, access_token={hidden['access_token']})"
         )

@@ -1756,7 +1756,8 @@ class FakeDiscordServer:
         self._check_message_payload(payload, creating=True, has_files=bool(files))
         flags = int(payload.get("flags") or 0)
         original = self.messages.get(rec.original_message_id or "")
-        if original is not None and original.flags & LOADING:
+        # A deleted "thinking" placeholder is gone: the follow-up then creates a new message.
+        if original is not None and not original.deleted and original.flags & LOADING:
             original.flags &= ~LOADING
             self._apply_edit(original, payload)
             original.edited_at = None

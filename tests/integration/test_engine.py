@@ -464,5 +464,6 @@ async def test_lease_fencing_blocks_a_stale_worker(make_service: ServiceFactory)
     assert await svc.store.save_checkpoint(job.id or 0, "w-old", {"x": 1}) is None
     from core.store import Outcome
 
-    assert await svc.store.finish_many([Outcome(job.id or 0, "w-old", JobStatus.COMPLETED)]) == []
+    res = await svc.store.finish_many([Outcome(job.id or 0, "w-old", JobStatus.COMPLETED)])
+    assert res.completed_ids == set() and res.changed == []
     assert (await svc.get(job.id or 0)).worker_id == "w-new"
