@@ -168,37 +168,41 @@ async def test_an_exception_fails_the_job_and_propagates(server: ApiServer) -> N
 
 
 async def test_should_pause_and_wait_if_paused_with_raise_on_cancel_off(server: ApiServer) -> None:
-    def program(box: dict[str, Any], go: threading.Event) -> list[str]:
+    box: dict[str, Any] = {}
+    started, saw_pause, saw_resume = threading.Event(), threading.Event(), threading.Event()
+
+    def program() -> list[str]:
         seen: list[str] = []
+        deadline = time.monotonic() + 30  # every loop is bounded: a stuck thread would hang the test run
         with ProgressClient(server.url, server.token, min_interval=0.1) as client:
             with client.track("polite", raise_on_cancel=False) as job:
                 box["id"] = job.id
-                go.set()
-                while not job.should_pause:
+                started.set()
+                while not job.should_pause and time.monotonic() < deadline:
                     job.advance()
                     time.sleep(0.01)
-                seen.append("paused")
-                assert job.wait_if_paused(timeout=0.05) is False  # still paused after a short wait
-                assert job.wait_if_paused(timeout=30) is True
-                seen.append("resumed")
-                while not job.should_cancel:
+                seen.append("paused" if job.should_pause else "never paused")
+                if job.wait_if_paused(timeout=0.05) is False:  # still paused after a short wait
+                    seen.append("still paused")
+                saw_pause.set()
+                if job.wait_if_paused(timeout=30):
+                    seen.append("resumed")
+                saw_resume.set()
+                while not job.should_cancel and time.monotonic() < deadline:
                     job.advance()  # no exception: raise_on_cancel=False
                     time.sleep(0.01)
-                seen.append("cancel seen")
+                seen.append("cancel seen" if job.should_cancel else "never cancelled")
         return seen
 
-    box: dict[str, Any] = {}
-    go = threading.Event()
-    task = asyncio.create_task(asyncio.to_thread(program, box, go))
-    await wait_for(go.is_set)
+    task = asyncio.create_task(asyncio.to_thread(program))
+    await wait_for(started.is_set)
     await server.post(f"/v1/jobs/{box['id']}/pause")
-    await wait_for(lambda: _status_is(server, box["id"], JobStatus.PAUSED))
-    await asyncio.sleep(0)  # the program sees the pause within a report interval; then resume it
+    await wait_for(saw_pause.is_set, timeout=20)
     await server.post(f"/v1/jobs/{box['id']}/resume")
+    await wait_for(saw_resume.is_set, timeout=20)
     await server.post(f"/v1/jobs/{box['id']}/cancel")
-    seen = await asyncio.wait_for(task, 20)
-    # The resume may land before the program looked; it must at least see the cancel and end cleanly.
-    assert seen[-1] == "cancel seen"
+    seen = await asyncio.wait_for(task, 40)
+    assert seen == ["paused", "still paused", "resumed", "cancel seen"], seen
     assert (await server.service.get(box["id"])).status == JobStatus.CANCELLED
 
 
@@ -410,7 +414,7 @@ async def test_cli_track_pause_stops_the_command_and_cancel_terminates_it(server
         "import os, time\n"
         f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
         "i = 0\n"
-        "while True:\n"
+        "while i < 1200:  # at most a minute, should the test fail\n"
         "    i += 1\n"
         "    print(f'tick {i}', flush=True)\n"
         "    time.sleep(0.05)\n"

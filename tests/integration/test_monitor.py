@@ -1,0 +1,211 @@
+"""The monitor and event bus with a running service: throttling, subscribers, batches, other processes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+from core.context import JobContext
+from core.events import EventBus, JobProgressEvent
+from core.registry import HandlerRegistry
+from tests.conftest import ServiceFactory
+
+pytestmark = pytest.mark.asyncio
+
+
+async def collect(sub: Any, until: Any, timeout: float = 20.0) -> list[JobProgressEvent]:
+    out: list[JobProgressEvent] = []
+
+    async def run() -> None:
+        async for ev in sub:
+            out.append(ev)
+            if until(ev):
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return out
+
+
+async def test_ten_thousand_reports_make_few_events(make_service: ServiceFactory) -> None:
+    reg = HandlerRegistry()
+
+    @reg.handler("busy")
+    async def busy(ctx: JobContext, data: dict[str, Any]) -> None:
+        for i in range(10_000):
+            ctx.report(i + 1, 10_000, f"item {i + 1}")
+            if i % 100 == 99:
+                await asyncio.sleep(0.02)  # 10,000 reports over ~2 s
+
+    svc = await make_service(reg, min_interval=0.5)
+    sub = svc.subscribe()
+    job = await svc.submit("busy", {})
+    events = await collect(sub, lambda e: e.id == job.id and e.terminal)
+    mine = [e for e in events if e.id == job.id]
+    progress = [e for e in mine if not e.status_changed]
+    assert len(progress) <= 6  # ~2 s at one per 500 ms
+    assert mine[-1].status == "completed" and mine[-1].current == 10_000
+    assert mine[-1].message == "item 10000"
+    assert [e.seq for e in mine] == sorted(e.seq for e in mine)
+
+
+async def test_status_changes_are_never_dropped(make_service: ServiceFactory) -> None:
+    svc = await make_service(min_interval=5.0)  # a huge window: only status changes can get through
+    statuses: list[str] = []
+    svc.bus.add_listener(lambda e: statuses.append(e.status) if e.type == "job" else None)
+    job = await svc.submit("demo.count", {"steps": 200, "delay_ms": 5})
+    jid = job.id or 0
+    await svc.wait_for(jid, lambda j: j.status == "running", timeout=10)
+    await svc.pause(jid)
+    await svc.wait_for(jid, lambda j: j.status == "paused", timeout=10)
+    await svc.resume(jid)
+    await svc.wait_for(jid, timeout=20)
+    dedup = [s for i, s in enumerate(statuses) if i == 0 or statuses[i - 1] != s]
+    assert dedup == ["pending", "running", "paused", "pending", "running", "completed"]
+
+
+async def test_slow_subscriber_does_not_block_others() -> None:
+    bus = EventBus()
+    slow = bus.subscribe()  # never reads
+    fast = bus.subscribe()
+    got: list[int] = []
+
+    async def reader() -> None:
+        while len(got) < 1:
+            ev = await fast.get(timeout=5)
+            assert ev is not None
+            got.append(ev.seq)
+
+    task = asyncio.create_task(reader())
+    from core.events import next_seq
+
+    for i in range(100_000):
+        bus.publish(JobProgressEvent(id=i % 1000, type="job", status="running", seq=next_seq(), timestamp=0.0))
+        if i == 50_000:
+            await asyncio.sleep(0)  # let the fast reader run while the slow one lags
+    await asyncio.wait_for(task, 5)
+    assert slow.pending() == 1000  # bounded by the number of jobs, not of events
+    assert fast.pending() <= 1000
+    # The slow subscriber still sees each job's latest state.
+    latest = {}
+    while (ev := slow.get_nowait()) is not None:
+        latest[ev.id] = ev.seq
+    assert len(latest) == 1000
+    slow.close()
+    fast.close()
+    assert bus.subscriber_count == 0
+
+
+async def test_stream_ends_at_terminal_state(make_service: ServiceFactory) -> None:
+    svc = await make_service()
+    job = await svc.submit("demo.count", {"steps": 5, "delay_ms": 20})
+    seen = [ev async for ev in svc.stream(job.id or 0)]
+    assert seen[-1].status == "completed"
+    assert all(not e.terminal for e in seen[:-1])
+    # A stream of a finished job yields its final state and ends.
+    again = [ev async for ev in svc.stream(job.id or 0)]
+    assert len(again) == 1 and again[0].status == "completed"
+    assert svc.bus.subscriber_count == 0
+
+
+async def test_batch_events_aggregate_concurrent_jobs(make_service: ServiceFactory) -> None:
+    svc = await make_service(concurrency=6)
+    sub = svc.subscribe(lambda e: e.type == "batch")
+    jobs = [{"type": "demo.count", "payload": {"steps": 4, "delay_ms": 10}} for _ in range(10)]
+    jobs += [{"type": "demo.count", "payload": {"steps": 4, "delay_ms": 10, "fail_at": 3}} for _ in range(3)]
+    batch, _ = await svc.submit_batch("import", jobs, owner="@alice")
+    events = await collect(sub, lambda e: e.terminal)
+    final = events[-1]
+    assert final.id == batch.id and final.status == "failed"
+    assert (final.total_operations, final.completed_operations, final.failed_operations) == (13, 10, 3)
+    assert len(final.errors) == 3
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    d = final.to_dict()
+    assert d["batchDetails"]["totalOperations"] == 13 and d["batchDetails"]["failedOperations"] == 3
+
+
+async def test_weighted_stages_and_eta(make_service: ServiceFactory) -> None:
+    reg = HandlerRegistry()
+
+    @reg.handler("staged")
+    async def staged(ctx: JobContext, data: dict[str, Any]) -> None:
+        ctx.stages([("fetch", 1), ("render", 3)])
+        async with ctx.stage("fetch", total=2):
+            ctx.report(2)
+        async with ctx.stage("render", total=10):
+            for i in range(10):
+                await asyncio.sleep(0.15)
+                ctx.report(i + 1, message=f"page {i + 1}")
+
+    svc = await make_service(reg, min_interval=0.2)
+    sub = svc.subscribe()
+    job = await svc.submit("staged", {})
+    events = [e for e in await collect(sub, lambda e: e.id == job.id and e.terminal) if e.id == job.id]
+    render = [e for e in events if e.stage_name == "render" and e.status == "running" and e.current]
+    assert render, "no progress event in the render stage"
+    for e in render:
+        assert e.stage_index == 1 and e.stage_count == 2
+        expected = 25 + 75 * (e.current or 0) / 10
+        assert e.weighted_percent == pytest.approx(expected, abs=0.01)
+    etas = [e.eta_seconds for e in render if e.eta_seconds is not None]
+    assert all(0 <= x < 60 for x in etas)  # never nonsense
+    assert events[-1].weighted_percent == 100.0 and events[-1].eta_seconds is None
+
+
+async def test_indeterminate_progress(make_service: ServiceFactory) -> None:
+    reg = HandlerRegistry()
+
+    @reg.handler("scan")
+    async def scan(ctx: JobContext, data: dict[str, Any]) -> None:
+        for i in range(5):
+            ctx.report(i + 1, message="scanning")
+            await asyncio.sleep(0.1)
+
+    svc = await make_service(reg, min_interval=0.1)
+    sub = svc.subscribe()
+    job = await svc.submit("scan", {})
+    events = [e for e in await collect(sub, lambda e: e.id == job.id and e.terminal) if e.id == job.id]
+    running = [e for e in events if e.status == "running" and e.current]
+    assert running and all(e.indeterminate and e.percentage is None and e.eta_seconds is None for e in running)
+
+
+async def test_changes_from_another_process_reach_a_subscriber(make_service: ServiceFactory, db_url: str) -> None:
+    svc = await make_service(poll_interval=0.1)
+    sub = svc.subscribe()
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from core.db import Database
+        from core.store import JobStore, NewJob
+        from core.models import JobKind, JobStatus
+
+        async def main():
+            db = Database({db_url!r})
+            store = JobStore(db)
+            [job] = await store.submit_many([NewJob(type="tracked", kind=JobKind.TRACKED, name="external",
+                                                    status=JobStatus.RUNNING, progress_total=10)])
+            for i in range(1, 11):
+                await store.tracked_update(job.id, current=i, message=f"step {{i}}")
+                await asyncio.sleep(0.05)
+            await store.tracked_finish(job.id, JobStatus.COMPLETED)
+            db.close()
+            print(job.id)
+
+        asyncio.run(main())
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    events = await collect(sub, lambda e: e.name == "external" and e.terminal, timeout=30)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    ext = [e for e in events if e.name == "external"]
+    assert ext[0].status == "running"
+    assert ext[-1].status == "completed" and ext[-1].current == 10
+    assert any(e.status == "running" and e.current and e.current > 0 for e in ext)
+    assert str(ext[-1].id) == out.decode().strip()
