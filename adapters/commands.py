@@ -129,7 +129,11 @@ class CommandRouter:
 
     def may_control(self, actor: Actor, job: Job) -> bool:
         """Admins, room moderators and the job's owner may control a job."""
-        return self.is_admin(actor) or actor.is_moderator or (job.owner is not None and job.owner == actor.user_id)
+        return (
+            self.is_admin(actor)
+            or actor.is_moderator
+            or (job.owner is not None and job.owner == actor.user_id)
+        )
 
     def may_run(self, actor: Actor) -> bool:
         """Anyone may run jobs unless ``auth.runners`` lists who may."""
@@ -198,7 +202,9 @@ class CommandRouter:
         counts = (await self.service.stats())["counts"]
         summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("running", "pending", "paused", "failed"))
         if not jobs:
-            return Reply(f"No {which if which != 'all' else ''} jobs. ({summary})".replace("No  jobs", "No jobs"))
+            return Reply(
+                f"No {which if which != 'all' else ''} jobs. ({summary})".replace("No  jobs", "No jobs")
+            )
         lines = [render_line(self.service.current_event(j)) for j in jobs]
         return Reply(f"Jobs ({which}; {summary}):\n" + "\n".join(lines), data={"jobs": [j.id for j in jobs]})
 
@@ -263,7 +269,9 @@ class CommandRouter:
         if word:
             text = f"{word} #{job_id} at its next checkpoint."
         else:
-            past = {"pause": "Paused", "resume": "Resumed", "cancel": "Cancelled", "retry": "Retrying"}[action]
+            past = {"pause": "Paused", "resume": "Resumed", "cancel": "Cancelled", "retry": "Retrying"}[
+                action
+            ]
             text = f"{past} #{job_id}."
         return Reply(text, job=res.job)
 
@@ -283,7 +291,9 @@ class CommandRouter:
         """``run <type> [key=value ...|json]``."""
         usage = f"Usage: {self.prefix}run <type> [key=value ...|{{json}}]"
         if not rest:
-            return Reply(usage + "\nJob types: " + (", ".join(self.service.registry.types()) or "(none)"), ok=False)
+            return Reply(
+                usage + "\nJob types: " + (", ".join(self.service.registry.types()) or "(none)"), ok=False
+            )
         job_type, _, raw_args = rest.partition(" ")
         if not self.may_run(actor):
             return Reply(f"Sorry {actor.mention}, you may not start jobs here.", ok=False)

@@ -53,7 +53,7 @@ class ConsoleAdapter(ChatAdapter):
         self._printed: dict[tuple[str, int | str], str] = {}
         self._live: Live | None = None
         self._reader_installed = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[str]] = set()
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -64,7 +64,9 @@ class ConsoleAdapter(ChatAdapter):
         self.listen()
         if self.interactive:
             self._install_reader()
-            self.console.print("[dim]Type commands such as 'jobs', 'pause 3', 'run demo.count steps=5' or 'help'.[/]")
+            self.console.print(
+                "[dim]Type commands such as 'jobs', 'pause 3', 'run demo.count steps=5' or 'help'.[/]"
+            )
 
     async def stop(self) -> None:
         """Stop reading and drawing."""
@@ -140,7 +142,7 @@ class ConsoleAdapter(ChatAdapter):
         reply = await self.router.dispatch(name.lower(), rest.strip(), actor)
         out = reply.text
         if self._live is not None:
-            self._live.console.print(Text(out, style=None if reply.ok else "red"))
+            self._live.console.print(Text(out, style="" if reply.ok else "red"))
         else:
             self.console.print(Text(out))
         return out

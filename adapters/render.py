@@ -52,7 +52,7 @@ def fmt_duration(seconds: float | None) -> str:
     """``3m12s``, ``1h04m``, ``45s``."""
     if seconds is None:
         return "?"
-    s = max(0, int(round(seconds)))
+    s = max(0, round(seconds))
     if s < 60:
         return f"{s}s"
     m, s = divmod(s, 60)

@@ -21,12 +21,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.context import JobContext  # noqa: E402
-from core.registry import HandlerRegistry  # noqa: E402
-from core.service import ProgressService, ServiceConfig  # noqa: E402
+from core.context import JobContext
+from core.registry import HandlerRegistry
+from core.service import ProgressService, ServiceConfig
 
 
-async def _progressbot(url: str, n: int, concurrency: int, *, batched_submit: bool, producers: int = 1) -> float:
+async def _progressbot(
+    url: str, n: int, concurrency: int, *, batched_submit: bool, producers: int = 1
+) -> float:
     reg = HandlerRegistry()
 
     @reg.handler("noop")
@@ -34,7 +36,8 @@ async def _progressbot(url: str, n: int, concurrency: int, *, batched_submit: bo
         return None
 
     svc = ProgressService(
-        ServiceConfig(database_url=url, concurrency=concurrency, poll_interval=0.5, min_interval=0.5), registry=reg
+        ServiceConfig(database_url=url, concurrency=concurrency, poll_interval=0.5, min_interval=0.5),
+        registry=reg,
     )
     await svc.start()
     worker = svc.worker
@@ -51,6 +54,7 @@ async def _progressbot(url: str, n: int, concurrency: int, *, batched_submit: bo
             worker.wake()
         del JobRequest
     elif producers > 1:
+
         async def producer(count: int) -> None:
             for _ in range(count):
                 await svc.submit("noop", {})
@@ -59,7 +63,7 @@ async def _progressbot(url: str, n: int, concurrency: int, *, batched_submit: bo
     else:
         for _ in range(n):
             await svc.submit("noop", {})
-    while worker.completed_count < n:
+    while worker.completed_count < n:  # noqa: ASYNC110 - polling a counter is the measurement
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - t0
     await svc.stop()
@@ -95,8 +99,14 @@ def bench_huey(tmp: Path, n: int, concurrency: int) -> float:
             if count[0] >= n:
                 done.set()
 
-    consumer = huey.create_consumer(workers=concurrency, worker_type="thread", periodic=False,
-                                    initial_delay=0.001, max_delay=0.01, check_worker_health=False)
+    consumer = huey.create_consumer(
+        workers=concurrency,
+        worker_type="thread",
+        periodic=False,
+        initial_delay=0.001,
+        max_delay=0.01,
+        check_worker_health=False,
+    )
     import logging
 
     logging.getLogger("huey").setLevel(logging.ERROR)
@@ -124,14 +134,18 @@ def bench_raw_sqlite(tmp: Path, n: int, *, wal: bool = True) -> float:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(
-        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, type TEXT, payload TEXT, status TEXT, priority INT, run_at REAL)"
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, type TEXT, payload TEXT, status TEXT,"
+        " priority INT, run_at REAL)"
     )
     conn.execute("CREATE INDEX ix ON jobs(status, priority, run_at)")
     t0 = time.perf_counter()
     for _ in range(n):
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT INTO jobs(type, payload, status, priority, run_at) VALUES ('noop', '{}', 'pending', 0, ?)",
-                     (time.time(),))
+        conn.execute(
+            "INSERT INTO jobs(type, payload, status, priority, run_at)"
+            " VALUES ('noop', '{}', 'pending', 0, ?)",
+            (time.time(),),
+        )
         conn.execute("COMMIT")
         conn.execute("BEGIN IMMEDIATE")
         row = conn.execute(
@@ -166,12 +180,21 @@ def main() -> None:
         print(f"{'raw sqlite3 floor, WAL+NORMAL (our pragmas)':44s} {raw:9.0f} jobs/s")
         print(f"{'raw sqlite3 floor, sqlite3 defaults (fsync)':44s} {raw_default:9.0f} jobs/s")
         print(f"{'huey SqliteHuey (thread consumer)':44s} {huey:9.0f} jobs/s")
-        print(f"{'progressbot (submit one by one)':44s} {pb:9.0f} jobs/s"
-              f"   {pb / huey:4.2f}x huey, {pb / raw:4.2f}x WAL floor, {pb / raw_default:4.2f}x default floor")
-        print(f"{'progressbot (16 concurrent producers)':44s} {pb_c:9.0f} jobs/s"
-              f"   {pb_c / huey:4.2f}x huey, {pb_c / raw:4.2f}x WAL floor, {pb_c / raw_default:4.2f}x default floor")
-        print(f"{'progressbot (bulk submit)':44s} {pb_b:9.0f} jobs/s"
-              f"   {pb_b / huey:4.2f}x huey, {pb_b / raw:4.2f}x WAL floor, {pb_b / raw_default:4.2f}x default floor")
+        print(
+            f"{'progressbot (submit one by one)':44s} {pb:9.0f} jobs/s"
+            f"   {pb / huey:4.2f}x huey, {pb / raw:4.2f}x WAL floor,"
+            f" {pb / raw_default:4.2f}x default floor"
+        )
+        print(
+            f"{'progressbot (16 concurrent producers)':44s} {pb_c:9.0f} jobs/s"
+            f"   {pb_c / huey:4.2f}x huey, {pb_c / raw:4.2f}x WAL floor,"
+            f" {pb_c / raw_default:4.2f}x default floor"
+        )
+        print(
+            f"{'progressbot (bulk submit)':44s} {pb_b:9.0f} jobs/s"
+            f"   {pb_b / huey:4.2f}x huey, {pb_b / raw:4.2f}x WAL floor,"
+            f" {pb_b / raw_default:4.2f}x default floor"
+        )
         if args.db:
             other = bench_progressbot(tmp, args.n, args.concurrency, batched_submit=False, db=args.db)
             print(f"{'progressbot on ' + args.db.split('://')[0]:44s} {other:9.0f} jobs/s")

@@ -48,8 +48,9 @@ def build_service(
     from core.db import Database
 
     db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
-    svc = ProgressService(service_config(settings, run_worker=run_worker), registry=registry or default_registry,
-                          database=db)
+    svc = ProgressService(
+        service_config(settings, run_worker=run_worker), registry=registry or default_registry, database=db
+    )
     register_builtins(svc.registry, lambda: svc.store)
     return svc
 
@@ -99,14 +100,18 @@ class Application:
         self.settings = settings
         self.service = build_service(settings, run_worker=run_worker)
         self.adapters: list[ChatAdapter] = (
-            build_adapters(settings, self.service, console_interactive=console_interactive) if with_adapters else []
+            build_adapters(settings, self.service, console_interactive=console_interactive)
+            if with_adapters
+            else []
         )
         self.with_http = with_http and settings.http is not None
         self.http: Any = None
         self.cron = CronScheduler(
             self.service,
-            [ScheduleEntry(job=s.job, cron=s.cron, payload=s.payload, room=s.room, name=s.name)
-             for s in settings.schedule],
+            [
+                ScheduleEntry(job=s.job, cron=s.cron, payload=s.payload, room=s.room, name=s.name)
+                for s in settings.schedule
+            ],
         )
         self.demo = demo
         self.exit_when_done = exit_when_done
@@ -133,7 +138,9 @@ class Application:
         self.cron.start()
         for i in range(self.demo):
             job = await self.service.submit(
-                "demo.count", {"steps": 10 + 5 * i, "delay_ms": 300 + 100 * i}, owner="demo",
+                "demo.count",
+                {"steps": 10 + 5 * i, "delay_ms": 300 + 100 * i},
+                owner="demo",
                 name=f"demo {i + 1}",
             )
             self._demo_ids.append(job.id or 0)

@@ -133,7 +133,9 @@ def submit(
     args: Annotated[list[str] | None, typer.Argument(metavar="[KEY=VALUE]...", help="payload fields")] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
-    payload_json: Annotated[str | None, typer.Option("--payload", help="the payload as a JSON object")] = None,
+    payload_json: Annotated[
+        str | None, typer.Option("--payload", help="the payload as a JSON object")
+    ] = None,
     priority: Annotated[int, typer.Option(help="higher runs first")] = 0,
     delay: Annotated[float | None, typer.Option(help="seconds to wait before running")] = None,
     max_attempts: Annotated[int | None, typer.Option(help="attempts before the job fails for good")] = None,
@@ -151,8 +153,15 @@ def submit(
 
     async def go(svc: Any) -> Any:
         return await svc.submit(
-            job_type, payload, priority=priority, delay=delay, max_attempts=max_attempts, timeout=timeout,
-            name=name, room=room, owner=owner,
+            job_type,
+            payload,
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            name=name,
+            room=room,
+            owner=owner,
         )
 
     job = run_db(settings, go)
@@ -196,15 +205,20 @@ def jobs(
         d = job_to_dict(j)
         pct = d["progress"]["weightedPercent"]
         table.add_row(
-            str(j.id), j.name or j.type, str(j.status) + (" (interrupted)" if j.interrupted else ""),
-            "" if pct is None else f"{pct:.0f}%", (j.error or j.progress_message or "")[:60], j.owner or "",
+            str(j.id),
+            j.name or j.type,
+            str(j.status) + (" (interrupted)" if j.interrupted else ""),
+            "" if pct is None else f"{pct:.0f}%",
+            (j.error or j.progress_message or "")[:60],
+            j.owner or "",
         )
     out.print(table)
 
 
 @app.command()
-def status(job_id: Annotated[str, typer.Argument(metavar="ID")], config: ConfigOpt = None,
-           as_json: JsonOpt = False) -> None:
+def status(
+    job_id: Annotated[str, typer.Argument(metavar="ID")], config: ConfigOpt = None, as_json: JsonOpt = False
+) -> None:
     """Show one job, with its recent activity."""
     settings = settings_or_exit(config)
     jid = _job_id(job_id)
@@ -219,11 +233,16 @@ def status(job_id: Annotated[str, typer.Argument(metavar="ID")], config: ConfigO
         return
     p = d["progress"]
     pct = p["weightedPercent"]
-    out.print(f"#{d['id']} {d['name'] or d['type']} — {d['status']}" + (" (interrupted)" if d["interrupted"] else ""),
-              markup=False)
+    out.print(
+        f"#{d['id']} {d['name'] or d['type']} — {d['status']}"
+        + (" (interrupted)" if d["interrupted"] else ""),
+        markup=False,
+    )
     if pct is not None or p["current"] is not None:
-        out.print(f"  progress: {p['current']}/{p['total']}" + (f" ({pct:.0f}%)" if pct is not None else ""),
-                  markup=False)
+        out.print(
+            f"  progress: {p['current']}/{p['total']}" + (f" ({pct:.0f}%)" if pct is not None else ""),
+            markup=False,
+        )
     if p["message"]:
         out.print(f"  message: {p['message']}", markup=False)
     out.print(f"  attempts: {d['attempts']}/{d['max_attempts']}", markup=False)
@@ -237,7 +256,9 @@ def status(job_id: Annotated[str, typer.Argument(metavar="ID")], config: ConfigO
 
 def _control(action: str) -> Callable[..., None]:
     def command(
-        job_id: Annotated[str, typer.Argument(metavar="ID")], config: ConfigOpt = None, as_json: JsonOpt = False
+        job_id: Annotated[str, typer.Argument(metavar="ID")],
+        config: ConfigOpt = None,
+        as_json: JsonOpt = False,
     ) -> None:
         settings = settings_or_exit(config)
         jid = _job_id(job_id)
@@ -247,9 +268,15 @@ def _control(action: str) -> Callable[..., None]:
 
         res = run_db(settings, go)
         if as_json:
-            print(json.dumps({"id": jid, "action": action, "status": res.job.status, "requested": res.requested}))
+            print(
+                json.dumps(
+                    {"id": jid, "action": action, "status": res.job.status, "requested": res.requested}
+                )
+            )
         elif res.requested:
-            out.print(f"#{jid}: {action} requested; it takes effect at the job's next checkpoint.", markup=False)
+            out.print(
+                f"#{jid}: {action} requested; it takes effect at the job's next checkpoint.", markup=False
+            )
         else:
             out.print(f"#{jid} is now {res.job.status}.", markup=False)
 

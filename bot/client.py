@@ -721,6 +721,7 @@ class AsyncTrackedJob(_TrackerBase):
         self._create: dict[str, Any] = {"name": name, "total": total, "room": room, "owner": owner}
         self.raise_on_cancel = raise_on_cancel
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._wake = asyncio.Event()
         self._applied = asyncio.Event()
         self._finished = False
@@ -761,6 +762,8 @@ class AsyncTrackedJob(_TrackerBase):
             log.warning("could not report the end of job #%s: %s", self.id, err)
 
     async def _stop_sender(self) -> None:
+        # The flag ends the loop even if a cancellation got lost in a race with a wake-up.
+        self._stopping = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -768,12 +771,14 @@ class AsyncTrackedJob(_TrackerBase):
 
     async def _run(self) -> None:
         st = self._state
-        while True:
+        while not self._stopping:
             self._wake.clear()
             delay = st.next_send_in(time.monotonic())
             if delay > 0:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races a wake-up.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 continue
             body = st.take()
             try:

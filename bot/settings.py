@@ -11,7 +11,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -142,7 +150,7 @@ class HttpSettings(_Section):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
+        _host, sep, port = v.rpartition(":")
         if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
             raise ValueError("must be host:port, e.g. 127.0.0.1:8765")
         return v
@@ -188,14 +196,14 @@ class Settings(BaseSettings):
 
     config: str | None = Field(None, description="path of the config file (PROGRESSBOT_CONFIG)")
     log_level: str = "INFO"
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
-    worker: WorkerSettings = Field(default_factory=WorkerSettings)
-    progress: ProgressSettings = Field(default_factory=ProgressSettings)
-    auth: AuthSettings = Field(default_factory=AuthSettings)
-    matrix: MatrixSettings = Field(default_factory=MatrixSettings)
-    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    database: DatabaseSettings = Field(default_factory=lambda: DatabaseSettings())
+    worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
+    progress: ProgressSettings = Field(default_factory=lambda: ProgressSettings())
+    auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
+    matrix: MatrixSettings = Field(default_factory=lambda: MatrixSettings())
+    discord: DiscordSettings = Field(default_factory=lambda: DiscordSettings())
     http: HttpSettings | None = None
-    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    console: ConsoleSettings = Field(default_factory=lambda: ConsoleSettings())
     schedule: list[ScheduleEntrySettings] = Field(default_factory=list)
 
     @classmethod

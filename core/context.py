@@ -156,7 +156,9 @@ class StageScope:
         self._state.enter_stage(self._name, self._total)
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if et is None:
             self._state.leave_stage(self._name)
 
@@ -255,7 +257,10 @@ class JobContext:
 
 
 class SyncJobContext:
-    """The handle a synchronous handler (run in a thread) gets; ``checkpoint()`` blocks instead of awaiting."""
+    """The handle a synchronous handler (run in a thread) gets.
+
+    ``checkpoint()`` blocks the thread instead of awaiting.
+    """
 
     def __init__(self, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> None:
         self._ctx = ctx

@@ -37,7 +37,9 @@ def parse_cron(expr: str, timezone: str = "UTC") -> CronTrigger:
 class CronScheduler:
     """Runs the configured schedules on the service's event loop."""
 
-    def __init__(self, service: ProgressService, entries: list[ScheduleEntry], *, timezone: str = "UTC") -> None:
+    def __init__(
+        self, service: ProgressService, entries: list[ScheduleEntry], *, timezone: str = "UTC"
+    ) -> None:
         self.service = service
         self.entries = entries
         self.timezone = timezone
@@ -49,8 +51,13 @@ class CronScheduler:
             # Validate the payload now, so a bad schedule fails at start and not at 3 am.
             self.service.registry.validate(entry.job, entry.payload)
             self._scheduler.add_job(
-                self._fire, parse_cron(entry.cron, self.timezone), args=[entry], id=f"schedule-{i}",
-                coalesce=True, max_instances=1, misfire_grace_time=300,
+                self._fire,
+                parse_cron(entry.cron, self.timezone),
+                args=[entry],
+                id=f"schedule-{i}",
+                coalesce=True,
+                max_instances=1,
+                misfire_grace_time=300,
             )
         if self.entries:
             self._scheduler.start()

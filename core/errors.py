@@ -44,7 +44,7 @@ class PayloadError(ProgressbotError, ValueError):
         super().__init__(f"Invalid payload for '{job_type}': " + "; ".join(problems))
 
 
-class JobInterrupt(BaseException):  # noqa: N818 - control flow, not an error
+class JobInterrupt(BaseException):
     """Raised inside a handler at ``checkpoint()`` to stop it cooperatively.
 
     It derives from BaseException so that a handler's ``except Exception`` does not swallow it.

@@ -108,7 +108,14 @@ class JobView:
 
     def progress_signature(self) -> tuple[Any, ...]:
         """The fields whose change is a progress update."""
-        return (self.current, self.total, self.message, self.stage_name, self.stage_index, self.weighted_percent)
+        return (
+            self.current,
+            self.total,
+            self.message,
+            self.stage_name,
+            self.stage_index,
+            self.weighted_percent,
+        )
 
 
 class JobProgressMonitor:
@@ -130,7 +137,9 @@ class JobProgressMonitor:
         self.store = store
         self.min_interval = min_interval
         self.poll_interval = poll_interval
-        self.tick_interval = tick_interval if tick_interval is not None else max(0.005, min(0.05, min_interval / 10))
+        self.tick_interval = (
+            tick_interval if tick_interval is not None else max(0.005, min(0.05, min_interval / 10))
+        )
         self.write_interval = write_interval if write_interval is not None else max(0.1, min_interval)
         self.clock = clock
         self.batch_error_limit = batch_error_limit
@@ -222,7 +231,11 @@ class JobProgressMonitor:
             if view.batch_id is not None:
                 self._batch_urgent.add(view.batch_id)
             return self._emit_job(key, status_changed=True)
-        if old is None or old.progress_signature() != view.progress_signature() or old.control != view.control:
+        if (
+            old is None
+            or old.progress_signature() != view.progress_signature()
+            or old.control != view.control
+        ):
             self._dirty.add(key)
         return None
 

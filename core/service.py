@@ -321,8 +321,15 @@ class ProgressService:
         jid = f"d{next(self._direct_ids)}"
         now = time.time()
         view = JobView(
-            id=jid, type=type, status=JobStatus.RUNNING, name=name, owner=owner, room=room, attempts=1,
-            started_at=now, persisted=False,
+            id=jid,
+            type=type,
+            status=JobStatus.RUNNING,
+            name=name,
+            owner=owner,
+            room=room,
+            attempts=1,
+            started_at=now,
+            persisted=False,
         )
         state = self.monitor.attach(view)
         ctx = JobContext(
@@ -346,7 +353,9 @@ class ProgressService:
                 if spec.is_async:
                     result = await spec.fn(ctx, data)
                 else:
-                    result = await asyncio.to_thread(spec.fn, SyncJobContext(ctx, asyncio.get_running_loop()), data)
+                    result = await asyncio.to_thread(
+                        spec.fn, SyncJobContext(ctx, asyncio.get_running_loop()), data
+                    )
             except (JobCancelled, asyncio.CancelledError):
                 view.status = JobStatus.CANCELLED
                 raise
@@ -384,7 +393,12 @@ class ProgressService:
             raise PayloadError(type, ["name: must be 1 to 300 characters"])
         job = await self.store.submit(
             NewJob(
-                type=type, kind=JobKind.TRACKED, name=name, owner=owner, room=room, status=JobStatus.RUNNING,
+                type=type,
+                kind=JobKind.TRACKED,
+                name=name,
+                owner=owner,
+                room=room,
+                status=JobStatus.RUNNING,
                 progress_total=total,
             ),
             actor=owner,
@@ -402,7 +416,9 @@ class ProgressService:
         stage: str | None = None,
     ) -> Job:
         """Record progress of a tracked job. The returned job's ``control`` says run, pause or cancel."""
-        job = await self.store.tracked_update(job_id, current=current, total=total, message=message, stage=stage)
+        job = await self.store.tracked_update(
+            job_id, current=current, total=total, message=message, stage=stage
+        )
         self.monitor.job_changed(job)
         return job
 
@@ -471,8 +487,11 @@ class ProgressService:
         if action == "retry":
             raise IllegalTransition(0, f"a direct job ({view.status})", "retried") from None
         status = JobStatus(view.status)
-        allowed = {"pause": {JobStatus.RUNNING}, "resume": {JobStatus.PAUSED},
-                   "cancel": {JobStatus.RUNNING, JobStatus.PAUSED}}[action]
+        allowed = {
+            "pause": {JobStatus.RUNNING},
+            "resume": {JobStatus.PAUSED},
+            "cancel": {JobStatus.RUNNING, JobStatus.PAUSED},
+        }[action]
         if status not in allowed or (action == "pause" and run.ctx.control == Control.PAUSE):
             exc = IllegalTransition(0, str(status), ACTION_WORD[action])
             exc.args = (f"Job #{job_id} is {status}; it can't be {ACTION_WORD[action]}",)
@@ -483,7 +502,9 @@ class ProgressService:
         )
         if action == "cancel" and run.task is not None:
             asyncio.get_running_loop().call_later(self.config.cancel_grace, run.task.cancel)
-        job = Job(id=None, type=view.type, status=view.status, name=view.name, owner=view.owner, room=view.room)
+        job = Job(
+            id=None, type=view.type, status=view.status, name=view.name, owner=view.owner, room=view.room
+        )
         return ActionResult(job=job, action=action, requested=True)
 
     # --------------------------------------------------------------- queries
@@ -496,9 +517,18 @@ class ProgressService:
             v = run.view
             st = run.ctx.progress
             return Job(
-                id=None, type=v.type, name=v.name, status=v.status, owner=v.owner, room=v.room,
-                progress_current=st.current, progress_total=st.total, progress_message=st.message,
-                result=v.result, error=v.error, kind=JobKind.DIRECT,
+                id=None,
+                type=v.type,
+                name=v.name,
+                status=v.status,
+                owner=v.owner,
+                room=v.room,
+                progress_current=st.current,
+                progress_total=st.total,
+                progress_message=st.message,
+                result=v.result,
+                error=v.error,
+                kind=JobKind.DIRECT,
             )
         return await self.store.get(int(job_id))
 
@@ -538,7 +568,11 @@ class ProgressService:
 
     # ---------------------------------------------------------------- events
     def subscribe(
-        self, flt: EventFilter | None = None, *, job: int | str | None = None, batch: int | None = None,
+        self,
+        flt: EventFilter | None = None,
+        *,
+        job: int | str | None = None,
+        batch: int | None = None,
         max_keys: int | None = None,
     ) -> Subscription:
         """Subscribe to events (all, one job's, or one batch's)."""

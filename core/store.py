@@ -230,6 +230,16 @@ def derive_batch_status(counts: dict[str, int]) -> JobStatus:
     return S.CANCELLED
 
 
+def _settle(fut: asyncio.Future[Any], result: Any = None, *, exc: BaseException | None = None) -> None:
+    """Resolve a future unless its caller gave up on it (cancelled)."""
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff: ``base * 2**(attempt-1)``, capped."""
     return min(cap, base * math.pow(2, max(0, attempt - 1)))
@@ -284,30 +294,19 @@ class JobStore:
             groups, self._submit_queue = self._submit_queue, []
             try:
                 results = await self.db.run(self._submit_groups, [(g[0], g[1]) for g in groups])
-            except Exception:
+            except Exception as exc:
                 if len(groups) == 1:
-                    results = None
-                else:
-                    # Isolate the bad submission: write each group in its own transaction.
-                    for jobs, actor, fut in groups:
-                        try:
-                            out = await self.db.run(self._submit_many, jobs, actor)
-                        except Exception as exc:
-                            if not fut.done():
-                                fut.set_exception(exc)
-                        else:
-                            if not fut.done():
-                                fut.set_result(out)
+                    _settle(groups[0][2], exc=exc)
                     continue
-                try:
-                    await self.db.run(self._submit_many, groups[0][0], groups[0][1])
-                except Exception as exc:
-                    if not groups[0][2].done():
-                        groups[0][2].set_exception(exc)
+                # Isolate the bad submission: write each group in its own transaction.
+                for jobs, actor, fut in groups:
+                    try:
+                        _settle(fut, await self.db.run(self._submit_many, jobs, actor))
+                    except Exception as exc2:
+                        _settle(fut, exc=exc2)
                 continue
             for (_, _, fut), out in zip(groups, results, strict=True):
-                if not fut.done():
-                    fut.set_result(out)
+                _settle(fut, out)
 
     def _submit_groups(self, groups: list[tuple[list[NewJob], str | None]]) -> list[list[Job]]:
         if len(groups) == 1:
@@ -364,8 +363,13 @@ class JobStore:
                 who = (actors[idx] if actors is not None else actor) or nj.owner
                 what = "tracking started" if nj.kind == JobKind.TRACKED else "submitted"
                 notes.append(
-                    {"job_id": job.id, "at": now, "level": "info", "message": what + (f" by {who}" if who else ""),
-                     "context": None}
+                    {
+                        "job_id": job.id,
+                        "at": now,
+                        "level": "info",
+                        "message": what + (f" by {who}" if who else ""),
+                        "context": None,
+                    }
                 )
             # No trim here: a new job has one entry; the batched log path enforces the cap.
             conn.execute(_INSERT_ACTIVITY, notes)
@@ -411,7 +415,7 @@ class JobStore:
         }
         with self.db.engine.begin() as conn:
             if self.db.is_sqlite:
-                # BEGIN IMMEDIATE already serialises writers: one UPDATE ... WHERE id IN (SELECT ...) suffices.
+                # BEGIN IMMEDIATE already serialises writers: one UPDATE ... WHERE id IN (SELECT) suffices.
                 rows = conn.execute(_CLAIM_SQLITE, params).all()
             else:
                 ids = [r[0] for r in conn.execute(_CLAIM_PICK_LOCKED, params)]
@@ -490,7 +494,10 @@ class JobStore:
         if applied:
             conn.execute(
                 insert(activity_t),
-                [{"job_id": i, "at": now, "level": "info", "message": "completed", "context": None} for i in applied],
+                [
+                    {"job_id": i, "at": now, "level": "info", "message": "completed", "context": None}
+                    for i in applied
+                ],
             )
         return applied
 
@@ -549,7 +556,10 @@ class JobStore:
         return job
 
     async def save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
-        """Persist a running job's checkpoint state; return its control value, or None if the lease is lost."""
+        """Persist a running job's checkpoint state.
+
+        Returns the job's control value, or None when this worker lost the job (its lease).
+        """
         return await self.db.run(self._save_checkpoint, job_id, worker_id, state)
 
     def _save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
@@ -605,9 +615,13 @@ class JobStore:
         cond = [jobs_t.c.status == S.RUNNING, jobs_t.c.kind == JobKind.QUEUED]
         if expired_only:
             cond.append(or_(jobs_t.c.lease_until.is_(None), jobs_t.c.lease_until < now))
-        why = reason or ("interrupted by restart" if not expired_only else "interrupted: worker lease expired")
+        why = reason or (
+            "interrupted by restart" if not expired_only else "interrupted: worker lease expired"
+        )
         with self.db.engine.begin() as conn:
-            ids = [r[0] for r in conn.execute(select(jobs_t.c.id).where(*cond).with_for_update(skip_locked=True))]
+            ids = [
+                r[0] for r in conn.execute(select(jobs_t.c.id).where(*cond).with_for_update(skip_locked=True))
+            ]
             if not ids:
                 return []
             if policy == "requeue":
@@ -619,7 +633,14 @@ class JobStore:
             rows = conn.execute(
                 update(jobs_t)
                 .where(jobs_t.c.id.in_(ids), jobs_t.c.status == S.RUNNING)
-                .values(control=Control.RUN, worker_id=None, lease_until=None, updated_at=now, origin=self.origin, **values)
+                .values(
+                    control=Control.RUN,
+                    worker_id=None,
+                    lease_until=None,
+                    updated_at=now,
+                    origin=self.origin,
+                    **values,
+                )
                 .returning(*jobs_t.c)
             ).all()
             for r in rows:
@@ -783,7 +804,12 @@ class JobStore:
             if S(job.status).terminal:
                 word = "completed" if status == S.COMPLETED else "failed"
                 raise IllegalTransition(job_id, str(job.status), word)
-            values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now, "origin": self.origin}
+            values: dict[str, Any] = {
+                "status": status,
+                "finished_at": now,
+                "updated_at": now,
+                "origin": self.origin,
+            }
             if status == S.COMPLETED:
                 values.update(result=result, error=None)
                 if job.progress_total is not None:
@@ -841,9 +867,7 @@ class JobStore:
             conn.execute(stmt, params)
 
     # --------------------------------------------------------------- activity
-    async def log(
-        self, job_id: int, level: str, message: str, context: dict[str, Any] | None = None
-    ) -> None:
+    async def log(self, job_id: int, level: str, message: str, context: dict[str, Any] | None = None) -> None:
         """Append to a job's activity log, dropping the oldest entries beyond the cap."""
         await self.db.run(self._log_tx, [(job_id, level, message, context)])
 
@@ -872,7 +896,9 @@ class JobStore:
         trim: bool = True,
     ) -> None:
         conn.execute(
-            insert(activity_t).values(job_id=job_id, at=at, level=level, message=message[:2000], context=context)
+            insert(activity_t).values(
+                job_id=job_id, at=at, level=level, message=message[:2000], context=context
+            )
         )
         if trim:
             self._trim(conn, job_id)
@@ -963,7 +989,9 @@ class JobStore:
         with self.db.engine.connect() as conn:
             return [row_to_job(r) for r in conn.execute(q)]
 
-    async def changed_since(self, since: datetime, limit: int = 5000, *, others_only: bool = True) -> list[Job]:
+    async def changed_since(
+        self, since: datetime, limit: int = 5000, *, others_only: bool = True
+    ) -> list[Job]:
         """Jobs whose row changed at or after ``since`` (the monitor's cross-process poll).
 
         With ``others_only`` rows last written by this store are skipped: this process knows them already.
@@ -1003,7 +1031,9 @@ class JobStore:
                 chunk = ids[i : i + 500]
                 conn.execute(delete(activity_t).where(activity_t.c.job_id.in_(chunk)))
                 conn.execute(
-                    delete(bindings_t).where(bindings_t.c.target_kind == "job", bindings_t.c.target_id.in_(chunk))
+                    delete(bindings_t).where(
+                        bindings_t.c.target_kind == "job", bindings_t.c.target_id.in_(chunk)
+                    )
                 )
                 conn.execute(delete(jobs_t).where(jobs_t.c.id.in_(chunk)))
         return len(ids)
@@ -1046,7 +1076,9 @@ class JobStore:
             if brow is None:
                 return None
             rows = conn.execute(
-                select(jobs_t.c.status, func.count()).where(jobs_t.c.batch_id == batch_id).group_by(jobs_t.c.status)
+                select(jobs_t.c.status, func.count())
+                .where(jobs_t.c.batch_id == batch_id)
+                .group_by(jobs_t.c.status)
             ).all()
             counts = {r[0]: r[1] for r in rows}
             running = conn.execute(
@@ -1071,7 +1103,9 @@ class JobStore:
         current_op = None
         if running is not None:
             label = running.name or running.type
-            current_op = f"#{running.id} {label}" + (f": {running.progress_message}" if running.progress_message else "")
+            current_op = f"#{running.id} {label}" + (
+                f": {running.progress_message}" if running.progress_message else ""
+            )
         return BatchSummary(
             batch=Batch(**dict(brow._mapping)),
             total=total,
@@ -1105,7 +1139,9 @@ class JobStore:
     def _find_binding_by_message(self, platform: str, message_id: str) -> MessageBinding | None:
         with self.db.engine.connect() as conn:
             row = conn.execute(
-                select(bindings_t).where(bindings_t.c.platform == platform, bindings_t.c.message_id == message_id)
+                select(bindings_t).where(
+                    bindings_t.c.platform == platform, bindings_t.c.message_id == message_id
+                )
             ).first()
         return MessageBinding(**dict(row._mapping)) if row else None
 
@@ -1151,13 +1187,21 @@ class JobStore:
         if extra is not None:
             values["extra"] = extra
         with self.db.engine.begin() as conn:
-            row = conn.execute(update(bindings_t).where(key).values(**values).returning(*bindings_t.c)).first()
+            row = conn.execute(
+                update(bindings_t).where(key).values(**values).returning(*bindings_t.c)
+            ).first()
             if row is None:
                 values.setdefault("pinned", False)
                 values.setdefault("finished", False)
                 row = conn.execute(
                     insert(bindings_t)
-                    .values(platform=platform, target_kind=target_kind, target_id=target_id, created_at=now, **values)
+                    .values(
+                        platform=platform,
+                        target_kind=target_kind,
+                        target_id=target_id,
+                        created_at=now,
+                        **values,
+                    )
                     .returning(*bindings_t.c)
                 ).one()
         return MessageBinding(**dict(row._mapping))

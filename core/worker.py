@@ -152,7 +152,9 @@ class Worker:
         grace = self.shutdown_grace if grace is None else grace
         # Jobs claimed ahead but never started go straight back to the queue.
         for job in self._ready:
-            self._outcomes.append((Outcome(job_id=job.id or 0, worker_id=self.worker_id, status=JobStatus.PENDING), None))
+            self._outcomes.append(
+                (Outcome(job_id=job.id or 0, worker_id=self.worker_id, status=JobStatus.PENDING), None)
+            )
         self._ready.clear()
         for rj in list(self.running.values()):
             rj.ctx.set_control(SHUTDOWN)
@@ -184,7 +186,10 @@ class Worker:
         self._wakeup.set()
 
     def request_control(self, job_id: int, control: str) -> bool:
-        """Deliver a pause or cancel to a job running in this process at once. Returns whether it runs here."""
+        """Deliver a pause or cancel to a job running in this process at once.
+
+        Returns whether the job runs here.
+        """
         rj = self.running.get(job_id)
         if rj is None:
             return False
@@ -218,7 +223,9 @@ class Worker:
                 self._wakeup.clear()
                 # Claiming a few jobs ahead turns one claim transaction per job into one per batch.
                 want = free + (self.prefetch if deep else 0)
-                jobs = await self.store.claim(self.worker_id, want, types=types, lease_seconds=self.lease_seconds)
+                jobs = await self.store.claim(
+                    self.worker_id, want, types=types, lease_seconds=self.lease_seconds
+                )
                 deep = len(jobs) == want
                 for job in jobs:
                     if len(self.running) < self.concurrency:
@@ -262,7 +269,7 @@ class Worker:
                     for jid, rj in list(self.running.items()):
                         control = controls.get(jid)
                         if control is None:
-                            # The row is no longer ours (recovered elsewhere): stop the handler, write nothing.
+                            # The row is no longer ours (recovered elsewhere): stop, write nothing.
                             if rj.task is not None and not rj.task.done():
                                 rj.ctx.set_control("lease-lost")
                                 rj.task.cancel()
@@ -405,7 +412,9 @@ class Worker:
         if ctx.control == Control.CANCEL:
             return self._outcome(job, JobStatus.CANCELLED)
         if ctx.control == SHUTDOWN or not self._accepting:
-            return self._outcome(job, JobStatus.PENDING, note="stopped by shutdown; continues from its checkpoint")
+            return self._outcome(
+                job, JobStatus.PENDING, note="stopped by shutdown; continues from its checkpoint"
+            )
         return None
 
     def _outcome(

@@ -54,8 +54,9 @@ async def make_service(db_url: str) -> AsyncIterator[ServiceFactory]:
         cfg.setdefault("cancel_grace", 0.5)
         cfg.setdefault("shutdown_grace", 2.0)
         reg = registry or HandlerRegistry()
-        svc = ProgressService(ServiceConfig(database_url=url or db_url, **cfg), registry=reg,
-                              database=Database(url or db_url))
+        svc = ProgressService(
+            ServiceConfig(database_url=url or db_url, **cfg), registry=reg, database=Database(url or db_url)
+        )
         register_builtins(reg, lambda: svc.store)
         if start:
             await svc.start()
@@ -70,7 +71,9 @@ async def make_service(db_url: str) -> AsyncIterator[ServiceFactory]:
             svc.db.close()
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02) -> None:
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02
+) -> None:
     """Poll an async predicate until it holds; fail the test on timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -60,15 +60,18 @@ def wait_for(pred: Any, timeout: float = 30.0, interval: float = 0.1) -> Any:
 def start_service(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PROGRESSBOT_CONFIG=str(cfg))
     with open(log, "ab") as fh:
-        return subprocess.Popen([*PROGRESSBOT, "run"], stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
+        return subprocess.Popen(
+            [*PROGRESSBOT, "run"], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
 
 
 def test_kill9_recovery_pauses_then_resume_completes(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     steps = 30
-    ids = [json.loads(cli(cfg, "submit", "demo.count", f"steps={steps}", "delay_ms=100", "--json").stdout)["id"]
-           for _ in range(3)]
+    ids = [
+        json.loads(cli(cfg, "submit", "demo.count", f"steps={steps}", "delay_ms=100", "--json").stdout)["id"]
+        for _ in range(3)
+    ]
     proc = start_service(cfg, tmp_path / "run1.log")
     try:
         wait_for(lambda: all((status(cfg, i)["progress"]["current"] or 0) >= 3 for i in ids))
@@ -80,9 +83,12 @@ def test_kill9_recovery_pauses_then_resume_completes(tmp_path: Path) -> None:
 
     proc = start_service(cfg, tmp_path / "run2.log")
     try:
-        after = wait_for(lambda: (lambda s: s if all(d["status"] == "paused" for d in s.values()) else None)(
-            {i: status(cfg, i) for i in ids}))
-        for i, d in after.items():
+        after = wait_for(
+            lambda: (lambda s: s if all(d["status"] == "paused" for d in s.values()) else None)(
+                {i: status(cfg, i) for i in ids}
+            )
+        )
+        for d in after.values():
             assert d["interrupted"] is True
             assert any(a["message"] == "interrupted by restart" for a in d["activity"])
             assert d["checkpoint"]["next"] >= 3
@@ -90,8 +96,12 @@ def test_kill9_recovery_pauses_then_resume_completes(tmp_path: Path) -> None:
         assert all(status(cfg, i)["status"] == "paused" for i in ids)
         for i in ids:
             cli(cfg, "resume", str(i))
-        done = wait_for(lambda: (lambda s: s if all(d["status"] == "completed" for d in s.values()) else None)(
-            {i: status(cfg, i) for i in ids}), timeout=60)
+        done = wait_for(
+            lambda: (lambda s: s if all(d["status"] == "completed" for d in s.values()) else None)(
+                {i: status(cfg, i) for i in ids}
+            ),
+            timeout=60,
+        )
         for d in done.values():
             # No step lost; at most the one interrupted step ran again.
             assert d["result"]["steps"] == steps
@@ -113,7 +123,9 @@ def test_requeue_policy_restarts_jobs_by_itself(tmp_path: Path) -> None:
         proc.wait(10)
     proc = start_service(cfg, tmp_path / "run2.log")
     try:
-        d = wait_for(lambda: (lambda s: s if s["status"] == "completed" else None)(status(cfg, jid)), timeout=60)
+        d = wait_for(
+            lambda: (lambda s: s if s["status"] == "completed" else None)(status(cfg, jid)), timeout=60
+        )
         assert 20 <= d["result"]["executions"] <= 21
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -131,7 +143,9 @@ def test_sigterm_is_graceful_and_jobs_continue(tmp_path: Path) -> None:
     assert d["status"] == "pending" and not d["interrupted"]
     proc = start_service(cfg, tmp_path / "run2.log")
     try:
-        d = wait_for(lambda: (lambda s: s if s["status"] == "completed" else None)(status(cfg, jid)), timeout=60)
+        d = wait_for(
+            lambda: (lambda s: s if s["status"] == "completed" else None)(status(cfg, jid)), timeout=60
+        )
         assert d["result"] == {"steps": 100, "executions": 100}
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -162,7 +176,7 @@ def test_cli_errors_are_readable(tmp_path: Path) -> None:
     [
         ("[worker]\nconcurrency = 0\n", "worker.concurrency"),
         ('[worker]\nrecovery = "sometimes"\n', "worker.recovery"),
-        ("[progress]\nmin_interval_ms = \"fast\"\n", "progress.min_interval_ms"),
+        ('[progress]\nmin_interval_ms = "fast"\n', "progress.min_interval_ms"),
         ("[wrker]\nconcurrency = 2\n", "wrker: unknown key"),
         ('[[schedule]]\njob = "maintenance.cleanup"\ncron = "every day"\n', "schedule.0.cron"),
         ("this is not toml", "invalid TOML"),
@@ -171,7 +185,9 @@ def test_cli_errors_are_readable(tmp_path: Path) -> None:
 def test_invalid_config_exits_2_with_key(tmp_path: Path, toml: str, expected: str) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text(toml)
-    res = subprocess.run([*PROGRESSBOT, "jobs", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [*PROGRESSBOT, "jobs", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2, res.stderr
     assert expected in res.stderr and "Traceback" not in res.stderr
 

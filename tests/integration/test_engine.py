@@ -351,14 +351,19 @@ async def test_batch_aggregates(make_service: ServiceFactory) -> None:
 async def test_batch_validation_is_all_or_nothing(make_service: ServiceFactory) -> None:
     svc = await make_service(run_worker=False)
     with pytest.raises(PayloadError):
-        await svc.submit_batch("b", [{"type": "demo.count", "payload": {"steps": 1}},
-                                     {"type": "demo.count", "payload": {"steps": -1}}])
+        await svc.submit_batch(
+            "b",
+            [
+                {"type": "demo.count", "payload": {"steps": 1}},
+                {"type": "demo.count", "payload": {"steps": -1}},
+            ],
+        )
     assert (await svc.stats())["total"] == 0 and (await svc.stats())["batches"] == 0
 
 
 async def test_batch_pause_resume_cancel(make_service: ServiceFactory) -> None:
     svc = await make_service(run_worker=False)
-    batch, stored = await svc.submit_batch("b", [{"type": "demo.count", "payload": {"steps": 1}}] * 3)
+    batch, _ = await svc.submit_batch("b", [{"type": "demo.count", "payload": {"steps": 1}}] * 3)
     assert batch.id is not None
     assert len(await svc.act_batch(batch.id, "pause")) == 3
     assert (await svc.batch_summary(batch.id)).status == JobStatus.PAUSED
@@ -454,7 +459,7 @@ async def test_graceful_stop_requeues_from_checkpoint(make_service: ServiceFacto
 async def test_lease_fencing_blocks_a_stale_worker(make_service: ServiceFactory) -> None:
     svc = await make_service(run_worker=False)
     job = await svc.submit("demo.count", {"steps": 1})
-    [claimed] = await svc.store.claim("w-old", 1, lease_seconds=0.01)
+    [_claimed] = await svc.store.claim("w-old", 1, lease_seconds=0.01)
     await asyncio.sleep(0.05)
     rec = await svc.store.recover("requeue", expired_only=True)
     assert [j.id for j in rec] == [job.id]

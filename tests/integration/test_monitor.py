@@ -84,7 +84,9 @@ async def test_slow_subscriber_does_not_block_others() -> None:
     from core.events import next_seq
 
     for i in range(100_000):
-        bus.publish(JobProgressEvent(id=i % 1000, type="job", status="running", seq=next_seq(), timestamp=0.0))
+        bus.publish(
+            JobProgressEvent(id=i % 1000, type="job", status="running", seq=next_seq(), timestamp=0.0)
+        )
         if i == 50_000:
             await asyncio.sleep(0)  # let the fast reader run while the slow one lags
     await asyncio.wait_for(task, 5)
@@ -170,10 +172,14 @@ async def test_indeterminate_progress(make_service: ServiceFactory) -> None:
     job = await svc.submit("scan", {})
     events = [e for e in await collect(sub, lambda e: e.id == job.id and e.terminal) if e.id == job.id]
     running = [e for e in events if e.status == "running" and e.current]
-    assert running and all(e.indeterminate and e.percentage is None and e.eta_seconds is None for e in running)
+    assert running and all(
+        e.indeterminate and e.percentage is None and e.eta_seconds is None for e in running
+    )
 
 
-async def test_changes_from_another_process_reach_a_subscriber(make_service: ServiceFactory, db_url: str) -> None:
+async def test_changes_from_another_process_reach_a_subscriber(
+    make_service: ServiceFactory, db_url: str
+) -> None:
     svc = await make_service(poll_interval=0.1)
     sub = svc.subscribe()
     script = textwrap.dedent(

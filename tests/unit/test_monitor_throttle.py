@@ -1,7 +1,8 @@
-"""The monitor's throttle on a fake clock: leading and trailing edges, status changes, seq; plus properties."""
+"""The monitor's throttle on a fake clock: leading/trailing edges, status changes, seq; properties."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from hypothesis import given, settings
@@ -99,7 +100,7 @@ def test_seq_grows_and_rate_is_bounded() -> None:
 
 def test_terminal_event_carries_final_numbers() -> None:
     clock = FakeClock()
-    mon, events = make(clock)
+    mon, _ = make(clock)
     st_ = mon.attach(running_view())
     st_.report(7, 7, "done")
     ev = mon.job_changed(JobView(id=1, type="t", status="completed"))
@@ -166,7 +167,7 @@ def test_progress_events_are_spaced_by_the_interval(gaps: list[float]) -> None:
         state.report(i + 1, len(gaps))
         t_last = clock.now
     advance(mon, clock, INTERVAL + 2 * TICK)
-    for a, b in zip(emit_times, emit_times[1:], strict=False):
+    for a, b in itertools.pairwise(emit_times):
         assert b - a >= INTERVAL - 1e-9
     # The final report is emitted within the interval (plus one tick) of being made.
     assert emit_times and emit_times[-1] - t_last <= INTERVAL + TICK + 1e-9
