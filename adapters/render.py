@@ -128,6 +128,8 @@ def parts(ev: JobProgressEvent, *, prefix: str = "!") -> RenderedParts:
         if ev.failed_operations:
             details.append(f"{ev.failed_operations} failed")
         bar_line = f"{bar(pct)} {pct:.0f}%" if pct is not None else bar(None)
+    elif ev.current is None and ev.status in ("pending", "running", "cancelled", "failed"):
+        bar_line = None  # nothing reported yet: a bar would only say "0%"
     elif ev.status not in ("completed",) or pct is not None:
         if ev.indeterminate and pct is None:
             bar_line = f"{bar(None)} " + (f"{fmt_number(ev.current)} done" if ev.current is not None else "…")

@@ -374,9 +374,16 @@ class ProgressService:
                 view.finished_at = time.time()
                 self.monitor.job_changed(view)
                 self.monitor.detach(jid)
+                self._forget_finished_direct()
 
         run.task = asyncio.create_task(_go(), name=f"direct-{jid}")
         return run
+
+    def _forget_finished_direct(self, keep: int = 1000) -> None:
+        # Keep memory bounded: only the newest finished direct runs stay queryable.
+        finished = [k for k, r in self._direct.items() if r.view.status in TERMINAL_STATUSES]
+        for k in finished[: max(0, len(finished) - keep)]:
+            del self._direct[k]
 
     # --------------------------------------------------------------- tracked
     async def track(
