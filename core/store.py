@@ -481,16 +481,20 @@ class JobStore:
                     "b_wp": p.weighted_percent if p else None,
                 }
             )
-        conn.execute(_COMPLETE_STMT, [dict(p, b_now=now, b_origin=self.origin) for p in params])
+        result = conn.execute(_COMPLETE_STMT, [dict(p, b_now=now, b_origin=self.origin) for p in params])
         ids = [oc.job_id for oc in done]
-        applied = {
-            r[0]
-            for r in conn.execute(
-                select(jobs_t.c.id).where(
-                    jobs_t.c.id.in_(ids), jobs_t.c.status == S.COMPLETED, jobs_t.c.finished_at == now
+        if result.rowcount == len(ids):
+            applied = set(ids)  # every fenced update hit its row
+        else:
+            # Some job was taken away (lease lost): find out which updates applied.
+            applied = {
+                r[0]
+                for r in conn.execute(
+                    select(jobs_t.c.id).where(
+                        jobs_t.c.id.in_(ids), jobs_t.c.status == S.COMPLETED, jobs_t.c.finished_at == now
+                    )
                 )
-            )
-        }
+            }
         if applied:
             conn.execute(
                 insert(activity_t),
