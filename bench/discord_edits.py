@@ -28,15 +28,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as a script, Python puts bench/ first on sys.path, where a sibling module could shadow the stdlib
+# (bench/http.py shadows ``http``, which aiohttp imports). Import from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-from adapters.commands import CommandRouter
-from adapters.discord import DiscordAdapter, DiscordConfig
-from core.builtin import register_builtins
-from core.events import JobProgressEvent
-from core.registry import HandlerRegistry
-from core.service import ProgressService, ServiceConfig
-from tests.fake_discord import FakeDiscordServer, running_fake_discord
+from adapters.commands import CommandRouter  # noqa: E402
+from adapters.discord import DiscordAdapter, DiscordConfig  # noqa: E402
+from core.builtin import register_builtins  # noqa: E402
+from core.events import JobProgressEvent  # noqa: E402
+from core.registry import HandlerRegistry  # noqa: E402
+from core.service import ProgressService, ServiceConfig  # noqa: E402
+from tests.fake_discord import FakeDiscordServer, running_fake_discord  # noqa: E402
 
 
 @dataclass

@@ -963,6 +963,6 @@ class DiscordAdapter(ChatAdapter):
             "channels": {str(c): dataclasses.asdict(s) for c, s in self._scheduler.all_stats().items()},
         }
 
-    async def flush(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
+    async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every pending state is shown (for tests and benches); False on timeout."""
         return await self._scheduler.flush(timeout)

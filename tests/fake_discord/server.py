@@ -545,7 +545,7 @@ class FakeDiscordServer:
     # These take an explicit ``timeout`` (hence the ASYNC109 waivers): a test waiting on the bot
     # must fail with a clear message, not hang until pytest-timeout kills the whole session.
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         """Wait (real time) until ``predicate()`` is true; it is re-checked after every recorded event."""
         assert self._changed is not None, "server not started"
         cond = self._changed
@@ -559,7 +559,7 @@ class FakeDiscordServer:
         except TimeoutError:
             raise TimeoutError(f"condition not met within {timeout}s") from None
 
-    async def wait_until_connected(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    async def wait_until_connected(self, timeout: float = 5.0) -> None:
         """Wait until a bot has identified and received READY + GUILD_CREATE."""
         assert self._connected is not None, "server not started"
         await asyncio.wait_for(self._connected.wait(), timeout)
@@ -567,7 +567,7 @@ class FakeDiscordServer:
     async def wait_interaction_response(
         self,
         interaction: InteractionRecord | int | str,
-        timeout: float = 5.0,  # noqa: ASYNC109
+        timeout: float = 5.0,
     ) -> InteractionResponseRecord:
         """Wait for the bot's callback to an interaction and return it.
 
@@ -587,7 +587,7 @@ class FakeDiscordServer:
         self,
         interaction: InteractionRecord | int | str,
         count: int = 1,
-        timeout: float = 5.0,  # noqa: ASYNC109
+        timeout: float = 5.0,
     ) -> list[FollowupRecord]:
         """Wait until ``count`` follow-up calls were made with the interaction's token."""
         iid = self._iid(interaction)

@@ -60,7 +60,7 @@ async def make_adapter(
     return adapter
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:  # noqa: ASYNC109
+async def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll ``check`` until it is true (for state the fake cannot signal); fail clearly on timeout."""
     deadline = time.monotonic() + timeout
     while not check():
@@ -73,7 +73,7 @@ async def wait_job(
     service: ProgressService,
     job_id: int,
     pred: Callable[[Any], bool] | None = None,
-    timeout: float = 20.0,  # noqa: ASYNC109
+    timeout: float = 20.0,
 ) -> Any:
     """Wait until a job matches ``pred`` (default: finished)."""
     return await service.wait_for(job_id, pred or (lambda j: j.status in TERMINAL_STATUSES), timeout=timeout)
