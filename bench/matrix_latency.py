@@ -26,7 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Run as a script, Python puts bench/ first on sys.path, where a sibling module (bench/http.py) would
+# shadow the standard library's ``http`` that aiohttp imports. Import from the repository root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -97,7 +101,9 @@ async def run(args: argparse.Namespace) -> None:
         hs.close()
 
 
-async def measure(args: argparse.Namespace, hs: SynapseServer, bot_id: str, alice_id: str, workdir: Path) -> None:
+async def measure(
+    args: argparse.Namespace, hs: SynapseServer, bot_id: str, alice_id: str, workdir: Path
+) -> None:
     """The three measurements, on one room."""
     alice = UserClient(hs.base_url, alice_id, "alice-password")
     await alice.login()
@@ -105,7 +111,8 @@ async def measure(args: argparse.Namespace, hs: SynapseServer, bot_id: str, alic
     watcher = Watcher(alice)
 
     # The floor: a bare nio client of the same bot account (its own device), no scheduler, no rendering.
-    bare = AsyncClient(hs.base_url, bot_id, config=AsyncClientConfig(max_limit_exceeded=0, request_timeout=15))
+    nio_cfg = AsyncClientConfig(max_limit_exceeded=0, request_timeout=15)
+    bare = AsyncClient(hs.base_url, bot_id, config=nio_cfg)
     assert isinstance(await bare.login("bot-password", device_name="bench-bare"), LoginResponse)
     await bare.join(room)
     first = await bare.room_send(room, "m.room.message", {"msgtype": "m.notice", "body": "floor 0"})
@@ -133,8 +140,9 @@ async def measure(args: argparse.Namespace, hs: SynapseServer, bot_id: str, alic
 
     svc.bus.add_listener(on_emit)
     # The first event posts the message (with a DB lookup and insert); measure edits after that.
+    warm = watcher.expect("adapter warmup")
     await svc.tracked_progress(job.id or 0, current=0, message="adapter warmup")
-    await asyncio.wait_for(watch(watcher, "adapter warmup"), 30)
+    await asyncio.wait_for(warm, 30)
 
     floor: list[float] = []
     through_adapter: list[float] = []
@@ -190,19 +198,14 @@ async def measure(args: argparse.Namespace, hs: SynapseServer, bot_id: str, alic
           f"{offered / elapsed:.0f} progress reports/s offered, latest wins)")
     stats = adapter.scheduler.stats(room) if adapter.scheduler else None
     if stats is not None:
-        print(f"scheduler: sent={stats.sent} skipped(coalesced)={stats.skipped} rate_limited={stats.rate_limited} "
-              f"errors={stats.errors} dropped={stats.dropped}")
+        print(f"scheduler: sent={stats.sent} skipped(coalesced)={stats.skipped} "
+              f"rate_limited={stats.rate_limited} errors={stats.errors} dropped={stats.dropped}")
 
     svc.bus.remove_listener(on_emit)
     await adapter.stop()
     await svc.stop()
     await bare.close()
     await alice.close()
-
-
-async def watch(watcher: Watcher, marker: str) -> float:
-    """Wait until ``marker`` is seen."""
-    return await watcher.expect(marker)
 
 
 def main() -> None:

@@ -93,6 +93,8 @@ SYNC_FILTER: dict[str, Any] = {
 FIRST_SYNC_FILTER: dict[str, Any] = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {"limit": 1}}}
 
 Key = tuple[str, int | str]
+#: How often the sync token is written to the database, at most (seconds).
+TOKEN_SAVE_INTERVAL = 5.0
 _R = TypeVar("_R")
 
 
@@ -231,10 +233,13 @@ class MatrixAdapter(ChatAdapter):
         self._connected = False
         self._closing = False
         self._next_batch: str | None = None
+        self._token_saved_at = 0.0
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Room ids we act in, and what each configured alias resolved to.
         self._room_ids: set[str] = set()
+        #: Rooms joined after the first sync whose next timeline still holds pre-join history.
+        self._fresh_rooms: set[str] = set()
         self._aliases: dict[str, str] = {}
         self._default_room: str | None = None
         #: Events that arrived before the rooms were resolved (latest per message).
@@ -291,12 +296,12 @@ class MatrixAdapter(ChatAdapter):
             backoff_max=cfg.reconnect_max,
         )
         if not cfg.rooms:
-            log.warning("matrix: no rooms configured (matrix.rooms); the bot will only answer nothing")
+            log.warning("matrix: no rooms configured (matrix.rooms); the bot will post and answer nothing")
         self._default_room = None
         self._live_keys = set()
         try:
             await self._login()
-        except NETWORK_ERRORS as exc:
+        except TRANSIENT_ERRORS as exc:
             log.warning("matrix: homeserver %s unreachable at start (%s); will keep trying",
                         cfg.homeserver, exc)
         except BaseException:
@@ -317,13 +322,15 @@ class MatrixAdapter(ChatAdapter):
         if self.scheduler is not None:
             drained = await self.scheduler.aclose(drain_timeout=self.config.stop_grace)
             if not drained:
-                log.warning("matrix: stopped with undelivered progress; it is sent again on the next start")
+                log.warning("matrix: stopped with progress undelivered; open messages catch up at next start")
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self._save_token()
         await self._close_client()
 
     async def _close_client(self) -> None:
@@ -331,7 +338,7 @@ class MatrixAdapter(ChatAdapter):
             with contextlib.suppress(Exception):
                 await self.client.close()
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    async def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until logged in, rooms joined and the first sync done (tests and benches use this)."""
         await asyncio.wait_for(self.ready.wait(), timeout)
 
@@ -514,7 +521,16 @@ class MatrixAdapter(ChatAdapter):
         self.stats.syncs += 1
         await self._handle_sync(resp, first=first)
         self._next_batch = resp.next_batch
-        await self.service.store.kv_set(self._kv + "sync_token", resp.next_batch)
+        now = time.monotonic()
+        if first or now - self._token_saved_at >= TOKEN_SAVE_INTERVAL:
+            # Throttled: a busy room syncs many times a second. A slightly old token is harmless,
+            # because the first sync after a start skips its backlog anyway.
+            await self._save_token()
+            self._token_saved_at = now
+
+    async def _save_token(self) -> None:
+        if self._next_batch:
+            await self.service.store.kv_set(self._kv + "sync_token", self._next_batch)
 
     async def _handle_sync(self, resp: SyncResponse, *, first: bool) -> None:
         assert self.client is not None
@@ -524,6 +540,8 @@ class MatrixAdapter(ChatAdapter):
                 if isinstance(joined, JoinResponse):
                     log.info("matrix: accepted the invite to %s", room_id)
                     self._room_ids.add(room_id)
+                    if not first:
+                        self._fresh_rooms.add(room_id)
                     for alias in self._invite_aliases(info):
                         if alias in self.config.rooms:
                             self._aliases[alias] = room_id
@@ -532,16 +550,24 @@ class MatrixAdapter(ChatAdapter):
                 else:
                     log.warning("matrix: could not join %s: %s", room_id, joined)
             else:
-                log.info("matrix: ignoring an invite to %s (not in matrix.rooms)", room_id)
+                # The bot acts only in its configured rooms; decline the rest (best effort).
+                log.info("matrix: declining an invite to %s (not in matrix.rooms)", room_id)
+                with contextlib.suppress(Exception):
+                    await self.client.room_leave(room_id)
         for room_id, joined_info in resp.rooms.join.items():
             if room_id not in self._room_ids:
                 continue
             room = self.client.rooms.get(room_id)
             if room is not None and room.encrypted and first:
                 log.warning("matrix: room %s is encrypted; the bot does not support E2EE there", room_id)
+            # A room joined just now shows some history before our join: that is backlog too.
+            fresh = room_id in self._fresh_rooms
+            self._fresh_rooms.discard(room_id)
             for event in joined_info.timeline.events:
-                if first:
+                if first or fresh:
                     self.stats.skipped_backlog += 1
+                    if fresh and self._is_own_join(event):
+                        fresh = False
                     continue
                 if getattr(event, "sender", None) == self.client.user_id:
                     continue
@@ -549,6 +575,14 @@ class MatrixAdapter(ChatAdapter):
                     self._on_text(room_id, event)
                 elif isinstance(event, ReactionEvent):
                     self._on_reaction(room_id, event)
+
+    def _is_own_join(self, event: Any) -> bool:
+        source = getattr(event, "source", None) or {}
+        return (
+            source.get("type") == "m.room.member"
+            and source.get("state_key") == (self.client.user_id if self.client else None)
+            and (source.get("content") or {}).get("membership") == "join"
+        )
 
     @staticmethod
     def _invite_aliases(info: Any) -> list[str]:
@@ -597,7 +631,7 @@ class MatrixAdapter(ChatAdapter):
             return
         if not reply.ok:
             self.stats.refusals += 1
-        await self._answer(room_id, event.event_id, event.sender, reply.text, thread_root)
+        await self._answer(room_id, event.event_id, event.sender, reply.text, thread_root, event.event_id)
 
     def _on_reaction(self, room_id: str, event: ReactionEvent) -> None:
         action = reaction_action(event.key)
@@ -628,14 +662,15 @@ class MatrixAdapter(ChatAdapter):
         if not reply.ok:
             self.stats.refusals += 1
             # Success shows on the progress message itself; a refusal or an error needs words.
-            await self._answer(room_id, event.reacts_to, event.sender, reply.text, None)
+            await self._answer(room_id, event.reacts_to, event.sender, reply.text, None, event.event_id)
 
     async def _answer(
-        self, room_id: str, in_reply_to: str, sender: str, text: str, thread_root: str | None
+        self, room_id: str, in_reply_to: str, sender: str, text: str, thread_root: str | None, trigger: str
     ) -> None:
+        """Send a reply; ``trigger`` (the command or reaction event) makes its transaction id unique."""
         content = text_reply(text, in_reply_to, mention=sender, thread_root=thread_root)
         try:
-            await self._send_reliably(room_id, "m.room.message", content, f"{self._salt}-re-{in_reply_to}")
+            await self._send_reliably(room_id, "m.room.message", content, f"{self._salt}-re-{trigger}")
             self.stats.replies += 1
         except Exception as exc:
             log.warning("matrix: could not answer in %s: %s", room_id, exc)

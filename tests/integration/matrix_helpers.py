@@ -38,7 +38,8 @@ from core.service import ProgressService, ServiceConfig
 
 Event = dict[str, Any]
 
-USER_NIO_CONFIG = AsyncClientConfig(max_limit_exceeded=0, max_timeouts=0, request_timeout=15)
+# A few retries of dropped connections: after a homeserver restart, pooled keep-alive connections are dead.
+USER_NIO_CONFIG = AsyncClientConfig(max_limit_exceeded=0, max_timeouts=3, request_timeout=15)
 #: A user's sync must never get a "limited" timeline (gaps would hide edits from the assertions).
 USER_SYNC_FILTER: dict[str, Any] = {"room": {"timeline": {"limit": 1000}}, "presence": {"not_types": ["*"]}}
 
@@ -100,8 +101,6 @@ class UserClient:
                         self.seen_at[eid] = now
                     if self.on_event is not None:
                         self.on_event(room_id, src, now)
-            for room_id in resp.rooms.invite:
-                await self.client.join(room_id)
             self._since = resp.next_batch
             self._changed.set()
 
@@ -110,7 +109,7 @@ class UserClient:
         return self.events.get(room_id, [])
 
     async def wait_for(
-        self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition"  # noqa: ASYNC109
+        self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
     ) -> Any:
         """Wait until ``predicate()`` returns something truthy (re-checked after each sync)."""
         deadline = time.monotonic() + timeout
@@ -138,7 +137,7 @@ class UserClient:
         assert isinstance(resp, RoomSendResponse), resp
         return str(resp.event_id)
 
-    async def command(self, room_id: str, body: str, timeout: float = 20.0) -> Event:  # noqa: ASYNC109
+    async def command(self, room_id: str, body: str, timeout: float = 20.0) -> Event:
         """Send a command and wait for the bot's reply threaded to it."""
         eid = await self.send_text(room_id, body)
         return await self.wait_for(lambda: first(replies_to(self.room(room_id), eid)), timeout,
@@ -272,7 +271,7 @@ class BotHarness:
         self.service: ProgressService | None = None
         self.adapter: MatrixAdapter | None = None
 
-    async def start(self, *, ready_timeout: float = 30.0) -> MatrixAdapter:
+    async def start(self, *, ready_timeout: float = 30.0, wait: bool = True) -> MatrixAdapter:
         """Start the service and the adapter; wait until the bot has joined and synced once."""
         reg = HandlerRegistry()
         svc = ProgressService(
@@ -287,7 +286,8 @@ class BotHarness:
         router = CommandRouter(svc, admins=self.admins, prefix=self.config.command_prefix)
         self.adapter = MatrixAdapter(svc, router, self.config)
         await self.adapter.start()
-        await self.adapter.wait_ready(ready_timeout)
+        if wait:
+            await self.adapter.wait_ready(ready_timeout)
         return self.adapter
 
     async def stop(self) -> None:
@@ -358,7 +358,7 @@ async def job_message(world: World, room: str, job_id: int | str, kind: str = "j
 
 
 async def wait_status(
-    world: World, room: str, event_id: str, status: str, timeout: float = 30  # noqa: ASYNC109
+    world: World, room: str, event_id: str, status: str, timeout: float = 30
 ) -> str:
     """Wait until the message shows ``status``; returns its text."""
     return str(await world.alice.wait_for(

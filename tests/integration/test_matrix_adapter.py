@@ -8,9 +8,11 @@ about rate limits; see test_matrix_ratelimit.py for Synapse's default limits).
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
+from nio import RoomCreateResponse
 
 from tests.integration.matrix_helpers import (
     World,
@@ -295,3 +297,37 @@ async def test_no_power_to_pin_logs_once_and_carries_on(
     assert not pin_history(alice.room(room))
     warnings = [r for r in caplog.records if "cannot pin progress messages" in r.getMessage()]
     assert len(warnings) == 1
+
+
+async def test_rooms_by_alias_invites_accepted_only_for_configured_rooms(world: World, bots: Any) -> None:
+    """The bot joins a room by alias, accepts a late invite to a configured room, declines others."""
+    alice, bot = world.alice, world.bot_id
+    alias_local = f"pb{int(time.time() * 1000)}"
+    made = await alice.client.room_create(alias=alias_local, invite=[bot])
+    assert isinstance(made, RoomCreateResponse), made
+    by_alias = made.room_id
+    # A configured room that has not invited the bot yet, and a room that is not configured at all.
+    late = (await alice.client.room_create()).room_id
+    stranger = (await alice.client.room_create()).room_id
+    h = await bots(world.config(late, rooms=[f"#{alias_local}:localhost", late]))
+    assert by_alias in h.bot.room_ids()
+
+    # A job without a room goes to the first configured room, given by its alias.
+    job = await h.svc.submit("demo.count", {"steps": 1, "delay_ms": 10}, owner=alice.user_id)
+    eid = await job_message(world, by_alias, job.id or 0)
+    await wait_status(world, by_alias, eid, "completed")
+
+    def bot_membership(room_id: str) -> str | None:
+        states = [content_of(e).get("membership") for e in alice.room(room_id)
+                  if e.get("type") == "m.room.member" and e.get("state_key") == bot]
+        return states[-1] if states else None
+
+    # A command from before the bot was there is history, not a command to run now.
+    before = await alice.send_text(late, "!run demo.count steps=1")
+    await alice.client.room_invite(stranger, bot)
+    await alice.client.room_invite(late, bot)
+    await alice.wait_for(lambda: bot_membership(late) == "join", 20, "the bot to accept the invite")
+    reply = await alice.command(late, "!status 1")
+    assert "completed" in body(reply)
+    assert not replies_to(alice.room(late), before)
+    await alice.wait_for(lambda: bot_membership(stranger) == "leave", 20, "the bot to decline the invite")

@@ -108,3 +108,24 @@ async def test_homeserver_restart_mid_job_delivers_the_final_state(
     assert _step(current_text(events, eid)) == 40
     # The room also shows the bot working normally afterwards.
     assert "completed" in content_of(await alice.command(room, "!status 1"))["body"]
+
+
+async def test_bot_started_while_the_homeserver_is_down(world: World, room: str, bots: Any) -> None:
+    """The bot starts although Synapse is down; a job submitted meanwhile shows up once it is back."""
+    alice, bot = world.alice, world.bot_id
+    server = world.hs.server
+    await asyncio.to_thread(server.stop)
+    try:
+        h = await bots(world.config(room), start=False)
+        await h.start(wait=False)  # does not fail: the adapter keeps trying in the background
+        job = await h.svc.submit("demo.count", {"steps": 3, "delay_ms": 50}, owner=alice.user_id, room=room)
+        await h.svc.wait_for(job.id or 0, timeout=30)
+        assert not h.bot.ready.is_set()
+    finally:
+        await asyncio.to_thread(server.start)
+    await h.bot.wait_ready(60)
+    eid = await job_message(world, room, job.id or 0)
+    await alice.wait_for(lambda: status_word(current_text(alice.room(room), eid)) == "completed", 60,
+                         "the final state once the homeserver is back")
+    await alice.wait_for(lambda: replies_to(alice.room(room), eid), 30, "the completion reply")
+    assert len(progress_messages(alice.room(room), bot)) == 1
