@@ -329,7 +329,7 @@ class EditScheduler(Generic[RoomT, KeyT, StateT]):
         return {room: dataclasses.replace(r.stats) for room, r in self._rooms.items()}
 
     # The timeout runs on the injected clock (virtual time in tests), so asyncio.timeout() cannot do it.
-    async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    async def flush(self, timeout: float | None = None) -> bool:
         """Wait until nothing is pending (see :meth:`pending_count`), or ``timeout`` s have passed.
 
         Returns True when everything was delivered (or dropped), False on timeout. Time is measured

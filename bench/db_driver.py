@@ -18,23 +18,37 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench/http.py would shadow the standard library's http module: drop this folder from the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-from sqlalchemy import event, insert, select, update  # noqa: E402
-from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
+from sqlalchemy import event, insert, select, update
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from core.db import Database  # noqa: E402
-from core.models import JobStatus, utcnow  # noqa: E402
-from core.store import jobs_t  # noqa: E402
+from core.db import Database
+from core.models import JobStatus, utcnow
+from core.store import jobs_t
 
 Cycle = Callable[[], Awaitable[None]]
 
 
 def _values() -> dict[str, Any]:
     now = utcnow()
-    return {"type": "noop", "kind": "queued", "payload": {}, "status": JobStatus.PENDING, "control": "run",
-            "priority": 0, "run_at": now, "attempts": 0, "max_attempts": 1, "interrupted": False,
-            "created_at": now, "updated_at": now}
+    return {
+        "type": "noop",
+        "kind": "queued",
+        "payload": {},
+        "status": JobStatus.PENDING,
+        "control": "run",
+        "priority": 0,
+        "run_at": now,
+        "attempts": 0,
+        "max_attempts": 1,
+        "interrupted": False,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 def _sync_cycle(db: Database) -> None:
@@ -112,8 +126,10 @@ def main() -> None:
         for callers in (1, 16):
             t = asyncio.run(run_threaded(tmp / f"t{callers}.db", args.n, callers))
             a = asyncio.run(run_aiosqlite(tmp / f"a{callers}.db", args.n, callers))
-            print(f"{callers:2d} caller(s): sync engine in a DB thread {t:7.0f} cycles/s | "
-                  f"async engine + aiosqlite {a:7.0f} cycles/s | thread/aiosqlite = {t / a:4.2f}x")
+            print(
+                f"{callers:2d} caller(s): sync engine in a DB thread {t:7.0f} cycles/s | "
+                f"async engine + aiosqlite {a:7.0f} cycles/s | thread/aiosqlite = {t / a:4.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from adapters.commands import CommandRouter  # noqa: E402
-from adapters.discord import DiscordAdapter, DiscordConfig  # noqa: E402
-from core.builtin import register_builtins  # noqa: E402
-from core.events import JobProgressEvent  # noqa: E402
-from core.registry import HandlerRegistry  # noqa: E402
-from core.service import ProgressService, ServiceConfig  # noqa: E402
-from tests.fake_discord import FakeDiscordServer, running_fake_discord  # noqa: E402
+from adapters.commands import CommandRouter
+from adapters.discord import DiscordAdapter, DiscordConfig
+from core.builtin import register_builtins
+from core.events import JobProgressEvent
+from core.registry import HandlerRegistry
+from core.service import ProgressService, ServiceConfig
+from tests.fake_discord import FakeDiscordServer, running_fake_discord
 
 
 @dataclass

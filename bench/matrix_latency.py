@@ -34,17 +34,17 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse  # noqa: E402
+from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse
 
-from adapters.commands import CommandRouter  # noqa: E402
-from adapters.matrix import MatrixAdapter, MatrixConfig  # noqa: E402
-from core.builtin import register_builtins  # noqa: E402
-from core.db import Database  # noqa: E402
-from core.events import JobProgressEvent  # noqa: E402
-from core.registry import HandlerRegistry  # noqa: E402
-from core.service import ProgressService, ServiceConfig  # noqa: E402
-from tests.integration.matrix_helpers import UserClient  # noqa: E402
-from tests.servers.synapse import SynapseServer  # noqa: E402
+from adapters.commands import CommandRouter
+from adapters.matrix import MatrixAdapter, MatrixConfig
+from core.builtin import register_builtins
+from core.db import Database
+from core.events import JobProgressEvent
+from core.registry import HandlerRegistry
+from core.service import ProgressService, ServiceConfig
+from tests.integration.matrix_helpers import UserClient
+from tests.servers.synapse import SynapseServer
 
 
 def pct(values: list[float], q: float) -> float:
@@ -56,8 +56,10 @@ def pct(values: list[float], q: float) -> float:
 def summary(name: str, values: list[float]) -> str:
     """``name: n=.., p50=.. ms, p99=.. ms, mean=.. ms``."""
     ms = [v * 1000 for v in values]
-    return (f"{name}: n={len(ms)}  p50={pct(ms, 0.5):.1f} ms  p99={pct(ms, 0.99):.1f} ms  "
-            f"mean={statistics.fmean(ms):.1f} ms  max={max(ms):.1f} ms")
+    return (
+        f"{name}: n={len(ms)}  p50={pct(ms, 0.5):.1f} ms  p99={pct(ms, 0.99):.1f} ms  "
+        f"mean={statistics.fmean(ms):.1f} ms  max={max(ms):.1f} ms"
+    )
 
 
 class Watcher:
@@ -121,13 +123,25 @@ async def measure(
     # The adapter, on a service whose monitor emits at most every 50 ms per job.
     db_url = f"sqlite:///{workdir}/bench.db"
     reg = HandlerRegistry()
-    svc = ProgressService(ServiceConfig(database_url=db_url, min_interval=0.05, poll_interval=1.0),
-                          registry=reg, database=Database(db_url))
+    svc = ProgressService(
+        ServiceConfig(database_url=db_url, min_interval=0.05, poll_interval=1.0),
+        registry=reg,
+        database=Database(db_url),
+    )
     register_builtins(reg, lambda: svc.store)
     await svc.start()
-    cfg = MatrixConfig(homeserver=hs.base_url, user_id=bot_id, password="bot-password", rooms=[room],
-                       pin=False, react=False, reply_on_finish=False, edit_rate=1000, edit_burst=1000,
-                       max_in_flight=args.in_flight)
+    cfg = MatrixConfig(
+        homeserver=hs.base_url,
+        user_id=bot_id,
+        password="bot-password",
+        rooms=[room],
+        pin=False,
+        react=False,
+        reply_on_finish=False,
+        edit_rate=1000,
+        edit_burst=1000,
+        max_in_flight=args.in_flight,
+    )
     adapter = MatrixAdapter(svc, CommandRouter(svc, prefix="!"), cfg)
     await adapter.start()
     await adapter.wait_ready(60)
@@ -153,11 +167,16 @@ async def measure(
             marker = f"floor r{r}i{i}."
             fut = watcher.expect(marker)
             t0 = time.monotonic()
-            resp = await bare.room_send(room, "m.room.message", {
-                "msgtype": "m.notice", "body": "* " + marker,
-                "m.new_content": {"msgtype": "m.notice", "body": marker},
-                "m.relates_to": {"rel_type": "m.replace", "event_id": first.event_id},
-            })
+            resp = await bare.room_send(
+                room,
+                "m.room.message",
+                {
+                    "msgtype": "m.notice",
+                    "body": "* " + marker,
+                    "m.new_content": {"msgtype": "m.notice", "body": marker},
+                    "m.relates_to": {"rel_type": "m.replace", "event_id": first.event_id},
+                },
+            )
             assert isinstance(resp, RoomSendResponse), resp
             floor.append(await asyncio.wait_for(fut, 30) - t0)
             await asyncio.sleep(gap)
@@ -193,13 +212,17 @@ async def measure(
     elapsed = time.monotonic() - t0
     edits = adapter.stats.edits - before
     offered = n * len(jobs)
-    print(f"adapter sustained: {edits / elapsed:.1f} edits/s over {elapsed:.1f} s "
-          f"({len(jobs)} messages in one room, max_in_flight={args.in_flight}; "
-          f"{offered / elapsed:.0f} progress reports/s offered, latest wins)")
+    print(
+        f"adapter sustained: {edits / elapsed:.1f} edits/s over {elapsed:.1f} s "
+        f"({len(jobs)} messages in one room, max_in_flight={args.in_flight}; "
+        f"{offered / elapsed:.0f} progress reports/s offered, latest wins)"
+    )
     stats = adapter.scheduler.stats(room) if adapter.scheduler else None
     if stats is not None:
-        print(f"scheduler: sent={stats.sent} skipped(coalesced)={stats.skipped} "
-              f"rate_limited={stats.rate_limited} errors={stats.errors} dropped={stats.dropped}")
+        print(
+            f"scheduler: sent={stats.sent} skipped(coalesced)={stats.skipped} "
+            f"rate_limited={stats.rate_limited} errors={stats.errors} dropped={stats.dropped}"
+        )
 
     svc.bus.remove_listener(on_emit)
     await adapter.stop()

@@ -3,7 +3,15 @@
 Prints jobs/s for progressbot, Huey's SqliteHuey (a real consumer, same process run) and a raw-sqlite3
 floor doing the same three statements per job with one commit each. Run:
 
-    python bench/queue_throughput.py [--n 5000] [--concurrency 2]
+    python bench/queue_throughput.py [--n 5000] [--concurrency 2] [--db postgresql://...|auto]
+
+With ``--db`` it also measures PostgreSQL with 1, 2 and 4 worker processes beside one submitting process
+(which runs no worker, as ``progressbot run`` beside ``progressbot worker`` processes), printed beside the
+SQLite figures of the same run. ``--db auto`` starts a throw-away PostgreSQL (the test suite's fixture:
+fsync off, like SQLite's WAL + synchronous=NORMAL, which does not sync each commit either). On a given
+database the bench works in a schema of its own, dropped afterwards. A job counts as done when its
+``completed`` row is committed; the run process's monitor must also see every completion as an event,
+and how long after the last commit it did is printed as well, with the CPU time each side used.
 """
 
 from __future__ import annotations
@@ -12,10 +20,12 @@ import argparse
 import asyncio
 import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +171,260 @@ def bench_raw_sqlite(tmp: Path, n: int, *, wal: bool = True) -> float:
     return n / elapsed
 
 
+# ----------------------------------------------------------------------------------- PostgreSQL, N processes
+PG_WORKER_COUNTS = (1, 2, 4)
+
+
+def _noop_registry() -> HandlerRegistry:
+    reg = HandlerRegistry()
+
+    @reg.handler("noop")
+    async def noop(ctx: JobContext, data: dict[str, Any]) -> None:
+        return None
+
+    return reg
+
+
+async def _pg_worker_main(url: str, concurrency: int) -> None:
+    """A worker process for the PostgreSQL bench (``--pg-worker URL``): what ``progressbot worker`` runs."""
+    import signal
+
+    svc = ProgressService(
+        ServiceConfig(
+            database_url=url, concurrency=concurrency, poll_interval=0.5, min_interval=0.5, watch_others=False
+        ),
+        registry=_noop_registry(),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await svc.start()
+    print("ready", flush=True)
+    await stop.wait()
+    await svc.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_pids() -> list[int]:
+    """The PostgreSQL server processes on this machine (to attribute CPU; empty for a remote server)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() in ("postgres", "postmaster"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _with_schema(url: str, schema: str) -> str:
+    """``url`` with its search_path on ``schema`` (the bench never touches the database's own tables)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    return u.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+
+
+def _pg_admin(url: str, statement: str) -> None:
+    """Run one statement on the database of ``url`` (autocommit)."""
+    import psycopg
+
+    from core.db import make_engine, pg_connect_args
+
+    engine = make_engine(url)
+    try:
+        args, kwargs = pg_connect_args(engine)
+        with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
+            conn.execute(statement)  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class PgFigure:
+    """One PostgreSQL measurement."""
+
+    workers: int
+    mode: str
+    jobs_per_s: float
+    monitor_lag_ms: float | None
+    cpu: dict[str, float]
+    n: int
+
+
+def _start_pg_workers(url: str, concurrency: int, workers: int) -> list[subprocess.Popen[str]]:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--pg-worker", url, "--concurrency", str(concurrency)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
+    for p in procs:
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            _stop_pg_workers(procs)
+            raise RuntimeError("a bench worker did not start")
+    return procs
+
+
+def _stop_pg_workers(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+async def _create_schema(url: str) -> None:
+    svc = ProgressService(ServiceConfig(database_url=url, run_worker=False), registry=_noop_registry())
+    try:
+        await svc.store.init()
+    finally:
+        svc.db.close()
+
+
+async def _pg_run(url: str, n: int, procs: list[subprocess.Popen[str]], mode: str) -> PgFigure:
+    """The submitter (a service without a worker, as ``progressbot run``) beside running worker processes."""
+    from sqlalchemy import text
+
+    from core.store import NewJob
+
+    svc = ProgressService(
+        ServiceConfig(database_url=url, run_worker=False, poll_interval=0.5, min_interval=0.5),
+        registry=_noop_registry(),
+    )
+    try:
+        await svc.start()
+        seen = [0]
+        seen_all = asyncio.Event()
+        seen_at = [0.0]
+
+        def on_event(ev: Any) -> None:
+            # The run process's monitor: every completion in a worker process must reach it as an event.
+            if ev.type == "job" and ev.status == "completed":
+                seen[0] += 1
+                if seen[0] >= n and not seen_all.is_set():
+                    seen_at[0] = time.perf_counter()
+                    seen_all.set()
+
+        svc.bus.add_listener(on_event)
+
+        count_completed = text("SELECT count(*) FROM jobs WHERE status = 'completed'")
+
+        def completed() -> int:
+            with svc.db.engine.connect() as conn:
+                return int(conn.execute(count_completed).scalar_one())
+
+        pg_pids = _postgres_pids()
+        cpu0 = {
+            "submitter": _cpu_seconds(os.getpid()),
+            "workers": sum(_cpu_seconds(p.pid) for p in procs),
+            "postgres": sum(_cpu_seconds(p) for p in pg_pids),
+        }
+        t0 = time.perf_counter()
+        if mode == "bulk":
+            for i in range(0, n, 500):
+                await svc.store.submit_many([NewJob(type="noop") for _ in range(min(500, n - i))])
+        else:
+            producers = 16
+
+            async def producer(count: int) -> None:
+                for _ in range(count):
+                    await svc.submit("noop", {})
+
+            await asyncio.gather(*(producer(n // producers + (i < n % producers)) for i in range(producers)))
+        while await svc.db.run(completed) < n:  # noqa: ASYNC110 - polling the count is the measurement
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - t0
+        cpu1 = {
+            "submitter": _cpu_seconds(os.getpid()),
+            "workers": sum(_cpu_seconds(p.pid) for p in procs),
+            "postgres": sum(_cpu_seconds(p) for p in pg_pids),
+        }
+        lag: float | None = None
+        try:
+            await asyncio.wait_for(seen_all.wait(), 30)
+            lag = max(0.0, seen_at[0] - t0 - elapsed) * 1000
+        except TimeoutError:
+            pass
+        return PgFigure(len(procs), mode, n / elapsed, lag, {k: cpu1[k] - cpu0[k] for k in cpu0}, n)
+    finally:
+        if svc._started:
+            await svc.stop()
+        else:
+            svc.db.close()
+
+
+def bench_postgres(url: str, n: int, concurrency: int) -> list[PgFigure]:
+    """jobs/s on PostgreSQL with 1, 2 and 4 worker processes, each in a schema of its own."""
+    from core.db import normalize_url
+
+    url = normalize_url(url)
+    figures = []
+    for mode in ("16 producers", "bulk"):
+        for workers in PG_WORKER_COUNTS:
+            schema = f"pb_bench_{os.getpid()}_{workers}_{mode[0]}"
+            _pg_admin(url, f"CREATE SCHEMA {schema}")
+            try:
+                in_schema = _with_schema(url, schema)
+                # Create the schema first, so the workers do not wait on each other's create_all at start.
+                asyncio.run(_create_schema(in_schema))
+                procs = _start_pg_workers(in_schema, concurrency, workers)
+                try:
+                    figures.append(asyncio.run(_pg_run(in_schema, n, procs, mode)))
+                finally:
+                    _stop_pg_workers(procs)
+            finally:
+                _pg_admin(url, f"DROP SCHEMA {schema} CASCADE")
+    return figures
+
+
+def print_postgres(figures: list[PgFigure], sqlite: dict[str, float], note: str) -> None:
+    """The PostgreSQL figures, beside the SQLite ones of the same run."""
+    print("PostgreSQL: one submitting process (no worker, as `progressbot run`) + N worker processes;", note)
+    for f in figures:
+        ref = sqlite[f.mode]
+        lag = "n/a" if f.monitor_lag_ms is None else f"{f.monitor_lag_ms:.0f} ms"
+        label = f"progressbot on PostgreSQL, {f.workers} worker proc ({f.mode})"
+        per_k = {k: 1000 * v / f.n for k, v in f.cpu.items()}
+        print(
+            f"{label:58s} {f.jobs_per_s:9.0f} jobs/s   {f.jobs_per_s / ref:4.2f}x SQLite ({f.mode});"
+            f" run-process monitor saw the last completion +{lag};"
+            f" CPU s per 1000 jobs: submitter {per_k['submitter']:.2f},"
+            f" workers {per_k['workers']:.2f}, postgres {per_k['postgres']:.2f}"
+        )
+
+
 def main() -> None:
     """Run the benches and print a table."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--concurrency", type=int, default=2)
-    ap.add_argument("--db", default=None, help="also run progressbot against this database URL")
+    ap.add_argument(
+        "--db",
+        default=None,
+        help="also measure PostgreSQL with 1, 2 and 4 worker processes: a postgresql:// URL, or 'auto'",
+    )
+    ap.add_argument("--pg-worker", default=None, help=argparse.SUPPRESS)  # a worker process of the PG bench
     args = ap.parse_args()
+    if args.pg_worker:
+        asyncio.run(_pg_worker_main(args.pg_worker, args.concurrency))
+        return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         print(f"no-op jobs end to end, N={args.n}, concurrency={args.concurrency}, cpus={os.cpu_count()}")
@@ -196,8 +453,17 @@ def main() -> None:
             f" {pb_b / raw_default:4.2f}x default floor"
         )
         if args.db:
-            other = bench_progressbot(tmp, args.n, args.concurrency, batched_submit=False, db=args.db)
-            print(f"{'progressbot on ' + args.db.split('://')[0]:44s} {other:9.0f} jobs/s")
+            sqlite = {"16 producers": pb_c, "bulk": pb_b}
+            if args.db == "auto":
+                from tests.servers.postgres import PostgresServer
+
+                with PostgresServer() as server:
+                    figures = bench_postgres(server.url, args.n, args.concurrency)
+                note = "a throw-away local server (fsync off)"
+            else:
+                figures = bench_postgres(args.db, args.n, args.concurrency)
+                note = "the given server"
+            print_postgres(figures, sqlite, note + f", concurrency {args.concurrency} per worker process")
 
 
 if __name__ == "__main__":

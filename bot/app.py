@@ -21,8 +21,14 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
-def service_config(settings: Settings, *, run_worker: bool = True) -> ServiceConfig:
-    """Map settings onto the engine's config."""
+def service_config(
+    settings: Settings, *, run_worker: bool = True, watch_others: bool = True
+) -> ServiceConfig:
+    """Map settings onto the engine's config.
+
+    ``watch_others=False`` is for a worker-only process: it neither polls for nor listens to other
+    processes' changes, since it has no adapters or HTTP clients to show them to.
+    """
     w, p = settings.worker, settings.progress
     return ServiceConfig(
         database_url=settings.database.url,
@@ -38,18 +44,25 @@ def service_config(settings: Settings, *, run_worker: bool = True) -> ServiceCon
         retry_backoff_max=w.retry_backoff_max_seconds,
         default_max_attempts=w.max_attempts,
         run_worker=run_worker,
+        watch_others=watch_others,
     )
 
 
 def build_service(
-    settings: Settings, *, run_worker: bool = True, registry: HandlerRegistry | None = None
+    settings: Settings,
+    *,
+    run_worker: bool = True,
+    registry: HandlerRegistry | None = None,
+    watch_others: bool = True,
 ) -> ProgressService:
     """A service for these settings, with the built-in handlers registered."""
     from core.db import Database
 
     db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
     svc = ProgressService(
-        service_config(settings, run_worker=run_worker), registry=registry or default_registry, database=db
+        service_config(settings, run_worker=run_worker, watch_others=watch_others),
+        registry=registry or default_registry,
+        database=db,
     )
     register_builtins(svc.registry, lambda: svc.store)
     return svc
@@ -84,7 +97,14 @@ def build_adapters(
 
 
 class Application:
-    """``progressbot run``: the worker, monitor, scheduler, adapters and HTTP API, as configured."""
+    """``progressbot run``: the worker, monitor, scheduler, adapters and HTTP API, as configured.
+
+    Without adapters and without HTTP it is ``progressbot worker``: a process that only runs jobs. On
+    PostgreSQL any number of them run beside one ``run`` process, on any hosts. A worker process hosts no
+    cron schedule (``run`` does; N workers would submit each scheduled job N times) and does not watch other
+    processes' changes. Jobs reach it through the database (claims with ``FOR UPDATE SKIP LOCKED``, woken by
+    NOTIFY), and so do pause and cancel requests; its progress reaches ``run`` the same way.
+    """
 
     def __init__(
         self,
@@ -96,9 +116,12 @@ class Application:
         demo: int = 0,
         exit_when_done: bool = False,
         console_interactive: bool | None = None,
+        worker_only: bool | None = None,
     ) -> None:
         self.settings = settings
-        self.service = build_service(settings, run_worker=run_worker)
+        #: No adapters and no HTTP API: ``progressbot worker``.
+        self.worker_only = (not with_adapters and not with_http) if worker_only is None else worker_only
+        self.service = build_service(settings, run_worker=run_worker, watch_others=not self.worker_only)
         self.adapters: list[ChatAdapter] = (
             build_adapters(settings, self.service, console_interactive=console_interactive)
             if with_adapters
@@ -111,7 +134,9 @@ class Application:
             [
                 ScheduleEntry(job=s.job, cron=s.cron, payload=s.payload, room=s.room, name=s.name)
                 for s in settings.schedule
-            ],
+            ]
+            if not self.worker_only
+            else [],
         )
         self.demo = demo
         self.exit_when_done = exit_when_done

@@ -122,7 +122,11 @@ def detail(ev: dict[str, Any]) -> str:
     eta = ev.get("etaSeconds")
     if eta is not None and status == "running":
         parts.append(f"eta {int(eta) // 60}m{int(eta) % 60:02d}s")
-    text = ev.get("error") if status == "failed" and ev.get("error") else ev.get("message")
+    if ev.get("type") == "batch":
+        # A batch's message repeats its counts; only its current operation adds something.
+        text = (ev.get("batchDetails") or {}).get("currentOperation")
+    else:
+        text = ev.get("error") if status == "failed" and ev.get("error") else ev.get("message")
     if text:
         text = str(text).replace("\n", " ")
         parts.append(text if len(text) <= 60 else text[:59] + "…")
@@ -393,8 +397,11 @@ def track(
                 cur = groups.get("current", m.group(1) if m.groups() else None)
                 tot = groups.get("total")
                 try:
-                    job.report(float(cur) if cur is not None else None,
-                               total=float(tot) if tot is not None else None, message=line)
+                    job.report(
+                        float(cur) if cur is not None else None,
+                        total=float(tot) if tot is not None else None,
+                        message=line,
+                    )
                 except ValueError:
                     job.report(message=line)
             elif total is not None and pattern is None:

@@ -121,7 +121,8 @@ class _TrackState:
         self.min_interval = min_interval
         self.poll_interval = poll_interval
         self.lock = threading.Lock()
-        self.current: float = 0.0
+        #: None until the program reports a number (a job may only ever send messages).
+        self.current: float | None = None
         self.total = total
         self.message: str | None = None
         self.stage: str | None = None
@@ -146,7 +147,7 @@ class _TrackState:
 
     def advance(self, n: float, message: str | None) -> None:
         with self.lock:
-            self.current += n
+            self.current = (self.current or 0.0) + n
             if message is not None:
                 self.message = message
             self._touch()
@@ -183,7 +184,7 @@ class _TrackState:
     def take(self) -> dict[str, Any]:
         """The body of the next progress report; marks the state clean."""
         with self.lock:
-            body: dict[str, Any] = {"current": self.current}
+            body: dict[str, Any] = {} if self.current is None else {"current": self.current}
             if self.total is not None:
                 body["total"] = self.total
             if self.message is not None:
@@ -209,7 +210,7 @@ class _TrackState:
     def final_body(self) -> dict[str, Any]:
         """The last state, sent along with complete/fail."""
         with self.lock:
-            body: dict[str, Any] = {"current": self.current}
+            body: dict[str, Any] = {} if self.current is None else {"current": self.current}
             if self.total is not None:
                 body["total"] = self.total
             if self.message is not None:
@@ -263,8 +264,8 @@ class _TrackerBase:
 
     @property
     def current(self) -> float:
-        """The progress reported so far."""
-        return self._state.current
+        """The progress reported so far (0 before any)."""
+        return self._state.current or 0.0
 
     @property
     def total(self) -> float | None:
@@ -372,8 +373,13 @@ class _SyncHttp:
                 conn.request(method, self.prefix + path, body=data, headers=self.headers())
                 resp = conn.getresponse()
                 raw = resp.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                    http.client.CannotSendRequest, http.client.ResponseNotReady):
+            except (
+                http.client.RemoteDisconnected,
+                ConnectionResetError,
+                BrokenPipeError,
+                http.client.CannotSendRequest,
+                http.client.ResponseNotReady,
+            ):
                 self._drop()
                 if attempt == 0 and retry:
                     continue
@@ -433,8 +439,9 @@ class TrackedJob(_TrackerBase):
         body = {k: v for k, v in self._create.items() if v is not None}
         body["kind"] = "tracked"
         reply = self._client._http.request("POST", "/v1/jobs", body)
-        self._state = _TrackState(int(reply["id"]), self._total, self._client.min_interval,
-                                  self._client.poll_interval)
+        self._state = _TrackState(
+            int(reply["id"]), self._total, self._client.min_interval, self._client.poll_interval
+        )
         self._state.notify = self._wake.set
         self._thread = threading.Thread(target=self._run, name=f"progressbot-track-{self.id}", daemon=True)
         self._thread.start()
@@ -669,8 +676,11 @@ class ProgressClient:
         while True:
             conn = self._http.new_connection(read_timeout)
             try:
-                conn.request("GET", self._http.prefix + _events_query(job_id, batch, last),
-                             headers=self._http.headers(NDJSON))
+                conn.request(
+                    "GET",
+                    self._http.prefix + _events_query(job_id, batch, last),
+                    headers=self._http.headers(NDJSON),
+                )
                 resp = conn.getresponse()
                 if resp.status >= 400:
                     raise _error_from(resp.status, resp.read())
@@ -734,8 +744,9 @@ class AsyncTrackedJob(_TrackerBase):
         body = {k: v for k, v in self._create.items() if v is not None}
         body["kind"] = "tracked"
         reply = await self._client.request("POST", "/v1/jobs", body)
-        self._state = _TrackState(int(reply["id"]), self._total, self._client.min_interval,
-                                  self._client.poll_interval)
+        self._state = _TrackState(
+            int(reply["id"]), self._total, self._client.min_interval, self._client.poll_interval
+        )
         self._state.notify = self._wake.set
         self._state.on_apply = self._applied.set
         self._task = asyncio.create_task(self._run(), name=f"progressbot-track-{self.id}")

@@ -46,6 +46,7 @@ from adapters.commands import parse_batch_id, parse_job_id
 from core.errors import IllegalTransition, JobNotFound, PayloadError, ProgressbotError, UnknownJobType
 from core.events import EventFilter, JobProgressEvent, make_filter
 from core.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Control, Job, JobStatus
+from core.monitor import JobView
 from core.serialize import job_to_dict
 from core.service import JobRequest, ProgressService
 from core.store import ActionResult, BatchSummary
@@ -233,7 +234,7 @@ def negotiate_stream(accept: str) -> str | None:
     return None if best is None else best[2]
 
 
-def control_of(job: Job) -> str:
+def control_of(job: Job | JobView) -> str:
     """What a tracked program should do now: ``run``, ``pause`` or ``cancel``."""
     if job.status == JobStatus.CANCELLED or job.control == Control.CANCEL:
         return "cancel"
@@ -285,7 +286,7 @@ class ReplayLog:
     the log remembers the highest seq it lost, so a resume from before that point knows it is incomplete.
     """
 
-    def __init__(self, max_keys: int = 20_000) -> None:
+    def __init__(self, max_keys: int = 10_000) -> None:
         self._events: OrderedDict[tuple[str, int | str], JobProgressEvent] = OrderedDict()
         self._max_keys = max_keys
         #: The highest seq of an evicted event; a resume from below it cannot be complete.
@@ -553,8 +554,11 @@ class HttpApi:
     def _tracked_id(self, request: web.Request) -> int:
         jid = self._job_id(request)
         if not isinstance(jid, int):
-            raise ApiError(409, "conflict", f"Job #{jid} is a direct job, not a tracked one; it can't be "
-                           "reported from outside")
+            raise ApiError(
+                409,
+                "conflict",
+                f"Job #{jid} is a direct job, not a tracked one; it can't be reported from outside",
+            )
         return jid
 
     @staticmethod
@@ -597,8 +601,16 @@ class HttpApi:
         else:
             sb = _validate(SubmitBody, data)
             job = await self.service.submit(
-                sb.type, sb.payload, name=sb.name, priority=sb.priority, run_at=sb.run_at, delay=sb.delay,
-                max_attempts=sb.max_attempts, timeout=sb.timeout, owner=sb.owner or "http", room=sb.room,
+                sb.type,
+                sb.payload,
+                name=sb.name,
+                priority=sb.priority,
+                run_at=sb.run_at,
+                delay=sb.delay,
+                max_attempts=sb.max_attempts,
+                timeout=sb.timeout,
+                owner=sb.owner or "http",
+                room=sb.room,
             )
         return json_response(
             {"id": job.id, "kind": job.kind, "job": job_to_dict(job)},
@@ -620,13 +632,20 @@ class HttpApi:
                 elif s in _STATUSES:
                     statuses.append(s)
                 else:
-                    raise ApiError(400, "bad_request", f"status: unknown status '{s[:40]}'; use one of "
-                                   f"{', '.join(sorted(_STATUSES))}, active or all")
+                    raise ApiError(
+                        400,
+                        "bad_request",
+                        f"status: unknown status '{s[:40]}'; use one of "
+                        f"{', '.join(sorted(_STATUSES))}, active or all",
+                    )
         limit = _int_param(q.get("limit"), "limit", 50, 1, _MAX_LIMIT)
         batch = _int_param(q.get("batch"), "batch", None, 1, 10**12)
         job_type = q.get("type") or None
         jobs = await self.service.list_jobs(
-            statuses=sorted(set(statuses)) or None, type=job_type, batch_id=batch, room=q.get("room") or None,
+            statuses=sorted(set(statuses)) or None,
+            type=job_type,
+            batch_id=batch,
+            room=q.get("room") or None,
             limit=limit,
         )
         return json_response({"jobs": [job_to_dict(j) for j in jobs], "count": len(jobs)})
@@ -639,6 +658,12 @@ class HttpApi:
             d = job_to_dict(job, [])
             d["id"] = jid
         else:
+            st = self.service.monitor.live_state(jid)
+            if st is not None and job.status not in TERMINAL_STATUSES:
+                # Reported progress that the monitor has not written yet is newer than the row.
+                job.progress_current, job.progress_total = st.current, st.total
+                job.progress_message, job.stage_name = st.message, st.stage_name
+                job.weighted_percent = st.weighted_percent()
             d = job_to_dict(job, await self.service.activity(jid, limit=ACTIVITY_IN_JOB))
         return json_response(d)
 
@@ -646,12 +671,17 @@ class HttpApi:
         """Progress of a tracked job; the reply carries ``control`` (run, pause or cancel)."""
         jid = self._tracked_id(request)
         body = await self._body(request, ProgressBody)
-        job = await self.service.tracked_progress(
+        # In memory, like a handler's report(): the monitor throttles the events and batches the writes.
+        view = await self.service.tracked_report(
             jid, current=body.current, total=body.total, message=body.message, stage=body.stage
         )
-        for entry in body.logs:
-            await self.service.tracked_log(jid, entry.level, entry.message)
-        return json_response({"id": jid, "status": job.status, "control": control_of(job)})
+        await self._write_logs(jid, body.logs)
+        return json_response({"id": jid, "status": view.status, "control": control_of(view)})
+
+    async def _write_logs(self, jid: int, logs: list[LogBody]) -> None:
+        if logs:
+            # One transaction for all of a report's entries.
+            await self.service.store.log_many([(jid, e.level, e.message, None) for e in logs])
 
     async def log_entry(self, request: web.Request) -> web.Response:
         """Append an activity entry to a tracked job."""
@@ -677,11 +707,10 @@ class HttpApi:
             # Checked before the final progress is applied, so a refused finish changes nothing.
             raise IllegalTransition(jid, str(current.status), "completed" if ok else "failed")
         if any(v is not None for v in (body.current, body.total, body.message, body.stage)):
-            await self.service.tracked_progress(
+            await self.service.tracked_report(
                 jid, current=body.current, total=body.total, message=body.message, stage=body.stage
             )
-        for entry in body.logs:
-            await self.service.tracked_log(jid, entry.level, entry.message)
+        await self._write_logs(jid, body.logs)
         job = await self.service.tracked_finish(jid, ok=ok, result=body.result, error=body.error)
         return json_response({"id": jid, "status": job.status, "job": job_to_dict(job)})
 
@@ -705,8 +734,14 @@ class HttpApi:
         """Submit a batch of queued jobs (all validated first: one bad job stores nothing)."""
         body = await self._body(request, BatchBody)
         reqs = [
-            JobRequest(type=j.type, payload=j.payload or {}, name=j.name, priority=j.priority,
-                       max_attempts=j.max_attempts, timeout=j.timeout)
+            JobRequest(
+                type=j.type,
+                payload=j.payload or {},
+                name=j.name,
+                priority=j.priority,
+                max_attempts=j.max_attempts,
+                timeout=j.timeout,
+            )
             for j in body.jobs
         ]
         batch, jobs = await self.service.submit_batch(
@@ -766,7 +801,8 @@ class HttpApi:
 
         flt = make_filter(job=job_id, batch=batch_id)
         # Subscribe before reading the current state, so that nothing emitted in between is missed.
-        sub = self.service.subscribe(flt, max_keys=self.stream_max_keys)
+        # The buffer holds one event per job or batch: a job stream needs one slot (a few for safety).
+        sub = self.service.subscribe(flt, max_keys=8 if job_id is not None else self.stream_max_keys)
         try:
             initial, done = await self._initial_events(job_id, batch_id, after, flt)
         except BaseException:
@@ -803,8 +839,9 @@ class HttpApi:
             # The client went away: nothing to report, just clean up.
             log.debug("event stream (%s) closed by the client", target)
         except TimeoutError:
-            log.info("dropping event stream (%s): the client stopped reading for %.0fs", target,
-                     self.write_timeout)
+            log.info(
+                "dropping event stream (%s): the client stopped reading for %.0fs", target, self.write_timeout
+            )
         finally:
             sub.close()
             self.streams.pop(key, None)
@@ -860,8 +897,9 @@ class HttpApi:
             out, complete = self.replay.since(after, flt)
         if not complete:
             seen = {e.key for e in out}
-            active = await svc.list_jobs(statuses=[str(s) for s in ACTIVE_STATUSES], limit=_MAX_LIMIT,
-                                         newest_first=False)
+            active = await svc.list_jobs(
+                statuses=[str(s) for s in ACTIVE_STATUSES], limit=_MAX_LIMIT, newest_first=False
+            )
             batch_ids: set[int] = set()
             for j in active:
                 if ("job", j.id or 0) not in seen:

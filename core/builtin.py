@@ -44,7 +44,7 @@ async def demo_count(ctx: JobContext, data: DemoCount) -> dict[str, Any]:
         await ctx.checkpoint({"next": i, "executions": executions})
         executions += 1
         # Count the execution durably before doing the work, so a crash mid-step is visible as a re-run.
-        await ctx.checkpoint({"next": i, "executions": executions})
+        await ctx.save({"next": i, "executions": executions})
         if data.delay_ms:
             await asyncio.sleep(data.delay_ms / 1000)
         if data.fail_at is not None and i + 1 == data.fail_at:

@@ -137,8 +137,8 @@ class ProgressState:
 class ContextBackend(Protocol):
     """Where a context's checkpoints and log lines go (the worker, or memory for direct jobs)."""
 
-    async def checkpoint(self, ctx: JobContext, state: Any, has_state: bool) -> None:
-        """Persist ``state`` (if given) and raise a JobInterrupt if the job must stop or pause."""
+    async def checkpoint(self, ctx: JobContext, state: Any, has_state: bool, check: bool = True) -> None:
+        """Persist ``state`` (if given); with ``check``, raise a JobInterrupt if the job must stop."""
 
     def log(self, ctx: JobContext, level: str, message: str, context: dict[str, Any] | None) -> None:
         """Append to the activity log without waiting."""
@@ -255,6 +255,11 @@ class JobContext:
             self.checkpoint_state = state
         await self._backend.checkpoint(self, state if has_state else None, has_state)
 
+    async def save(self, state: Any) -> None:
+        """Save ``state`` durably without stopping here (not a pause or cancel point)."""
+        self.checkpoint_state = state
+        await self._backend.checkpoint(self, state, True, check=False)
+
 
 class SyncJobContext:
     """The handle a synchronous handler (run in a thread) gets.
@@ -311,6 +316,10 @@ class SyncJobContext:
         """Save ``state`` and raise (JobPaused/JobCancelled) here if the job must stop. Blocks the thread."""
         fut = asyncio.run_coroutine_threadsafe(self._ctx.checkpoint(state), self._loop)
         fut.result()
+
+    def save(self, state: Any) -> None:
+        """Save ``state`` durably without stopping here. Blocks the thread."""
+        asyncio.run_coroutine_threadsafe(self._ctx.save(state), self._loop).result()
 
 
 def monotonic() -> float:

@@ -11,20 +11,27 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
 from . import models  # noqa: F401 - registers the tables on SQLModel.metadata
+from .models import utcnow
 
 T = TypeVar("T")
 
 DEFAULT_URL = "sqlite:///progressbot.db"
+
+#: Key of the PostgreSQL advisory lock that serialises schema creation across processes ("pbschema").
+SCHEMA_LOCK_KEY = 0x7062736368656D61
 
 
 def normalize_url(url: str) -> str:
@@ -78,8 +85,30 @@ def make_engine(url: str, busy_timeout_ms: int = 10_000, pool_size: int = 8) -> 
 
 
 def create_schema(engine: Engine) -> None:
-    """Create every table that does not exist yet (idempotent; safe on every start)."""
-    SQLModel.metadata.create_all(engine)
+    """Create every table that does not exist yet (idempotent; safe on every start).
+
+    On PostgreSQL several processes (``run`` plus workers on other hosts) may start at once; two concurrent
+    ``CREATE TABLE`` of the same name fail on a catalog unique index, so creation is serialised with a
+    transaction-scoped advisory lock and the existence checks run under it.
+    """
+    if engine.dialect.name != "postgresql":
+        SQLModel.metadata.create_all(engine)
+        return
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
+        SQLModel.metadata.create_all(conn)
+
+
+def pg_connect_args(engine: Engine) -> tuple[list[Any], dict[str, Any]]:
+    """``psycopg.connect`` arguments for a PostgreSQL engine's URL (host, port, credentials, options).
+
+    The dialect's own translation is used, so whatever the URL says (query options, a password) applies to
+    extra connections opened with psycopg directly, such as the LISTEN connection.
+    """
+    args, kwargs = engine.dialect.create_connect_args(engine.url)
+    # The dialect's adapters map is tied to its sync connections; direct connections use psycopg's own.
+    kwargs.pop("context", None)
+    return list(args), dict(kwargs)
 
 
 class Database:
@@ -92,10 +121,44 @@ class Database:
         self.engine = make_engine(self.url, busy_timeout_ms=busy_timeout_ms, pool_size=threads + 2)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="progressbot-db")
         self._closed = False
+        #: The database server's clock minus ours (PostgreSQL; zero on SQLite). See :meth:`now`.
+        self.clock_offset = timedelta(0)
+        self._clock_synced_at: float | None = None
+        self._clock_lock = threading.Lock()
 
     def create_schema(self) -> None:
         """Create the schema (blocking; call through :meth:`run` from async code)."""
         create_schema(self.engine)
+        self.sync_clock()
+
+    def now(self) -> datetime:
+        """The current time on the database's clock (an aware UTC datetime); never blocks.
+
+        Leases, ``updated_at`` stamps and due times are compared across processes and hosts. Stamping them
+        with the database server's clock (our clock plus a measured offset) keeps a worker whose host clock
+        is off from reaping live jobs early or hiding its changes from other processes' polls.
+        """
+        return utcnow() + self.clock_offset
+
+    def sync_clock(self, *, max_age: float | None = None) -> None:
+        """Measure the offset of the database server's clock (PostgreSQL; blocking, one round trip).
+
+        With ``max_age`` the measurement is skipped if the last one is younger than that many seconds.
+        """
+        if self.is_sqlite:
+            return
+        with self._clock_lock:
+            mono = time.monotonic()
+            if max_age is not None and self._clock_synced_at is not None:
+                if mono - self._clock_synced_at < max_age:
+                    return
+            self._clock_synced_at = mono
+        with self.engine.connect() as conn:
+            before = utcnow()
+            server = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+            after = utcnow()
+        # The server read its clock somewhere within the round trip; assume the middle of it.
+        self.clock_offset = server - (before + (after - before) / 2)
 
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` in the database executor and await its result."""

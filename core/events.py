@@ -214,10 +214,9 @@ class Subscription:
                 return None
             self._wakeup.clear()
             try:
-                if timeout is None:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
-                else:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
                 return None
 

@@ -6,7 +6,9 @@
 * Status changes are emitted at once, outside the throttle, and are never dropped.
 * Progress of in-process jobs is written to the DB in one transaction per write tick.
 * Every ``poll_interval`` the store is polled for rows other processes changed (tracked jobs, other
-  workers, CLI actions), which feed the same paths.
+  workers, CLI actions), which feed the same paths. :meth:`JobProgressMonitor.wake_poll` (LISTEN/NOTIFY on
+  PostgreSQL) polls at once in between, reading only rows newer than the newest seen; the periodic poll
+  also re-reads the last ``POLL_OVERLAP`` seconds, for rows whose transaction committed late.
 * Batches get their own throttled events with aggregates computed from their jobs.
 """
 
@@ -29,6 +31,10 @@ from .store import BatchSummary, JobStore, ProgressWrite
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int | str]
+
+#: Seconds the periodic poll reads back before the newest change it saw: a row is stamped before its
+#: transaction commits, so a slow transaction can become visible after a later stamp was already read.
+POLL_OVERLAP = 2.0
 
 
 def _ts(dt: datetime | None) -> float | None:
@@ -75,6 +81,8 @@ class JobView:
     finished_at: float | None = None
     updated_at: datetime | None = None
     persisted: bool = True
+    #: The worker holding the job (queued jobs); progress writes are fenced on it.
+    worker_id: str | None = None
 
     @classmethod
     def from_job(cls, job: Job) -> JobView:
@@ -104,6 +112,7 @@ class JobView:
             started_at=_ts(job.started_at),
             finished_at=_ts(job.finished_at),
             updated_at=job.updated_at,
+            worker_id=job.worker_id,
         )
 
     def progress_signature(self) -> tuple[Any, ...]:
@@ -132,6 +141,7 @@ class JobProgressMonitor:
         write_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         batch_error_limit: int = 5,
+        watch_others: bool = True,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -143,6 +153,10 @@ class JobProgressMonitor:
         self.write_interval = write_interval if write_interval is not None else max(0.1, min_interval)
         self.clock = clock
         self.batch_error_limit = batch_error_limit
+        #: Poll for other processes' changes (off in a worker-only process: nobody there watches events).
+        self.watch_others = watch_others
+        #: Rows read per poll query; a full page is followed by the next one.
+        self.poll_page = 5000
         self._views: dict[Key, JobView] = {}
         self._live: dict[int | str, ProgressState] = {}
         self._dirty: set[Key] = set()
@@ -155,7 +169,8 @@ class JobProgressMonitor:
         self._batch_last: dict[int, BatchSummary] = {}
         self._pending_logs: list[tuple[int, str, str, dict[str, Any] | None]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._poll_since: datetime = utcnow() - timedelta(seconds=2)
+        self._poll_since: datetime = utcnow() - timedelta(seconds=POLL_OVERLAP)
+        self._poll_since_id = 0
         self._poll_wakeup = asyncio.Event()
         self._stopping = False
         self.events_emitted = 0
@@ -164,6 +179,10 @@ class JobProgressMonitor:
     async def start(self) -> None:
         """Start the emit loop and (with a store) the write/poll loop."""
         self._stopping = False
+        if self.store is not None:
+            # Row stamps come from the database's clock (see Database.now); start the polls from it.
+            self._poll_since = self.store.now() - timedelta(seconds=POLL_OVERLAP)
+            self._poll_since_id = 0
         self._tasks.append(asyncio.create_task(self._emit_loop(), name="monitor-emit"))
         if self.store is not None:
             self._tasks.append(asyncio.create_task(self._io_loop(), name="monitor-io"))
@@ -183,7 +202,10 @@ class JobProgressMonitor:
                 await self._flush_writes()
 
     def wake_poll(self) -> None:
-        """Poll the store now (LISTEN/NOTIFY or a local write can call this)."""
+        """Poll the store now for rows newer than the newest seen (LISTEN/NOTIFY calls this).
+
+        The periodic poll keeps its schedule, so frequent wake-ups never starve its overlap re-read.
+        """
         self._poll_wakeup.set()
 
     # ------------------------------------------------------------ job sources
@@ -210,6 +232,10 @@ class JobProgressMonitor:
     def live_state(self, job_id: int | str) -> ProgressState | None:
         """The in-process progress state of a running job, if it runs here."""
         return self._live.get(job_id)
+
+    def view(self, job_id: int | str) -> JobView | None:
+        """What the monitor knows of a job's record (status and control included), if anything."""
+        return self._views.get(("job", job_id))
 
     def job_changed(self, job: Job | JobView, *, force: bool = False) -> JobProgressEvent | None:
         """A job's record changed in this process. A new status is emitted at once."""
@@ -356,10 +382,15 @@ class JobProgressMonitor:
                 if now >= next_write:
                     next_write = now + self.write_interval
                     await self._flush_writes()
-                if now >= next_poll or self._poll_wakeup.is_set():
+                if now >= next_poll:
                     self._poll_wakeup.clear()
                     next_poll = now + self.poll_interval
-                    await self.poll_once()
+                    if self.watch_others:
+                        await self.poll_once()
+                elif self._poll_wakeup.is_set():
+                    self._poll_wakeup.clear()
+                    if self.watch_others:
+                        await self.poll_once(overlap=False)
                 await self._refresh_batches()
                 self._evict()
             except asyncio.CancelledError:
@@ -368,8 +399,11 @@ class JobProgressMonitor:
                 log.exception("monitor I/O tick failed; will retry")
             timeout = max(0.0, min(next_write, next_poll) - self.clock())
             timeout = min(timeout, self.tick_interval * 2)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel that arrives as the event
+            # fires (wake_poll() from NOTIFY makes that likely), and stop() would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll_wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._poll_wakeup.wait()
 
     async def _flush_writes(self) -> None:
         assert self.store is not None
@@ -378,6 +412,7 @@ class JobProgressMonitor:
             st = self._live.get(jid)
             if st is None:
                 continue
+            view = self._views.get(("job", jid))
             writes.append(
                 ProgressWrite(
                     job_id=jid,
@@ -388,28 +423,56 @@ class JobProgressMonitor:
                     stage_index=st.stage_index,
                     stage_count=len(st.stage_names) or None,
                     weighted_percent=st.weighted_percent(),
+                    worker_id=view.worker_id if view is not None else None,
                 )
             )
         self._unsaved.clear()
         if writes:
-            await self.store.write_progress(writes)
+            try:
+                await self.store.write_progress(writes)
+            except Exception:
+                # Not lost: written with the next tick (unless newer progress is written first).
+                self._unsaved.update(w.job_id for w in writes)
+                raise
         if self._pending_logs:
             logs, self._pending_logs = self._pending_logs, []
             await self.store.log_many(logs)
 
-    async def poll_once(self) -> int:
-        """Read rows changed since the last poll and emit what other processes changed. Returns the count."""
+    async def poll_once(self, *, overlap: bool = True) -> int:
+        """Read rows changed since the last poll and emit what other processes changed. Returns the count.
+
+        With ``overlap`` the last ``POLL_OVERLAP`` seconds before the newest change seen are read again;
+        without, only rows after it (a poll woken by a notification, which follows the commit).
+        """
         if self.store is None:
             return 0
-        since = self._poll_since - timedelta(seconds=2)
-        rows = await self.store.changed_since(since)
+        after: int | None
+        if overlap:
+            since, after = self._poll_since - timedelta(seconds=POLL_OVERLAP), None
+        else:
+            since, after = self._poll_since, self._poll_since_id
+        changed = 0
+        while True:
+            rows = await self.store.changed_since(since, self.poll_page, after_id=after)
+            changed += self._apply_polled(rows)
+            if len(rows) < self.poll_page:
+                return changed
+            # A full page: continue after its last row rather than reading the same window again.
+            since, after = rows[-1].updated_at, rows[-1].id
+
+    def _apply_polled(self, rows: list[Job]) -> int:
         changed = 0
         for job in rows:
-            if job.updated_at and job.updated_at > self._poll_since:
-                self._poll_since = job.updated_at
+            if job.updated_at is not None and (job.updated_at, job.id or 0) > (
+                self._poll_since,
+                self._poll_since_id,
+            ):
+                self._poll_since, self._poll_since_id = job.updated_at, job.id or 0
+            old = self._views.get(("job", job.id or 0))
+            if old is not None and old.updated_at == job.updated_at and old.status == job.status:
+                continue  # this version of the row was seen already (the overlap re-reads it)
             view = JobView.from_job(job)
             key: Key = ("job", view.id)
-            old = self._views.get(key)
             if view.id in self._live:
                 # Running here: our own events are authoritative, unless another process took the job away.
                 if old is not None and old.status == view.status:

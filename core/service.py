@@ -11,10 +11,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .context import JobContext, SyncJobContext
-from .db import Database
+from .db import Database, pg_connect_args
 from .errors import IllegalTransition, JobCancelled, JobInterrupt, JobNotFound, PayloadError
 from .events import EventBus, EventFilter, JobProgressEvent, Subscription, make_filter
 from .lifecycle import ACTION_WORD
@@ -23,6 +23,9 @@ from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry, default_registry
 from .store import ActionResult, BatchSummary, JobStore, NewJob, RecoveryPolicy
 from .worker import Worker, make_worker_id
+
+if TYPE_CHECKING:
+    from .notify import PgNotifier
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,16 @@ class ServiceConfig:
     default_max_attempts: int = 1
     run_worker: bool = True
     worker_id: str | None = None
+    #: PostgreSQL: announce changes with NOTIFY and LISTEN for other processes' (polling stays the fallback).
+    notify: bool = True
+    #: Poll for (and listen to) other processes' changes; a worker-only process has no one to show them to.
+    watch_others: bool = True
+
+
+#: Seconds between progress writes on PostgreSQL. Other processes (the ``run`` process hosting the chat
+#: adapters) see a worker's progress only once it is written, so it is written on the next I/O tick rather
+#: than on SQLite's 500 ms batching tick.
+PG_PROGRESS_WRITE_INTERVAL = 0.05
 
 
 @dataclass(slots=True)
@@ -67,9 +80,9 @@ class _DirectBackend:
     def __init__(self, service: ProgressService) -> None:
         self.service = service
 
-    async def checkpoint(self, ctx: JobContext, state: Any, has_state: bool) -> None:
+    async def checkpoint(self, ctx: JobContext, state: Any, has_state: bool, check: bool = True) -> None:
         run = self.service._direct.get(str(ctx.job_id))
-        while True:
+        while check:
             if ctx.control == Control.CANCEL:
                 raise JobCancelled()
             if ctx.control != Control.PAUSE or run is None:
@@ -127,7 +140,12 @@ class ProgressService:
         )
         self.bus = EventBus()
         self.monitor = JobProgressMonitor(
-            self.bus, self.store, min_interval=cfg.min_interval, poll_interval=cfg.poll_interval
+            self.bus,
+            self.store,
+            min_interval=cfg.min_interval,
+            poll_interval=cfg.poll_interval,
+            write_interval=None if self.db.is_sqlite else PG_PROGRESS_WRITE_INTERVAL,
+            watch_others=cfg.watch_others,
         )
         self.worker: Worker | None = None
         if cfg.run_worker:
@@ -150,11 +168,15 @@ class ProgressService:
         self._started = False
         self.recovered: list[Job] = []
         self._wakers: list[Callable[[], None]] = []
+        #: LISTEN/NOTIFY (PostgreSQL with ``config.notify``), created by :meth:`start`.
+        self.notifier: PgNotifier | None = None
 
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Create the schema, start the monitor, recover interrupted jobs and start the worker."""
         await self.store.init()
+        if self.config.notify and not self.db.is_sqlite:
+            await self._start_notifier()
         await self.monitor.start()
         if self.worker is not None:
             self.recovered = await self.worker.start()
@@ -172,8 +194,31 @@ class ProgressService:
                 with contextlib.suppress(BaseException):
                     await run.task
         await self.monitor.stop()
+        if self.notifier is not None:
+            # After the worker and monitor: their last writes (requeued jobs, progress) are announced too.
+            self.store.remove_change_listener(self.notifier.notify)
+            await self.notifier.stop()
+            self.notifier = None
         self.db.close()
         self._started = False
+
+    async def _start_notifier(self) -> None:
+        from .notify import PgNotifier
+
+        notifier = PgNotifier(pg_connect_args(self.db.engine), origin=self.store.origin)
+        worker = self.worker
+        if worker is not None:
+            # Due work is claimed at once; delayed work from elsewhere is found by the worker's periodic
+            # next_run_at check (re-reading it on every NOTIFY would cost a query per wake-up).
+            notifier.subscribe("work", worker.wake)
+            notifier.subscribe("control", worker.wake_controls)
+        if self.config.watch_others:
+            # A poll costs more than a wake-up: at most one per monitor tick; our own changes are known here.
+            gap = self.monitor.tick_interval
+            notifier.subscribe("rows", self.monitor.wake_poll, min_gap=gap, skip_own=True)
+        self.store.add_change_listener(notifier.notify)
+        self.notifier = notifier
+        await notifier.start()
 
     async def __aenter__(self) -> ProgressService:
         await self.start()
@@ -434,14 +479,65 @@ class ProgressService:
         await self.store.get(job_id)
         await self.store.log(job_id, level, message)
 
+    async def tracked_report(
+        self,
+        job_id: int,
+        *,
+        current: float | None = None,
+        total: float | None = None,
+        message: str | None = None,
+        stage: str | None = None,
+    ) -> JobView:
+        """Record progress of a tracked job in memory, as a handler's ``report()`` does.
+
+        The monitor emits it (throttled) and persists it with its batched writes, so a program reporting
+        many times a second costs no commit per report (unlike :meth:`tracked_progress`). The returned
+        view's ``status`` and ``control`` say whether to run, pause or cancel. Raises JobNotFound, or
+        IllegalTransition for a job that is not tracked.
+        """
+        st = self.monitor.live_state(job_id)
+        view = self.monitor.view(job_id)
+        if st is None or view is None:
+            job = await self.store.get(job_id)
+            if job.kind != JobKind.TRACKED:
+                raise IllegalTransition(job_id, "not a tracked job", "sent progress from outside")
+            if JobStatus(job.status).terminal:
+                return JobView.from_job(job)
+            # Another request may have attached it while this one read the row.
+            st = self.monitor.live_state(job_id) or self.monitor.attach(job)
+            view = self.monitor.view(job_id)
+            assert view is not None
+        if view.status in TERMINAL_STATUSES:
+            # Cancelled from chat or the API: nothing more to record; forget the live state.
+            self.monitor.detach(job_id)
+            return view
+        if stage is not None:
+            st.stage_name = stage
+        if current is not None or total is not None or message is not None or stage is not None:
+            st.report(st.current if current is None else current, total, message)
+        return view
+
     async def tracked_finish(
         self, job_id: int, *, ok: bool, result: Any = None, error: str | None = None
     ) -> Job:
         """Complete (``ok``) or fail a tracked job."""
-        job = await self.store.tracked_finish(
-            job_id, JobStatus.COMPLETED if ok else JobStatus.FAILED, result=result, error=error
-        )
+        st = self.monitor.live_state(job_id)
+        if st is not None:
+            # Progress given to tracked_report() may not be written yet: store it before the final state.
+            await self.store.tracked_update(
+                job_id, current=st.current, total=st.total, message=st.message, stage=st.stage_name
+            )
+        try:
+            job = await self.store.tracked_finish(
+                job_id, JobStatus.COMPLETED if ok else JobStatus.FAILED, result=result, error=error
+            )
+        except IllegalTransition:
+            view = self.monitor.view(job_id)
+            if st is not None and view is not None and view.status in TERMINAL_STATUSES:
+                self.monitor.detach(job_id)  # already finished (e.g. cancelled): nothing live to keep
+            raise
         self.monitor.job_changed(job)
+        self.monitor.detach(job_id)
         return job
 
     # ---------------------------------------------------------- user actions

@@ -5,20 +5,41 @@ event loop never blocks. The hot paths (claim, finish, progress writes) use SQLA
 and handle many jobs per transaction.
 
 Writes made on behalf of a worker are *fenced*: they only apply while the job is still ``running`` under
-that worker's id. A worker that lost its lease can therefore not overwrite a job someone else recovered.
+that worker's id and, on PostgreSQL, while its lease (``lease_until``) has not run out. A worker that lost
+its lease can therefore not overwrite a job someone else recovered, nor one that is about to be recovered.
+SQLite serves one process, whose jobs nobody else can take over, so there the lease is not part of the fence.
+
+Every write that other processes should know about is announced to the change listeners (see
+:meth:`JobStore.add_change_listener`); on PostgreSQL :mod:`core.notify` turns them into ``NOTIFY``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import JSON, Connection, and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ColumnElement,
+    Connection,
+    String,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Row
 
 from .db import Database
@@ -36,7 +57,6 @@ from .models import (
     JobTable,
     KeyValue,
     MessageBinding,
-    utcnow,
 )
 
 jobs_t = JobTable.__table__  # type: ignore[attr-defined]
@@ -46,6 +66,16 @@ bindings_t = MessageBinding.__table__  # type: ignore[attr-defined]
 kv_t = KeyValue.__table__  # type: ignore[attr-defined]
 
 S = JobStatus
+
+log = logging.getLogger(__name__)
+
+#: What a write changed, for the change listeners: ``work`` (a queued job became pending: idle workers
+#: should claim), ``control`` (a running job was asked to pause or cancel: its worker should read controls)
+#: and ``rows`` (job rows changed: other processes' monitors should poll).
+ChangeKind = Literal["work", "control", "rows"]
+
+#: How often (seconds) a long-lived store re-measures the database clock's offset.
+CLOCK_RESYNC_SECONDS = 300.0
 
 # Claim statements, built once: statement construction costs more than SQLite's work on this path.
 _CLAIM_PICK = (
@@ -76,14 +106,22 @@ _CLAIM_SQLITE = (
     .values(**_CLAIM_VALUES)
     .returning(*jobs_t.c)
 )
-_CLAIM_PICK_LOCKED = _CLAIM_PICK.with_for_update(skip_locked=True)
-_CLAIM_UPDATE_IDS = (
+# PostgreSQL: lock the candidates with SKIP LOCKED (concurrent claimers take different rows, nobody waits)
+# and update them, in one statement (one round trip). The CTE is evaluated once.
+_CLAIM_PICKED = _CLAIM_PICK.with_for_update(skip_locked=True).cte("picked")
+_CLAIM_PG = (
     update(jobs_t)
-    .where(jobs_t.c.id.in_(bindparam("c_ids", expanding=True)), jobs_t.c.status == JobStatus.PENDING)
-    .values(**_CLAIM_VALUES)
+    .where(jobs_t.c.id == _CLAIM_PICKED.c.id, jobs_t.c.status == JobStatus.PENDING)
+    .values(**dict(_CLAIM_VALUES, updated_at=func.clock_timestamp()))  # see JobStore._stamp
     .returning(*jobs_t.c)
 )
 _INSERT_JOBS = insert(jobs_t).returning(*jobs_t.c, sort_by_parameter_order=True)
+# PostgreSQL stamps updated_at with the server's clock, like every other write there (see JobStore._stamp).
+_INSERT_JOBS_PG = (
+    insert(jobs_t)
+    .values(updated_at=func.clock_timestamp())
+    .returning(*jobs_t.c, sort_by_parameter_order=True)
+)
 _INSERT_ACTIVITY = insert(activity_t)
 
 # The completion of many jobs in one executemany; fenced on the worker id and the running status.
@@ -110,6 +148,11 @@ _COMPLETE_STMT = (
         stage_count=bindparam("b_sc"),
         weighted_percent=bindparam("b_wp"),
     )
+)
+
+# PostgreSQL also fences on the lease: a completion after the lease ran out is refused (see the module doc).
+_COMPLETE_STMT_LEASED = _COMPLETE_STMT.where(jobs_t.c.lease_until >= bindparam("b_now")).values(
+    updated_at=func.clock_timestamp()  # see JobStore._stamp
 )
 
 RecoveryPolicy = Literal["pause", "requeue"]
@@ -141,7 +184,10 @@ class NewJob:
 
 @dataclass(slots=True)
 class ProgressWrite:
-    """One job's latest progress, written on the monitor's tick."""
+    """One job's latest progress, written on the monitor's tick.
+
+    With ``worker_id`` (a queued job run by that worker) the write is fenced like the worker's other writes.
+    """
 
     job_id: int
     current: float | None
@@ -151,6 +197,7 @@ class ProgressWrite:
     stage_index: int | None
     stage_count: int | None
     weighted_percent: float | None
+    worker_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -265,6 +312,47 @@ class JobStore:
         self.retry_backoff_max = retry_backoff_max
         self._submit_queue: list[tuple[list[NewJob], str | None, asyncio.Future[list[Job]]]] = []
         self._submit_flusher: asyncio.Task[None] | None = None
+        self._change_listeners: list[Callable[[ChangeKind], None]] = []
+
+    # ---------------------------------------------------------------- changes
+    def add_change_listener(self, fn: Callable[[ChangeKind], None]) -> None:
+        """Call ``fn(kind)`` on the event loop after each committed write of that kind (see ChangeKind)."""
+        self._change_listeners.append(fn)
+
+    def remove_change_listener(self, fn: Callable[[ChangeKind], None]) -> None:
+        """Stop calling ``fn``."""
+        if fn in self._change_listeners:
+            self._change_listeners.remove(fn)
+
+    def _changed(self, *kinds: ChangeKind) -> None:
+        for fn in list(self._change_listeners):
+            for kind in kinds:
+                try:
+                    fn(kind)
+                except Exception:  # a notification is an optimisation; it must never fail a write
+                    log.exception("change listener failed")
+
+    def now(self) -> datetime:
+        """The current time on the database's clock (see :meth:`Database.now`)."""
+        return self.db.now()
+
+    def _stamp(self, now: datetime) -> datetime | Any:
+        """The ``updated_at`` of an UPDATE: on PostgreSQL the server's ``clock_timestamp()`` at row time.
+
+        ``now`` is taken before the transaction waits for its row locks, so a write stamped earlier could
+        commit after a later-stamped one and look older than the version it replaced; other processes'
+        monitors would then drop it as stale (a completion lost behind a progress write). The clock read
+        at update time, after the row lock, makes each row's stamps increase. SQLite serialises writers
+        before ``now`` matters, and keeps ``now``.
+        """
+        return now if self.db.is_sqlite else func.clock_timestamp()
+
+    def _fence(self, worker_id: str | Any, now: datetime | Any) -> list[ColumnElement[bool]]:
+        """The conditions under which a worker may still write its running job (see the module doc)."""
+        cond = [jobs_t.c.worker_id == worker_id, jobs_t.c.status == S.RUNNING]
+        if not self.db.is_sqlite:
+            cond.append(jobs_t.c.lease_until >= now)
+        return cond
 
     # ----------------------------------------------------------------- schema
     async def init(self) -> None:
@@ -301,12 +389,24 @@ class JobStore:
                 # Isolate the bad submission: write each group in its own transaction.
                 for jobs, actor, fut in groups:
                     try:
-                        _settle(fut, await self.db.run(self._submit_many, jobs, actor))
+                        out = await self.db.run(self._submit_many, jobs, actor)
                     except Exception as exc2:
                         _settle(fut, exc=exc2)
+                    else:
+                        self._announce_submitted(out)
+                        _settle(fut, out)
                 continue
             for (_, _, fut), out in zip(groups, results, strict=True):
+                self._announce_submitted(out)
                 _settle(fut, out)
+
+    def _announce_submitted(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        if any(j.kind == JobKind.QUEUED and j.status == S.PENDING for j in jobs):
+            self._changed("work", "rows")
+        else:
+            self._changed("rows")
 
     def _submit_groups(self, groups: list[tuple[list[NewJob], str | None]]) -> list[list[Job]]:
         if len(groups) == 1:
@@ -328,7 +428,7 @@ class JobStore:
     ) -> list[Job]:
         if not jobs:
             return []
-        now = utcnow()
+        now = self.db.now()
         rows = [
             {
                 "type": nj.type,
@@ -356,7 +456,12 @@ class JobStore:
         ]
         with self.db.engine.begin() as conn:
             # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
-            result = conn.execute(_INSERT_JOBS, rows)
+            if self.db.is_sqlite:
+                result = conn.execute(_INSERT_JOBS, rows)
+            else:
+                for r in rows:
+                    del r["updated_at"]
+                result = conn.execute(_INSERT_JOBS_PG, rows)
             out = [row_to_job(r) for r in result]
             notes = []
             for idx, (nj, job) in enumerate(zip(jobs, out, strict=True)):
@@ -380,7 +485,7 @@ class JobStore:
         return await self.db.run(self._create_batch, name, owner, room)
 
     def _create_batch(self, name: str, owner: str | None, room: str | None) -> Batch:
-        now = utcnow()
+        now = self.db.now()
         with self.db.engine.begin() as conn:
             row = conn.execute(
                 insert(batches_t)
@@ -400,10 +505,13 @@ class JobStore:
         """
         if limit <= 0:
             return []
-        return await self.db.run(self._claim, worker_id, limit, list(types) if types else None, lease_seconds)
+        jobs = await self.db.run(self._claim, worker_id, limit, list(types) if types else None, lease_seconds)
+        if jobs:
+            self._changed("rows")
+        return jobs
 
     def _claim(self, worker_id: str, limit: int, types: list[str] | None, lease_seconds: float) -> list[Job]:
-        now = utcnow()
+        now = self.db.now()
         params: dict[str, Any] = {
             "c_now": now,
             "c_limit": limit,
@@ -418,10 +526,7 @@ class JobStore:
                 # BEGIN IMMEDIATE already serialises writers: one UPDATE ... WHERE id IN (SELECT) suffices.
                 rows = conn.execute(_CLAIM_SQLITE, params).all()
             else:
-                ids = [r[0] for r in conn.execute(_CLAIM_PICK_LOCKED, params)]
-                if not ids:
-                    return []
-                rows = conn.execute(_CLAIM_UPDATE_IDS, dict(params, c_ids=ids)).all()
+                rows = conn.execute(_CLAIM_PG, params).all()
         jobs = [row_to_job(r) for r in rows]
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id or 0))
         return jobs
@@ -447,14 +552,23 @@ class JobStore:
         """
         if not outcomes:
             return FinishResult()
-        return await self.db.run(self._finish_many, list(outcomes))
+        res = await self.db.run(self._finish_many, list(outcomes))
+        if any(j.status == S.PENDING for j in res.changed):
+            self._changed("rows", "work")  # requeued (a retry, a shutdown): another worker may take it
+        elif res.completed_ids or res.changed:
+            self._changed("rows")
+        return res
 
     def _finish_many(self, outcomes: list[Outcome]) -> FinishResult:
-        now = utcnow()
+        now = self.db.now()
         res = FinishResult(finished_at=now)
-        done = [oc for oc in outcomes if oc.status == S.COMPLETED]
-        rest = [oc for oc in outcomes if oc.status != S.COMPLETED]
+        # Rows are locked in ascending id order (see _lock_in_order), hence the sorting.
+        done = sorted((oc for oc in outcomes if oc.status == S.COMPLETED), key=lambda oc: oc.job_id)
+        rest = sorted((oc for oc in outcomes if oc.status != S.COMPLETED), key=lambda oc: oc.job_id)
         with self.db.engine.begin() as conn:
+            if done and rest:
+                # Completions, then the others: lock all of them first so the order stays ascending.
+                self._lock_in_order(conn, [oc.job_id for oc in outcomes])
             if done:
                 res.completed_ids = self._complete_many(conn, done, now)
             for oc in rest:
@@ -481,7 +595,8 @@ class JobStore:
                     "b_wp": p.weighted_percent if p else None,
                 }
             )
-        result = conn.execute(_COMPLETE_STMT, [dict(p, b_now=now, b_origin=self.origin) for p in params])
+        stmt = _COMPLETE_STMT if self.db.is_sqlite else _COMPLETE_STMT_LEASED
+        result = conn.execute(stmt, [dict(p, b_now=now, b_origin=self.origin) for p in params])
         ids = [oc.job_id for oc in done]
         if result.rowcount == len(ids):
             applied = set(ids)  # every fenced update hit its row
@@ -505,13 +620,27 @@ class JobStore:
             )
         return applied
 
+    def _lock_in_order(self, conn: Connection, job_ids: list[int]) -> None:
+        """Lock job rows in ascending id order (PostgreSQL).
+
+        A worker process writes its running rows from several DB threads at once (completions, progress,
+        heartbeats, checkpoints). Two transactions that lock overlapping rows in different orders
+        deadlock, and PostgreSQL only notices after ``deadlock_timeout`` (1 s). Every multi-row write of
+        running jobs therefore takes its locks in ascending id order: sorted executemany parameters, or
+        this explicit ``SELECT ... ORDER BY id FOR UPDATE`` first. SQLite has one writer at a time.
+        """
+        if self.db.is_sqlite or len(job_ids) < 2:
+            return
+        conn.execute(
+            select(jobs_t.c.id)
+            .where(jobs_t.c.id.in_(sorted(set(job_ids))))
+            .order_by(jobs_t.c.id)
+            .with_for_update()
+        ).all()
+
     def _finish_one(self, conn: Connection, oc: Outcome, now: datetime) -> Job | None:
-        fence = and_(
-            jobs_t.c.id == oc.job_id,
-            jobs_t.c.worker_id == oc.worker_id,
-            jobs_t.c.status == S.RUNNING,
-        )
-        values: dict[str, Any] = {"updated_at": now, "origin": self.origin, "lease_until": None}
+        fence = and_(jobs_t.c.id == oc.job_id, *self._fence(oc.worker_id, now))
+        values: dict[str, Any] = {"updated_at": self._stamp(now), "origin": self.origin, "lease_until": None}
         level, note = "info", oc.note
         if oc.status == S.FAILED:
             cur = conn.execute(select(jobs_t.c.attempts, jobs_t.c.max_attempts).where(fence)).first()
@@ -567,25 +696,45 @@ class JobStore:
         return await self.db.run(self._save_checkpoint, job_id, worker_id, state)
 
     def _save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
+        now = self.db.now()
         with self.db.engine.begin() as conn:
             return conn.execute(
                 update(jobs_t)
-                .where(jobs_t.c.id == job_id, jobs_t.c.worker_id == worker_id, jobs_t.c.status == S.RUNNING)
+                .where(jobs_t.c.id == job_id, *self._fence(worker_id, now))
                 .values(checkpoint=state)
                 .returning(jobs_t.c.control)
             ).scalar()
 
     async def heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
-        """Extend the leases of this worker's running jobs; return each job's control value."""
+        """Extend the leases of this worker's running jobs; return each job's control value.
+
+        A job missing from the answer is no longer this worker's: recovered by someone else or, on
+        PostgreSQL, its lease ran out (an expired lease is not revived: a reaper may be taking it over).
+        """
         return await self.db.run(self._heartbeat, worker_id, lease_seconds)
 
     def _heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
-        until = utcnow() + timedelta(seconds=lease_seconds)
+        # Long-lived workers re-measure the clock offset now and then (clocks drift).
+        self.db.sync_clock(max_age=CLOCK_RESYNC_SECONDS)
+        now = self.db.now()
+        fence = self._fence(worker_id, now)
+        if not self.db.is_sqlite:
+            # Lock in ascending id order, like every multi-row write of running jobs (see _lock_in_order).
+            fence = [
+                jobs_t.c.id.in_(
+                    select(jobs_t.c.id)
+                    .where(*fence)
+                    .order_by(jobs_t.c.id)
+                    .with_for_update()
+                    .scalar_subquery()
+                ),
+                *fence,
+            ]
         with self.db.engine.begin() as conn:
             rows = conn.execute(
                 update(jobs_t)
-                .where(jobs_t.c.worker_id == worker_id, jobs_t.c.status == S.RUNNING)
-                .values(lease_until=until)
+                .where(*fence)
+                .values(lease_until=now + timedelta(seconds=lease_seconds))
                 .returning(jobs_t.c.id, jobs_t.c.control)
             ).all()
         return {r[0]: r[1] for r in rows}
@@ -612,10 +761,18 @@ class JobStore:
         With ``expired_only`` only jobs whose lease has run out are touched (other workers may be alive).
         ``policy="pause"`` marks them paused and interrupted; ``"requeue"`` puts them back to pending.
         """
-        return await self.db.run(self._recover, policy, expired_only, reason)
+        jobs = await self.db.run(self._recover, policy, expired_only, reason)
+        if jobs and policy == "requeue":
+            self._changed("rows", "work")
+        elif jobs:
+            self._changed("rows")
+        return jobs
 
     def _recover(self, policy: RecoveryPolicy, expired_only: bool, reason: str | None) -> list[Job]:
-        now = utcnow()
+        if expired_only:
+            # The reaper compares leases with "now": keep its clock reading the database's.
+            self.db.sync_clock(max_age=CLOCK_RESYNC_SECONDS)
+        now = self.db.now()
         cond = [jobs_t.c.status == S.RUNNING, jobs_t.c.kind == JobKind.QUEUED]
         if expired_only:
             cond.append(or_(jobs_t.c.lease_until.is_(None), jobs_t.c.lease_until < now))
@@ -641,7 +798,7 @@ class JobStore:
                     control=Control.RUN,
                     worker_id=None,
                     lease_until=None,
-                    updated_at=now,
+                    updated_at=self._stamp(now),
                     origin=self.origin,
                     **values,
                 )
@@ -659,10 +816,17 @@ class JobStore:
         A running queued job is asked to pause or cancel through its ``control`` column; the worker
         running it (in any process) acts at the next checkpoint.
         """
-        return await self.db.run(self._act, job_id, action, actor)
+        res = await self.db.run(self._act, job_id, action, actor)
+        kinds: list[ChangeKind] = ["rows"]
+        if res.requested:
+            kinds.append("control")
+        if res.job.status == S.PENDING:
+            kinds.append("work")
+        self._changed(*kinds)
+        return res
 
     def _act(self, job_id: int, action: str, actor: str | None) -> ActionResult:
-        now = utcnow()
+        now = self.db.now()
         with self.db.engine.begin() as conn:
             row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id).with_for_update()).first()
             if row is None:
@@ -672,7 +836,11 @@ class JobStore:
             check_action(job_id, status, action)
             by = f" by {actor}" if actor else ""
             tracked = job.kind == JobKind.TRACKED
-            values: dict[str, Any] = {"updated_at": now, "origin": self.origin, "control_by": actor}
+            values: dict[str, Any] = {
+                "updated_at": self._stamp(now),
+                "origin": self.origin,
+                "control_by": actor,
+            }
             requested = False
             if status != S.RUNNING:
                 # The row is no longer a worker's; other processes' monitors must see this change.
@@ -759,12 +927,14 @@ class JobStore:
         stage: str | None = None,
     ) -> Job:
         """Record progress reported for a tracked job from outside; returns the job (with its control)."""
-        return await self.db.run(self._tracked_update, job_id, current, total, message, stage)
+        job = await self.db.run(self._tracked_update, job_id, current, total, message, stage)
+        self._changed("rows")
+        return job
 
     def _tracked_update(
         self, job_id: int, current: float | None, total: float | None, message: str | None, stage: str | None
     ) -> Job:
-        now = utcnow()
+        now = self.db.now()
         with self.db.engine.begin() as conn:
             row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id)).first()
             if row is None:
@@ -774,7 +944,7 @@ class JobStore:
                 raise IllegalTransition(job_id, "not a tracked job", "sent progress from outside")
             if S(job.status).terminal:
                 return job
-            values: dict[str, Any] = {"updated_at": now, "origin": self.origin}
+            values: dict[str, Any] = {"updated_at": self._stamp(now), "origin": self.origin}
             if current is not None:
                 values["progress_current"] = current
             if total is not None:
@@ -794,10 +964,12 @@ class JobStore:
         self, job_id: int, status: JobStatus, *, result: Any = None, error: str | None = None
     ) -> Job:
         """Complete or fail a tracked job (reported from outside)."""
-        return await self.db.run(self._tracked_finish, job_id, status, result, error)
+        job = await self.db.run(self._tracked_finish, job_id, status, result, error)
+        self._changed("rows")
+        return job
 
     def _tracked_finish(self, job_id: int, status: JobStatus, result: Any, error: str | None) -> Job:
-        now = utcnow()
+        now = self.db.now()
         with self.db.engine.begin() as conn:
             row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id).with_for_update()).first()
             if row is None:
@@ -811,7 +983,7 @@ class JobStore:
             values: dict[str, Any] = {
                 "status": status,
                 "finished_at": now,
-                "updated_at": now,
+                "updated_at": self._stamp(now),
                 "origin": self.origin,
             }
             if status == S.COMPLETED:
@@ -832,31 +1004,48 @@ class JobStore:
         """Write many jobs' progress in one transaction (the monitor calls this once per tick)."""
         if writes:
             await self.db.run(self._write_progress, list(writes))
+            self._changed("rows")
 
     def _write_progress(self, writes: list[ProgressWrite]) -> None:
-        now = utcnow()
+        now = self.db.now()
+        values: dict[str, Any] = {
+            "progress_current": bindparam("b_cur"),
+            "progress_total": bindparam("b_tot"),
+            "progress_message": bindparam("b_msg"),
+            "stage_name": bindparam("b_sn"),
+            "stage_index": bindparam("b_si"),
+            "stage_count": bindparam("b_sc"),
+            "weighted_percent": bindparam("b_wp"),
+            "updated_at": self._stamp(now),
+            "origin": self.origin,
+        }
         stmt = (
             update(jobs_t)
             .where(
                 jobs_t.c.id == bindparam("b_id"),
-                # executemany cannot expand IN lists, hence the explicit ORs.
-                or_(jobs_t.c.status == S.RUNNING, jobs_t.c.status == S.PAUSED, jobs_t.c.status == S.PENDING),
+                or_(
+                    # A job no worker holds (tracked): any active status. executemany cannot expand IN
+                    # lists, hence the explicit ORs.
+                    and_(
+                        bindparam("b_free", type_=Boolean),
+                        or_(
+                            jobs_t.c.status == S.RUNNING,
+                            jobs_t.c.status == S.PAUSED,
+                            jobs_t.c.status == S.PENDING,
+                        ),
+                    ),
+                    # A worker's job: only while that worker holds it (a lost lease writes nothing).
+                    and_(*self._fence(bindparam("b_worker", type_=String), now)),
+                ),
             )
-            .values(
-                progress_current=bindparam("b_cur"),
-                progress_total=bindparam("b_tot"),
-                progress_message=bindparam("b_msg"),
-                stage_name=bindparam("b_sn"),
-                stage_index=bindparam("b_si"),
-                stage_count=bindparam("b_sc"),
-                weighted_percent=bindparam("b_wp"),
-                updated_at=now,
-                origin=self.origin,
-            )
+            .values(**values)
         )
+        # One executemany in ascending id order: row locks are taken in that order (see _lock_in_order).
         params = [
             {
                 "b_id": w.job_id,
+                "b_free": w.worker_id is None,
+                "b_worker": w.worker_id,
                 "b_cur": w.current,
                 "b_tot": w.total,
                 "b_msg": w.message,
@@ -865,7 +1054,7 @@ class JobStore:
                 "b_sc": w.stage_count,
                 "b_wp": w.weighted_percent,
             }
-            for w in writes
+            for w in sorted(writes, key=lambda w: w.job_id)
         ]
         with self.db.engine.begin() as conn:
             conn.execute(stmt, params)
@@ -881,7 +1070,7 @@ class JobStore:
             await self.db.run(self._log_tx, list(entries))
 
     def _log_tx(self, entries: list[tuple[int, str, str, dict[str, Any] | None]]) -> None:
-        now = utcnow()
+        now = self.db.now()
         with self.db.engine.begin() as conn:
             for job_id, level, message, context in entries:
                 self._log(conn, job_id, level, message, context, now, trim=False)
@@ -994,20 +1183,31 @@ class JobStore:
             return [row_to_job(r) for r in conn.execute(q)]
 
     async def changed_since(
-        self, since: datetime, limit: int = 5000, *, others_only: bool = True
+        self,
+        since: datetime,
+        limit: int = 5000,
+        *,
+        others_only: bool = True,
+        after_id: int | None = None,
     ) -> list[Job]:
-        """Jobs whose row changed at or after ``since`` (the monitor's cross-process poll).
+        """Jobs whose row changed at or after ``since`` (the monitor's cross-process poll), oldest first.
 
         With ``others_only`` rows last written by this store are skipped: this process knows them already.
+        Rows come in ``(updated_at, id)`` order; ``after_id`` continues after the row ``(since, after_id)``
+        (keyset paging: a full page is followed by the next one instead of being read again).
         """
-        return await self.db.run(self._changed_since, since, limit, others_only)
+        return await self.db.run(self._changed_since, since, limit, others_only, after_id)
 
-    def _changed_since(self, since: datetime, limit: int, others_only: bool) -> list[Job]:
+    def _changed_since(
+        self, since: datetime, limit: int, others_only: bool, after_id: int | None
+    ) -> list[Job]:
         q = select(jobs_t).where(jobs_t.c.updated_at >= since)
+        if after_id is not None:
+            q = q.where(or_(jobs_t.c.updated_at > since, jobs_t.c.id > after_id))
         if others_only:
             q = q.where(or_(jobs_t.c.origin.is_(None), jobs_t.c.origin != self.origin))
         with self.db.engine.connect() as conn:
-            rows = conn.execute(q.order_by(jobs_t.c.updated_at).limit(limit)).all()
+            rows = conn.execute(q.order_by(jobs_t.c.updated_at, jobs_t.c.id).limit(limit)).all()
         return [row_to_job(r) for r in rows]
 
     async def stats(self) -> dict[str, Any]:
@@ -1027,7 +1227,7 @@ class JobStore:
         return await self.db.run(self._cleanup, older_than_days)
 
     def _cleanup(self, older_than_days: float) -> int:
-        cutoff = utcnow() - timedelta(days=older_than_days)
+        cutoff = self.db.now() - timedelta(days=older_than_days)
         cond = and_(jobs_t.c.status.in_([str(s) for s in TERMINAL_STATUSES]), jobs_t.c.finished_at < cutoff)
         with self.db.engine.begin() as conn:
             ids = [r[0] for r in conn.execute(select(jobs_t.c.id).where(cond))]
@@ -1177,7 +1377,7 @@ class JobStore:
         finished: bool | None,
         extra: dict[str, Any] | None,
     ) -> MessageBinding:
-        now = utcnow()
+        now = self.db.now()
         key = and_(
             bindings_t.c.platform == platform,
             bindings_t.c.target_kind == target_kind,

@@ -3,9 +3,14 @@
 * Claims are batched (up to the free slots at once) and outcomes are written in group commits.
 * Pause and cancel are cooperative at ``checkpoint()``. A cancel the handler ignores is enforced by
   cancelling its task after ``cancel_grace`` seconds.
-* Control requests reach a job through the DB (the heartbeat reads them every ``poll_interval``) or, in
-  this process, at once through :meth:`Worker.request_control`.
+* Control requests reach a job through the DB (the heartbeat reads them every ``poll_interval``, or at
+  once after :meth:`Worker.wake_controls`, which LISTEN/NOTIFY calls) or, in this process, at once through
+  :meth:`Worker.request_control`.
 * A graceful stop asks running jobs to stop at their next checkpoint and requeues them from it.
+* Leases (PostgreSQL, ``reap_expired``): every claimed job holds a lease the heartbeat renews. The worker
+  also keeps a local deadline per job (when the lease it last renewed runs out, by our monotonic clock) and
+  stops a job whose deadline passed at its next checkpoint, without a round trip: after a stall (a frozen
+  process, a lost network) another worker may already run it. Its writes are fenced in the store anyway.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -22,7 +28,7 @@ from typing import Any
 
 from .context import JobContext, SyncJobContext
 from .errors import JobCancelled, JobInterrupt, JobPaused, LeaseLost
-from .models import Control, Job, JobStatus, utcnow
+from .models import Control, Job, JobStatus
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry
 from .store import JobStore, Outcome, ProgressWrite, RecoveryPolicy
@@ -46,6 +52,8 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     cancel_timer: asyncio.TimerHandle | None = None
     pending_logs: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)
+    #: When its lease runs out by our monotonic clock, as far as we know (infinite without leases).
+    lease_deadline: float = math.inf
 
 
 class _QueuedBackend:
@@ -54,15 +62,21 @@ class _QueuedBackend:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
-    async def checkpoint(self, ctx: JobContext, state: Any, has_state: bool) -> None:
+    async def checkpoint(self, ctx: JobContext, state: Any, has_state: bool, check: bool = True) -> None:
+        # A lost lease stops the job even where it only saves (check=False): it is not ours to run any more.
         w = self.worker
         job_id = int(ctx.job_id)
+        rj = w.running.get(job_id)
+        if rj is not None and time.monotonic() > rj.lease_deadline:
+            # Our lease ran out (we could not renew it): someone else may run this job by now.
+            raise LeaseLost()
         if has_state:
             control = await w.store.save_checkpoint(job_id, w.worker_id, state)
             if control is None:
                 raise LeaseLost()
             ctx.set_control(control)
-        raise_for_control(ctx)
+        if check:
+            raise_for_control(ctx)
 
     def log(self, ctx: JobContext, level: str, message: str, context: dict[str, Any] | None) -> None:
         self.worker.monitor.log(int(ctx.job_id), level, message, context)
@@ -119,6 +133,9 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._outcomes: list[tuple[Outcome, RunningJob | None]] = []
         self._outcome_ready = asyncio.Event()
+        self._controls_wakeup = asyncio.Event()
+        #: Local lease deadlines (monotonic) of claimed jobs, running or claimed ahead; see the module doc.
+        self._deadlines: dict[int, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._next_due: float | None = None
         self._next_due_check = 0.0
@@ -155,6 +172,7 @@ class Worker:
             self._outcomes.append(
                 (Outcome(job_id=job.id or 0, worker_id=self.worker_id, status=JobStatus.PENDING), None)
             )
+            self._deadlines.pop(job.id or 0, None)
         self._ready.clear()
         for rj in list(self.running.values()):
             rj.ctx.set_control(SHUTDOWN)
@@ -178,12 +196,18 @@ class Worker:
         await self._flush_outcomes()
 
     def wake(self, run_at_delay: float | None = None) -> None:
-        """Look for work now (called on submit in this process); ``run_at_delay`` for a delayed job."""
+        """Look for work now (called on submit in this process, and on NOTIFY from other processes);
+        ``run_at_delay`` for a delayed job."""
         if run_at_delay is not None and run_at_delay > 0:
             due = time.monotonic() + run_at_delay
             if self._next_due is None or due < self._next_due:
                 self._next_due = due
         self._wakeup.set()
+
+    def wake_controls(self) -> None:
+        """Read the running jobs' controls now instead of at the next heartbeat (a pause or cancel was
+        requested from another process)."""
+        self._controls_wakeup.set()
 
     def request_control(self, job_id: int, control: str) -> bool:
         """Deliver a pause or cancel to a job running in this process at once.
@@ -215,7 +239,12 @@ class Worker:
                     await self._slot_freed.wait()
                     continue
                 while free > 0 and self._ready:
-                    self._start_job(self._ready.pop(0))
+                    job = self._ready.pop(0)
+                    if time.monotonic() > self._deadlines.get(job.id or 0, math.inf):
+                        # Claimed ahead, but the lease ran out before a slot freed: it is not ours any more.
+                        self._deadlines.pop(job.id or 0, None)
+                        continue
+                    self._start_job(job)
                     free -= 1
                 if free <= 0:
                     continue
@@ -223,10 +252,15 @@ class Worker:
                 self._wakeup.clear()
                 # Claiming a few jobs ahead turns one claim transaction per job into one per batch.
                 want = free + (self.prefetch if deep else 0)
+                sent = time.monotonic()
                 jobs = await self.store.claim(
                     self.worker_id, want, types=types, lease_seconds=self.lease_seconds
                 )
                 deep = len(jobs) == want
+                if self.reap_expired:
+                    # The lease was stamped after we sent the claim: counting from here is conservative.
+                    for job in jobs:
+                        self._deadlines[job.id or 0] = sent + self.lease_seconds
                 for job in jobs:
                     if len(self.running) < self.concurrency:
                         self._start_job(job)
@@ -248,33 +282,29 @@ class Worker:
         if now >= self._next_due_check:
             self._next_due_check = now + self.poll_interval
             nxt = await self.store.next_run_at(types)
-            self._next_due = None if nxt is None else now + (nxt - utcnow()).total_seconds()
+            self._next_due = None if nxt is None else now + (nxt - self.store.now()).total_seconds()
         if self._next_due is not None:
             timeout = max(0.0, min(timeout, self._next_due - now))
             if timeout <= 0:
                 self._next_due = None
         if timeout <= 0:
             return
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel arriving as the event fires.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wakeup.wait()
 
     async def _heartbeat_loop(self) -> None:
         interval = max(0.05, min(self.poll_interval, self.lease_seconds / 3))
         last_reap = 0.0
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):  # (not wait_for: see _idle_wait)
+                    await self._controls_wakeup.wait()
+            self._controls_wakeup.clear()
             try:
                 if self.running or self._ready:
-                    controls = await self.store.heartbeat(self.worker_id, self.lease_seconds)
-                    for jid, rj in list(self.running.items()):
-                        control = controls.get(jid)
-                        if control is None:
-                            # The row is no longer ours (recovered elsewhere): stop, write nothing.
-                            if rj.task is not None and not rj.task.done():
-                                rj.ctx.set_control("lease-lost")
-                                rj.task.cancel()
-                        elif control != Control.RUN:
-                            self._apply_control(rj, control)
+                    await self._heartbeat_once()
                 if self.reap_expired and time.monotonic() - last_reap >= self.lease_seconds / 2:
                     last_reap = time.monotonic()
                     for job in await self.store.recover(self.recovery, expired_only=True):
@@ -283,6 +313,46 @@ class Worker:
                 raise
             except Exception:
                 log.exception("heartbeat failed")
+            if self.reap_expired:
+                self._drop_expired()
+
+    async def _heartbeat_once(self) -> None:
+        # Only jobs claimed before the heartbeat was sent can be judged by its answer: a claim that commits
+        # while the heartbeat's UPDATE runs is ours, yet missing from that answer.
+        known = set(self.running) | {j.id or 0 for j in self._ready}
+        sent = time.monotonic()
+        controls = await self.store.heartbeat(self.worker_id, self.lease_seconds)
+        for jid in known:
+            control = controls.get(jid)
+            rj = self.running.get(jid)
+            if control is None:
+                # The row is no longer ours (recovered elsewhere, or the lease ran out): stop, write nothing.
+                self._deadlines.pop(jid, None)
+                if rj is not None:
+                    self._lose(rj)
+                else:
+                    self._ready = [j for j in self._ready if j.id != jid]
+                continue
+            if self.reap_expired:
+                self._deadlines[jid] = sent + self.lease_seconds
+                if rj is not None:
+                    rj.lease_deadline = self._deadlines[jid]
+            if rj is not None and control != Control.RUN:
+                self._apply_control(rj, control)
+
+    def _drop_expired(self) -> None:
+        """Stop the jobs whose lease ran out by our clock (the heartbeat could not renew it)."""
+        now = time.monotonic()
+        for rj in list(self.running.values()):
+            if now > rj.lease_deadline:
+                self._lose(rj)
+        if any(now > self._deadlines.get(j.id or 0, math.inf) for j in self._ready):
+            self._ready = [j for j in self._ready if now <= self._deadlines.get(j.id or 0, math.inf)]
+
+    def _lose(self, rj: RunningJob) -> None:
+        if rj.task is not None and not rj.task.done():
+            rj.ctx.set_control("lease-lost")
+            rj.task.cancel()
 
     async def _finish_loop(self) -> None:
         while True:
@@ -338,7 +408,7 @@ class Worker:
             owner=job.owner,
             room=job.room,
         )
-        rj = RunningJob(job=job, ctx=ctx)
+        rj = RunningJob(job=job, ctx=ctx, lease_deadline=self._deadlines.get(job.id, math.inf))
         self.running[job.id] = rj
         self.monitor.job_changed(job)
         rj.task = asyncio.create_task(self._run(rj), name=f"job-{job.id}")
@@ -384,8 +454,11 @@ class Worker:
             if rj.cancel_timer is not None:
                 rj.cancel_timer.cancel()
             self.running.pop(job.id, None)
+            self._deadlines.pop(job.id, None)
+            # A full worker claims as soon as a slot frees. An idle one (its last claim found the queue
+            # drained) is not woken: new work is announced (wake(), NOTIFY) or found by the poll, and a
+            # claim per finished job would mostly come back empty (with several workers, most of them).
             self._slot_freed.set()
-            self._wakeup.set()
             if outcome is not None:
                 outcome.progress = self._progress_of(job.id)
                 self._outcomes.append((outcome, rj))

@@ -71,12 +71,25 @@ PINNED_EVENTS = "m.room.pinned_events"
 
 #: Error codes after which repeating the same request cannot help.
 PERMANENT_ERRORS = frozenset(
-    {"M_FORBIDDEN", "M_NOT_FOUND", "M_BAD_JSON", "M_NOT_JSON", "M_TOO_LARGE", "M_INVALID_PARAM",
-     "M_DUPLICATE_ANNOTATION", "M_UNRECOGNIZED", "M_BAD_STATE", "M_GUEST_ACCESS_FORBIDDEN"}
+    {
+        "M_FORBIDDEN",
+        "M_NOT_FOUND",
+        "M_BAD_JSON",
+        "M_NOT_JSON",
+        "M_TOO_LARGE",
+        "M_INVALID_PARAM",
+        "M_DUPLICATE_ANNOTATION",
+        "M_UNRECOGNIZED",
+        "M_BAD_STATE",
+        "M_GUEST_ACCESS_FORBIDDEN",
+    }
 )
 #: Network failures: the homeserver is unreachable or answered nothing useful. Retried with backoff.
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientError, TimeoutError, ConnectionError, OSError,
+    aiohttp.ClientError,
+    TimeoutError,
+    ConnectionError,
+    OSError,
 )
 
 #: The sync filter: only what the adapter reads (room timelines and state), nothing else.
@@ -302,8 +315,9 @@ class MatrixAdapter(ChatAdapter):
         try:
             await self._login()
         except TRANSIENT_ERRORS as exc:
-            log.warning("matrix: homeserver %s unreachable at start (%s); will keep trying",
-                        cfg.homeserver, exc)
+            log.warning(
+                "matrix: homeserver %s unreachable at start (%s); will keep trying", cfg.homeserver, exc
+            )
         except BaseException:
             await self._close_client()
             raise
@@ -428,8 +442,12 @@ class MatrixAdapter(ChatAdapter):
             else:
                 if isinstance(resp, JoinError) and _errcode(resp) == "M_LIMIT_EXCEEDED":
                     raise MatrixRequestError(f"join {wanted}", "M_LIMIT_EXCEEDED", resp.message)
-                log.warning("matrix: cannot join %s yet (%s %s); an invite will be accepted",
-                            wanted, _errcode(resp), getattr(resp, "message", ""))
+                log.warning(
+                    "matrix: cannot join %s yet (%s %s); an invite will be accepted",
+                    wanted,
+                    _errcode(resp),
+                    getattr(resp, "message", ""),
+                )
                 room_id = wanted
                 if wanted.startswith("#"):
                     res = await self.client.room_resolve_alias(wanted)
@@ -473,8 +491,11 @@ class MatrixAdapter(ChatAdapter):
                 else:
                     await self._sync(first=False)
                 if outage_since is not None:
-                    log.info("matrix: reconnected to %s after %.1fs", self.config.homeserver,
-                             time.monotonic() - outage_since)
+                    log.info(
+                        "matrix: reconnected to %s after %.1fs",
+                        self.config.homeserver,
+                        time.monotonic() - outage_since,
+                    )
                     self.stats.reconnects += 1
                     outage_since = None
                 self._connected = True
@@ -490,8 +511,11 @@ class MatrixAdapter(ChatAdapter):
                 delay = backoff.next()
                 if outage_since is None:
                     outage_since = time.monotonic()
-                    log.warning("matrix: lost the connection to %s (%s); retrying with backoff",
-                                self.config.homeserver, exc or type(exc).__name__)
+                    log.warning(
+                        "matrix: lost the connection to %s (%s); retrying with backoff",
+                        self.config.homeserver,
+                        exc or type(exc).__name__,
+                    )
                 else:
                     log.debug("matrix: still disconnected (%s); next try in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -505,11 +529,13 @@ class MatrixAdapter(ChatAdapter):
         if first:
             # full_state: nio learns every joined room's state (power levels) even when resuming
             # from a stored token; the timeline of this sync is the backlog and is skipped.
-            resp = await self.client.sync(timeout=0, since=self._next_batch, full_state=True,
-                                          sync_filter=FIRST_SYNC_FILTER)
+            resp = await self.client.sync(
+                timeout=0, since=self._next_batch, full_state=True, sync_filter=FIRST_SYNC_FILTER
+            )
         else:
-            resp = await self.client.sync(timeout=self.config.sync_timeout_ms, since=self._next_batch,
-                                          sync_filter=SYNC_FILTER)
+            resp = await self.client.sync(
+                timeout=self.config.sync_timeout_ms, since=self._next_batch, sync_filter=SYNC_FILTER
+            )
         if isinstance(resp, SyncError):
             code = _errcode(resp)
             if code in ("M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"):
@@ -776,8 +802,14 @@ class MatrixAdapter(ChatAdapter):
     async def _save(self, t: _Target) -> None:
         if t.persistent and t.event_id:
             await self.service.store.save_binding(
-                PLATFORM, t.kind, int(t.ident), t.room, t.event_id,
-                pinned=t.pinned, finished=t.finished, extra=t.extra(),
+                PLATFORM,
+                t.kind,
+                int(t.ident),
+                t.room,
+                t.event_id,
+                pinned=t.pinned,
+                finished=t.finished,
+                extra=t.extra(),
             )
 
     async def _send_step(
@@ -917,5 +949,8 @@ class MatrixAdapter(ChatAdapter):
             self._pin_warned.add(room)
             log.warning(
                 "matrix: cannot pin progress messages in %s: %s. Give %s power level 50 there "
-                "(or set matrix.pin = false); carrying on without pins.", room, why, self.config.user_id,
+                "(or set matrix.pin = false); carrying on without pins.",
+                room,
+                why,
+                self.config.user_id,
             )

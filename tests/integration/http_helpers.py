@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from pydantic import SecretStr
 
 from bot.http_api import HttpApi
@@ -77,46 +76,42 @@ class ApiServer:
 ServerFactory = Callable[..., Awaitable[ApiServer]]
 
 
-@pytest.fixture
-async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
-    """Start services with the HTTP API on 127.0.0.1:0; everything is stopped at teardown."""
-    started: list[ApiServer] = []
+class ServerPool:
+    """Starts services with the HTTP API on 127.0.0.1:0 (the test modules wrap it in fixtures)."""
 
-    async def factory(*, keepalive: float = 15.0, max_body: int = 1024 * 1024, **cfg: Any) -> ApiServer:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[ApiServer] = []
+
+    async def new(self, *, keepalive: float = 15.0, max_body: int = 1024 * 1024, **cfg: Any) -> ApiServer:
+        """A started service (min_interval 0.1 s unless given) and its API, with a fresh database."""
         cfg.setdefault("min_interval", 0.1)
         cfg.setdefault("poll_interval", 0.1)
         cfg.setdefault("cancel_grace", 0.5)
         cfg.setdefault("shutdown_grace", 2.0)
-        url = f"sqlite:///{tmp_path}/api{len(started)}.db"
+        url = f"sqlite:///{self.tmp_path}/api{len(self.started)}.db"
         reg = HandlerRegistry()
         svc = ProgressService(ServiceConfig(database_url=url, **cfg), registry=reg, database=Database(url))
         register_builtins(reg, lambda: svc.store)
         await svc.start()
         token = secrets.token_urlsafe(24)
-        api = HttpApi(
-            svc,
-            HttpSettings(
-                listen="127.0.0.1:0", token=SecretStr(token), max_body_bytes=max_body, keepalive_seconds=keepalive
-            ),
+        settings = HttpSettings(
+            listen="127.0.0.1:0", token=SecretStr(token), max_body_bytes=max_body, keepalive_seconds=keepalive
         )
+        api = HttpApi(svc, settings)
         await api.start()
         srv = ApiServer(svc, api, token, aiohttp.ClientSession())
-        started.append(srv)
+        self.started.append(srv)
         return srv
 
-    yield factory
-    for srv in reversed(started):
-        await srv.session.close()
-        for s in srv.extra_sessions:
-            await s.close()
-        await srv.api.stop()
-        await srv.service.stop()
-
-
-@pytest.fixture
-async def server(make_server: ServerFactory) -> ApiServer:
-    """One started service with the API (min_interval 0.1 s)."""
-    return await make_server()
+    async def close(self) -> None:
+        """Stop every server and close the sessions."""
+        for srv in reversed(self.started):
+            await srv.session.close()
+            for s in srv.extra_sessions:
+                await s.close()
+            await srv.api.stop()
+            await srv.service.stop()
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> None:
@@ -134,8 +129,9 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval
         await asyncio.sleep(interval)
 
 
-async def read_ndjson(resp: aiohttp.ClientResponse, *, keepalives: list[dict[str, Any]] | None = None,
-                      limit: int | None = None) -> list[dict[str, Any]]:
+async def read_ndjson(
+    resp: aiohttp.ClientResponse, *, keepalives: list[dict[str, Any]] | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
     """Read NDJSON events until EOF (or ``limit`` events); keep-alive lines go to ``keepalives``."""
     out: list[dict[str, Any]] = []
     async for raw in resp.content:

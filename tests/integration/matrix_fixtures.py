@@ -62,4 +62,3 @@ async def bots(tmp_path: Path) -> Any:
     for h in reversed(made):
         with contextlib.suppress(Exception):
             await h.stop()
-

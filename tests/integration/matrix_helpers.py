@@ -140,8 +140,9 @@ class UserClient:
     async def command(self, room_id: str, body: str, timeout: float = 20.0) -> Event:
         """Send a command and wait for the bot's reply threaded to it."""
         eid = await self.send_text(room_id, body)
-        return await self.wait_for(lambda: first(replies_to(self.room(room_id), eid)), timeout,
-                                   f"a reply to {body!r}")
+        return await self.wait_for(
+            lambda: first(replies_to(self.room(room_id), eid)), timeout, f"a reply to {body!r}"
+        )
 
     async def create_room(self, *, bot: str, others: list[str], bot_power: int = 50) -> str:
         """Create a private room, invite the bot and ``others``; the bot gets ``bot_power``."""
@@ -178,23 +179,31 @@ def relates(ev: Event) -> dict[str, Any]:
 def progress_messages(events: list[Event], bot: str) -> list[Event]:
     """The bot's progress notices: originals (not edits, not replies)."""
     return [
-        e for e in events
-        if e.get("sender") == bot and e.get("type") == "m.room.message"
-        and content_of(e).get("msgtype") == "m.notice" and not relates(e)
+        e
+        for e in events
+        if e.get("sender") == bot
+        and e.get("type") == "m.room.message"
+        and content_of(e).get("msgtype") == "m.notice"
+        and not relates(e)
     ]
 
 
 def progress_for(events: list[Event], bot: str, job_id: int | str, kind: str = "job") -> list[Event]:
     """The progress notices showing job ``#id`` (or ``batch #id``)."""
     tag = f"batch #{job_id} " if kind == "batch" else f"#{job_id} "
-    return [e for e in progress_messages(events, bot) if tag in content_of(e).get("body", "") + " "
-            and (kind == "batch" or "batch #" not in content_of(e).get("body", ""))]
+    return [
+        e
+        for e in progress_messages(events, bot)
+        if tag in content_of(e).get("body", "") + " "
+        and (kind == "batch" or "batch #" not in content_of(e).get("body", ""))
+    ]
 
 
 def edits_of(events: list[Event], event_id: str) -> list[Event]:
     """The ``m.replace`` edits of an event, in timeline order."""
     return [
-        e for e in events
+        e
+        for e in events
         if relates(e).get("rel_type") == "m.replace" and relates(e).get("event_id") == event_id
     ]
 
@@ -230,8 +239,10 @@ def replies_to(events: list[Event], event_id: str) -> list[Event]:
 def reactions_on(events: list[Event], event_id: str, sender: str | None = None) -> list[str]:
     """Reaction keys on an event (optionally only those by ``sender``)."""
     return [
-        relates(e).get("key", "") for e in events
-        if e.get("type") == "m.reaction" and relates(e).get("event_id") == event_id
+        relates(e).get("key", "")
+        for e in events
+        if e.get("type") == "m.reaction"
+        and relates(e).get("event_id") == event_id
         and (sender is None or e.get("sender") == sender)
     ]
 
@@ -275,8 +286,14 @@ class BotHarness:
         """Start the service and the adapter; wait until the bot has joined and synced once."""
         reg = HandlerRegistry()
         svc = ProgressService(
-            ServiceConfig(database_url=self.db_url, min_interval=0.1, poll_interval=0.1, cancel_grace=0.5,
-                          shutdown_grace=2.0, concurrency=self.concurrency),
+            ServiceConfig(
+                database_url=self.db_url,
+                min_interval=0.1,
+                poll_interval=0.1,
+                cancel_grace=0.5,
+                shutdown_grace=2.0,
+                concurrency=self.concurrency,
+            ),
             registry=reg,
             database=Database(self.db_url),
         )
@@ -351,17 +368,19 @@ class World:
 async def job_message(world: World, room: str, job_id: int | str, kind: str = "job") -> str:
     """Wait for the progress message of a job (or batch) and return its event id."""
     ev = await world.alice.wait_for(
-        lambda: first(progress_for(world.alice.room(room), world.bot_id, job_id, kind)), 20,
+        lambda: first(progress_for(world.alice.room(room), world.bot_id, job_id, kind)),
+        20,
         f"the progress message of {kind} #{job_id}",
     )
     return str(ev["event_id"])
 
 
-async def wait_status(
-    world: World, room: str, event_id: str, status: str, timeout: float = 30
-) -> str:
+async def wait_status(world: World, room: str, event_id: str, status: str, timeout: float = 30) -> str:
     """Wait until the message shows ``status``; returns its text."""
-    return str(await world.alice.wait_for(
-        lambda: (t := current_text(world.alice.room(room), event_id)) and status_word(t) == status and t,
-        timeout, f"{event_id} to show {status}",
-    ))
+    return str(
+        await world.alice.wait_for(
+            lambda: (t := current_text(world.alice.room(room), event_id)) and status_word(t) == status and t,
+            timeout,
+            f"{event_id} to show {status}",
+        )
+    )

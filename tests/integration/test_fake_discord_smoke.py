@@ -101,7 +101,7 @@ class SmokeBot:
         self.bot.add_view(JobView())
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:  # noqa: ASYNC109
+async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
     """Poll ``check`` (for bot-side state the server cannot signal) until true or fail."""
     deadline = time.monotonic() + timeout
     while not check():

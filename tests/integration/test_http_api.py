@@ -6,26 +6,46 @@ import asyncio
 import io
 import json
 import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import event as sa_event
 
 from bot.http_api import HttpApi, HttpConfigError, ReplayLog, negotiate_stream
 from bot.settings import HttpSettings
+from core.db import Database
 from core.events import JobProgressEvent
-from tests.integration.http_helpers import (  # noqa: F401 - fixtures
+from core.registry import HandlerRegistry
+from core.service import ProgressService, ServiceConfig
+from tests.integration.http_helpers import (
     ApiServer,
     ServerFactory,
-    make_server,
+    ServerPool,
     read_ndjson,
-    server,
     sse_frames,
     wait_for,
 )
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Start services with the API on an ephemeral loopback port; all are stopped at teardown."""
+    pool = ServerPool(tmp_path)
+    yield pool.new
+    await pool.close()
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> ApiServer:
+    """One started service with the API (min_interval 0.1 s)."""
+    return await make_server()
+
 
 NDJSON = {"Accept": "application/x-ndjson"}
 SSE = {"Accept": "text/event-stream"}
@@ -46,10 +66,17 @@ async def test_healthz_needs_no_token_and_shows_no_job_data(server: ApiServer) -
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic Zm9vOmJhcg=="}, {"Authorization": "Bearer"}],
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic Zm9vOmJhcg=="},
+        {"Authorization": "Bearer"},
+    ],
     ids=["missing", "wrong", "basic", "empty"],
 )
-async def test_missing_or_wrong_token_gets_401_without_job_data(server: ApiServer, headers: dict[str, str]) -> None:
+async def test_missing_or_wrong_token_gets_401_without_job_data(
+    server: ApiServer, headers: dict[str, str]
+) -> None:
     created = await server.post("/v1/jobs", {"name": "top secret build"})
     jid = created["id"]
     for method, path in [
@@ -84,7 +111,9 @@ async def test_start_refuses_without_a_token(server: ApiServer) -> None:
 
 
 async def test_listen_on_a_busy_port_raises_oserror(server: ApiServer) -> None:
-    api = HttpApi(server.service, HttpSettings(listen=f"127.0.0.1:{server.api.port}", token=SecretStr("x" * 20)))
+    api = HttpApi(
+        server.service, HttpSettings(listen=f"127.0.0.1:{server.api.port}", token=SecretStr("x" * 20))
+    )
     with pytest.raises(OSError):
         await api.start()
 
@@ -92,8 +121,15 @@ async def test_listen_on_a_busy_port_raises_oserror(server: ApiServer) -> None:
 # ---------------------------------------------------------------------- jobs
 async def test_submit_queued_job_then_get_it_with_activity(server: ApiServer) -> None:
     status, body = await server.call(
-        "POST", "/v1/jobs", {"type": "demo.count", "payload": {"steps": 3, "delay_ms": 1}, "name": "count",
-                             "owner": "@alice:example.org", "room": "!r:example.org"}
+        "POST",
+        "/v1/jobs",
+        {
+            "type": "demo.count",
+            "payload": {"steps": 3, "delay_ms": 1},
+            "name": "count",
+            "owner": "@alice:example.org",
+            "room": "!r:example.org",
+        },
     )
     assert status == 201, body
     jid = body["id"]
@@ -156,8 +192,9 @@ async def test_oversized_bodies_get_413_and_store_nothing(make_server: ServerFac
     status, reply = await srv.call("POST", "/v1/jobs", chunked())
     assert status == 413 and reply["error"] == "payload_too_large"
     jid = (await srv.post("/v1/jobs", {"name": "tracked"}))["id"]
-    status, reply = await srv.call("POST", f"/v1/jobs/{jid}/progress", {"message": "m" * 1900, "logs": [
-        {"message": "l" * 1000}]})
+    status, reply = await srv.call(
+        "POST", f"/v1/jobs/{jid}/progress", {"message": "m" * 1900, "logs": [{"message": "l" * 1000}]}
+    )
     assert status == 413
     assert (await srv.service.get(jid)).progress_message is None
     assert await total_jobs(srv) == 1
@@ -210,16 +247,22 @@ async def test_unknown_ids_endpoints_and_methods(server: ApiServer) -> None:
 
 # ------------------------------------------------------------- tracked jobs
 async def test_tracked_job_progress_reply_carries_the_control(server: ApiServer) -> None:
-    created = await server.post("/v1/jobs", {"name": "nightly build", "total": 10, "room": "!ops:example.org"})
+    created = await server.post(
+        "/v1/jobs", {"name": "nightly build", "total": 10, "room": "!ops:example.org"}
+    )
     jid = created["id"]
     assert created["kind"] == "tracked" and created["job"]["status"] == "running"
-    reply = await server.post(f"/v1/jobs/{jid}/progress", {"current": 3, "message": "compiling", "stage": "build"})
+    reply = await server.post(
+        f"/v1/jobs/{jid}/progress", {"current": 3, "message": "compiling", "stage": "build"}
+    )
     assert reply == {"id": jid, "status": "running", "control": "run"}
 
     paused = await server.post(f"/v1/jobs/{jid}/pause", {"actor": "@alice:example.org"})
     assert paused["status"] == "paused" and paused["control"] == "pause"
     assert (await server.post(f"/v1/jobs/{jid}/progress", {"current": 4}))["control"] == "pause"
-    assert (await server.post(f"/v1/jobs/{jid}/progress", {}))["control"] == "pause"  # an empty body just asks
+    assert (await server.post(f"/v1/jobs/{jid}/progress", {}))[
+        "control"
+    ] == "pause"  # an empty body just asks
 
     assert (await server.post(f"/v1/jobs/{jid}/resume"))["status"] == "running"
     assert (await server.post(f"/v1/jobs/{jid}/progress", {"current": 5}))["control"] == "run"
@@ -232,14 +275,23 @@ async def test_tracked_job_progress_reply_carries_the_control(server: ApiServer)
     assert (await server.post(f"/v1/jobs/{jid}/cancel"))["status"] == "cancelled"
     assert (await server.post(f"/v1/jobs/{jid}/progress", {"current": 6}))["control"] == "cancel"
     status, reply = await server.call("POST", f"/v1/jobs/{jid}/complete", {"current": 10})
-    assert status == 409 and reply == {"error": "conflict", "detail": f"Job #{jid} is cancelled; it can't be completed"}
-    assert (await server.service.get(jid)).progress_current == 5  # the refused request stored nothing
+    assert status == 409 and reply == {
+        "error": "conflict",
+        "detail": f"Job #{jid} is cancelled; it can't be completed",
+    }
+    job = await server.service.get(jid)
+    assert job.status == "cancelled" and job.progress_current != 10  # the refused request stored nothing
 
 
 async def test_tracked_job_logs_complete_and_fail(server: ApiServer) -> None:
     a = (await server.post("/v1/jobs", {"name": "a", "total": 4}))["id"]
-    await server.post(f"/v1/jobs/{a}/progress", {"current": 1, "logs": [{"message": "fetched", "level": "info"},
-                                                                          {"message": "slow", "level": "warning"}]})
+    await server.post(
+        f"/v1/jobs/{a}/progress",
+        {
+            "current": 1,
+            "logs": [{"message": "fetched", "level": "info"}, {"message": "slow", "level": "warning"}],
+        },
+    )
     await server.post(f"/v1/jobs/{a}/log", {"message": "one more", "level": "debug"})
     done = await server.post(f"/v1/jobs/{a}/complete", {"result": {"artifacts": 3}, "message": "all done"})
     assert done["status"] == "completed" and done["job"]["result"] == {"artifacts": 3}
@@ -266,16 +318,84 @@ async def test_tracked_job_logs_complete_and_fail(server: ApiServer) -> None:
     assert status == 422
 
 
+async def test_tracked_progress_is_written_in_batches_not_one_commit_per_report(
+    make_server: ServerFactory,
+) -> None:
+    srv = await make_server(min_interval=0.2)
+    jid = (await srv.post("/v1/jobs", {"name": "busy", "total": 100}))["id"]
+    commits = 0
+
+    def on_commit(conn: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    engine = srv.service.db.engine
+    sa_event.listen(engine, "commit", on_commit)
+    try:
+        for i in range(1, 101):
+            await srv.post(f"/v1/jobs/{jid}/progress", {"current": i, "message": f"file {i}"})
+        # The API shows the newest state at once, before the monitor wrote it.
+        live = await srv.get(f"/v1/jobs/{jid}")
+        assert live["progress"]["current"] == 100 and live["progress"]["message"] == "file 100"
+    finally:
+        sa_event.remove(engine, "commit", on_commit)
+    assert commits < 25, commits  # 100 reports, but writes are batched per monitor tick
+
+    async def persisted() -> bool:
+        return (await srv.service.store.get(jid)).progress_current == 100
+
+    await wait_for(persisted)
+    await srv.post(f"/v1/jobs/{jid}/complete")
+    assert srv.service.monitor.live_state(jid) is None  # nothing stays in memory after the end
+
+    other = (await srv.post("/v1/jobs", {"name": "cancelled"}))["id"]
+    await srv.post(f"/v1/jobs/{other}/progress", {"current": 1})
+    assert srv.service.monitor.live_state(other) is not None
+    await srv.post(f"/v1/jobs/{other}/cancel")
+    assert (await srv.post(f"/v1/jobs/{other}/progress", {"current": 2}))["control"] == "cancel"
+    assert srv.service.monitor.live_state(other) is None
+
+
+async def test_a_pause_from_another_process_reaches_the_progress_reply(make_server: ServerFactory) -> None:
+    srv = await make_server()
+    jid = (await srv.post("/v1/jobs", {"name": "cross-process"}))["id"]
+    assert (await srv.post(f"/v1/jobs/{jid}/progress", {"current": 1}))["control"] == "run"
+    # `progressbot pause 12` works on the database directly, from another process.
+    url = srv.service.config.database_url
+    other = ProgressService(
+        ServiceConfig(database_url=url, run_worker=False), registry=HandlerRegistry(), database=Database(url)
+    )
+    await other.store.init()
+    try:
+        await other.act(jid, "pause", actor="cli")
+    finally:
+        other.db.close()
+
+    async def told_to_pause() -> bool:
+        reply = await srv.post(f"/v1/jobs/{jid}/progress", {"current": 2})
+        return bool(reply["control"] == "pause" and reply["status"] == "paused")
+
+    await wait_for(told_to_pause, timeout=10, interval=0.05)
+
+
 async def test_progress_for_a_queued_job_is_refused(server: ApiServer) -> None:
-    jid = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 1, "delay_ms": 0}}))["id"]
-    for path, body in (("progress", {"current": 1}), ("complete", {}), ("fail", {"error": "x"}),
-                       ("log", {"message": "x"})):
+    jid = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 1, "delay_ms": 0}}))[
+        "id"
+    ]
+    for path, body in (
+        ("progress", {"current": 1}),
+        ("complete", {}),
+        ("fail", {"error": "x"}),
+        ("log", {"message": "x"}),
+    ):
         status, reply = await server.call("POST", f"/v1/jobs/{jid}/{path}", body)
         assert status == 409 and "not a tracked job" in reply["detail"], (path, reply)
 
 
 async def test_illegal_transitions_get_409_with_a_readable_message(server: ApiServer) -> None:
-    jid = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 1, "delay_ms": 0}}))["id"]
+    jid = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 1, "delay_ms": 0}}))[
+        "id"
+    ]
     await server.service.wait_for(jid, timeout=10)
     expected = {
         "pause": f"Job #{jid} is completed; it can't be paused",
@@ -292,7 +412,9 @@ async def test_illegal_transitions_get_409_with_a_readable_message(server: ApiSe
 
 
 async def test_pause_resume_cancel_retry_of_queued_jobs(server: ApiServer) -> None:
-    jid = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 200, "delay_ms": 20}}))["id"]
+    jid = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 200, "delay_ms": 20}}))[
+        "id"
+    ]
     await wait_for(lambda: _status(server, jid, "running"))
     reply = await server.post(f"/v1/jobs/{jid}/pause")
     assert reply["requested"] is True and reply["control"] == "pause"
@@ -319,19 +441,34 @@ async def test_stats(server: ApiServer) -> None:
 
 # ------------------------------------------------------------------- batches
 async def test_batches_submit_get_act_and_stream(server: ApiServer) -> None:
-    status, reply = await server.call("POST", "/v1/batches", {"name": "import", "jobs": [
-        {"type": "demo.count", "payload": {"steps": 2, "delay_ms": 1}},
-        {"type": "demo.count", "payload": {"steps": "x"}},
-    ]})
+    status, reply = await server.call(
+        "POST",
+        "/v1/batches",
+        {
+            "name": "import",
+            "jobs": [
+                {"type": "demo.count", "payload": {"steps": 2, "delay_ms": 1}},
+                {"type": "demo.count", "payload": {"steps": "x"}},
+            ],
+        },
+    )
     assert status == 422 and await total_jobs(server) == 0
 
-    created = await server.post("/v1/batches", {"name": "import", "jobs": [
-        {"type": "demo.count", "payload": {"steps": 3, "delay_ms": 30}},
-        {"type": "demo.count", "payload": {"steps": 2, "delay_ms": 30}},
-    ]})
+    created = await server.post(
+        "/v1/batches",
+        {
+            "name": "import",
+            "jobs": [
+                {"type": "demo.count", "payload": {"steps": 3, "delay_ms": 30}},
+                {"type": "demo.count", "payload": {"steps": 2, "delay_ms": 30}},
+            ],
+        },
+    )
     bid = created["id"]
     assert len(created["jobs"]) == 2
-    async with server.session.get(f"{server.url}/v1/events?batch={bid}", headers={**server.auth, **NDJSON}) as r:
+    async with server.session.get(
+        f"{server.url}/v1/events?batch={bid}", headers={**server.auth, **NDJSON}
+    ) as r:
         assert r.status == 200
         events = await asyncio.wait_for(read_ndjson(r), 20)
     batch_events = [e for e in events if e["type"] == "batch"]
@@ -375,7 +512,9 @@ async def test_stream_request_errors(server: ApiServer) -> None:
     assert server.service.bus.subscriber_count == 0  # refused streams leave no subscription behind
 
 
-async def test_ndjson_job_stream_is_throttled_and_ends_at_the_terminal_state(make_server: ServerFactory) -> None:
+async def test_ndjson_job_stream_is_throttled_and_ends_at_the_terminal_state(
+    make_server: ServerFactory,
+) -> None:
     srv = await make_server(min_interval=0.2)
     jid = (await srv.post("/v1/jobs", {"name": "upload", "total": 200}))["id"]
     async with srv.session.get(f"{srv.url}/v1/events?job={jid}", headers={**srv.auth, **NDJSON}) as resp:
@@ -400,7 +539,9 @@ async def test_ndjson_job_stream_is_throttled_and_ends_at_the_terminal_state(mak
 async def test_ndjson_stream_of_a_finished_job_sends_its_final_state_and_ends(server: ApiServer) -> None:
     jid = (await server.post("/v1/jobs", {"name": "done"}))["id"]
     await server.post(f"/v1/jobs/{jid}/fail", {"error": "boom"})
-    async with server.session.get(f"{server.url}/v1/events?job={jid}", headers={**server.auth, **NDJSON}) as resp:
+    async with server.session.get(
+        f"{server.url}/v1/events?job={jid}", headers={**server.auth, **NDJSON}
+    ) as resp:
         events = await asyncio.wait_for(read_ndjson(resp), 5)
     assert [e["status"] for e in events] == ["failed"] and events[0]["error"] == "boom"
 
@@ -415,6 +556,7 @@ async def test_sse_stream_resumes_from_last_event_id(make_server: ServerFactory)
         def seen() -> bool:
             ev = srv.api.replay.latest(("job", jid))
             return ev is not None and ev.current == current
+
         await wait_for(seen)
 
     first: list[Any] = []
@@ -535,8 +677,10 @@ class SlowClient:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-        req = (f"GET {self.path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {self.token}\r\n"
-               "Accept: application/x-ndjson\r\n\r\n")
+        req = (
+            f"GET {self.path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {self.token}\r\n"
+            "Accept: application/x-ndjson\r\n\r\n"
+        )
         await asyncio.get_running_loop().sock_sendall(sock, req.encode())
         self.sock = sock
 
@@ -577,8 +721,9 @@ async def test_200_stream_clients_and_one_slow_client(make_server: ServerFactory
     # Flood the slow client's stream with fat events, then drive the watched job to its end.
     fat = "x" * 1900
     for round_ in range(40):
-        await asyncio.gather(*(srv.post(f"/v1/jobs/{j}/progress", {"current": round_, "message": fat})
-                               for j in noisy))
+        await asyncio.gather(
+            *(srv.post(f"/v1/jobs/{j}/progress", {"current": round_, "message": fat}) for j in noisy)
+        )
         await srv.post(f"/v1/jobs/{target}/progress", {"current": round_ + 1})
         await asyncio.sleep(0.025)  # let the monitor emit (min_interval 20 ms)
         sample()
@@ -604,7 +749,9 @@ async def test_200_stream_clients_and_one_slow_client(make_server: ServerFactory
 
 
 @pytest.mark.slow
-async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(make_server: ServerFactory) -> None:
+async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(
+    make_server: ServerFactory,
+) -> None:
     srv = await make_server(min_interval=0.01)
     srv.api.write_timeout = 0.5
     jobs = [(await srv.post("/v1/jobs", {"name": f"n{i}"}))["id"] for i in range(10)]
@@ -616,8 +763,9 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(ma
         for round_ in range(200):
             if not srv.api.streams:
                 break
-            await asyncio.gather(*(srv.post(f"/v1/jobs/{j}/progress", {"current": round_, "message": fat})
-                                   for j in jobs))
+            await asyncio.gather(
+                *(srv.post(f"/v1/jobs/{j}/progress", {"current": round_, "message": fat}) for j in jobs)
+            )
             await asyncio.sleep(0.02)
         await wait_for(lambda: not srv.api.streams, timeout=10)
     finally:
@@ -643,5 +791,3 @@ async def test_replay_log_keeps_the_latest_per_key_in_seq_order() -> None:
     events, complete = log.since(11)
     assert [e.id for e in events] == [1, 3, 4] and complete
     assert len(log) == 3 and log.latest(("job", 1)) is not None and log.latest(("job", 2)) is None
-
-

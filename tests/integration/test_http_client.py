@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +20,33 @@ from bot.cli import app as cli_app
 from bot.cli_http import url_from_listen
 from bot.client import AsyncProgressClient, JobCancelledError, ProgressApiError, ProgressClient
 from core.models import JobStatus
-from tests.integration.http_helpers import (  # noqa: F401 - fixtures
+from tests.integration.http_helpers import (
     ApiServer,
     ServerFactory,
-    make_server,
-    server,
+    ServerPool,
     wait_for,
 )
 
 pytestmark = pytest.mark.asyncio
 
+
+@pytest.fixture
+async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Start services with the API on an ephemeral loopback port; all are stopped at teardown."""
+    pool = ServerPool(tmp_path)
+    yield pool.new
+    await pool.close()
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> ApiServer:
+    """One started service with the API (min_interval 0.1 s)."""
+    return await make_server()
+
+
 PROGRESS_ROUTE = "/v1/jobs/{id}/progress"
 SCRIPT = Path(__file__).with_name("http_client_script.py")
+PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 async def tracked_ids(srv: ApiServer) -> list[int]:
@@ -45,9 +61,13 @@ async def test_a_program_using_the_client_in_a_subprocess_reports_progress_and_h
     svc = server.service
     sub = svc.subscribe()  # every event: the job does not exist yet
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), server.url, server.token,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        sys.executable,
+        str(SCRIPT),
+        server.url,
+        server.token,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": PROJECT_ROOT},
     )
     assert proc.stdout is not None
 
@@ -75,7 +95,7 @@ async def test_a_program_using_the_client_in_a_subprocess_reports_progress_and_h
         assert reply["status"] == "paused"
         paused_line = await line()
         assert paused_line.startswith("PAUSED at "), paused_line
-        paused_at = (await svc.get(jid)).progress_current
+        paused_at = (await server.get(f"/v1/jobs/{jid}"))["progress"]["current"]
         assert (await svc.get(jid)).status == JobStatus.PAUSED
 
         await server.post(f"/v1/jobs/{jid}/resume")
@@ -91,7 +111,11 @@ async def test_a_program_using_the_client_in_a_subprocess_reports_progress_and_h
     assert job.status == JobStatus.COMPLETED and job.progress_current == 1000
     assert paused_at is not None and paused_at >= 5
     acts = [a.message for a in await svc.activity(jid)]
-    assert "paused by @alice:example.org" in acts and "finished after a pause" in acts and acts[-1] == "completed"
+    assert (
+        "paused by @alice:example.org" in acts
+        and "finished after a pause" in acts
+        and acts[-1] == "completed"
+    )
 
 
 # ------------------------------------------------------------- sync client
@@ -211,7 +235,9 @@ async def _status_is(srv: ApiServer, jid: int, status: str) -> bool:
 
 
 async def test_sync_events_iterator_follows_a_job_to_its_end(server: ApiServer) -> None:
-    jid = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 5, "delay_ms": 40}}))["id"]
+    jid = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 5, "delay_ms": 40}}))[
+        "id"
+    ]
 
     def follow() -> list[dict[str, Any]]:
         with ProgressClient(server.url, server.token) as client:
@@ -341,13 +367,18 @@ async def test_url_from_listen() -> None:
 
 
 async def test_cli_watch_follows_a_job_and_exits_with_its_outcome(server: ApiServer) -> None:
-    ok = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 4, "delay_ms": 30}}))["id"]
+    ok = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 4, "delay_ms": 30}}))[
+        "id"
+    ]
     res = await asyncio.to_thread(invoke, ["watch", str(ok), "--url", server.url, "--token", server.token])
     assert res.exit_code == 0, res.output
     assert f"#{ok} demo.count: completed" in res.output
 
-    bad = (await server.post("/v1/jobs", {"type": "demo.count", "payload": {"steps": 3, "delay_ms": 10,
-                                                                             "fail_at": 2}}))["id"]
+    bad = (
+        await server.post(
+            "/v1/jobs", {"type": "demo.count", "payload": {"steps": 3, "delay_ms": 10, "fail_at": 2}}
+        )
+    )["id"]
     env = {"PROGRESSBOT_URL": server.url, "PROGRESSBOT_HTTP__TOKEN": server.token}
     res = await asyncio.to_thread(invoke, ["watch", f"#{bad}", "--json"], env)
     assert res.exit_code == 1
@@ -362,11 +393,31 @@ async def test_cli_watch_follows_a_job_and_exits_with_its_outcome(server: ApiSer
     assert res.exit_code == 2
 
 
+async def test_cli_watch_finds_the_service_from_http_listen_in_the_config(
+    server: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PROGRESSBOT_URL", raising=False)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[http]\nlisten = "0.0.0.0:{server.api.port}"\n')
+    jid = (await server.post("/v1/jobs", {"name": "from config"}))["id"]
+    await server.post(f"/v1/jobs/{jid}/complete")
+    args = ["watch", str(jid), "--config", str(config), "--token", server.token]
+    res = await asyncio.to_thread(invoke, args)
+    assert res.exit_code == 0, res.output
+    assert f"#{jid} from config: completed" in res.output
+
+
 async def test_cli_watch_a_batch_draws_one_bar_per_job_and_batch(server: ApiServer) -> None:
-    created = await server.post("/v1/batches", {"name": "nightly", "jobs": [
-        {"type": "demo.count", "payload": {"steps": 2, "delay_ms": 20}, "name": "first"},
-        {"type": "demo.count", "payload": {"steps": 2, "delay_ms": 20}, "name": "second"},
-    ]})
+    created = await server.post(
+        "/v1/batches",
+        {
+            "name": "nightly",
+            "jobs": [
+                {"type": "demo.count", "payload": {"steps": 2, "delay_ms": 20}, "name": "first"},
+                {"type": "demo.count", "payload": {"steps": 2, "delay_ms": 20}, "name": "second"},
+            ],
+        },
+    )
     bid = created["id"]
     res = await asyncio.to_thread(invoke, ["watch", f"b{bid}", "--url", server.url, "--token", server.token])
     assert res.exit_code == 0, res.output
@@ -408,7 +459,9 @@ async def test_cli_track_runs_a_command_as_a_tracked_job(server: ApiServer) -> N
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to look at the process state")
-async def test_cli_track_pause_stops_the_command_and_cancel_terminates_it(server: ApiServer, tmp_path: Path) -> None:
+async def test_cli_track_pause_stops_the_command_and_cancel_terminates_it(
+    server: ApiServer, tmp_path: Path
+) -> None:
     pidfile = tmp_path / "pid"
     code = (
         "import os, time\n"
@@ -419,8 +472,20 @@ async def test_cli_track_pause_stops_the_command_and_cancel_terminates_it(server
         "    print(f'tick {i}', flush=True)\n"
         "    time.sleep(0.05)\n"
     )
-    args = ["track", "--url", server.url, "--token", server.token, "-n", "ticker", "-q", "--",
-            sys.executable, "-c", code]
+    args = [
+        "track",
+        "--url",
+        server.url,
+        "--token",
+        server.token,
+        "-n",
+        "ticker",
+        "-q",
+        "--",
+        sys.executable,
+        "-c",
+        code,
+    ]
     task = asyncio.create_task(asyncio.to_thread(invoke, args))
     await wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=20)
     pid = int(pidfile.read_text())
@@ -459,8 +524,9 @@ async def test_application_starts_the_http_api_when_configured(tmp_path: Path) -
         async with aiohttp.ClientSession() as s:
             async with s.get(url + "/healthz") as resp:
                 assert resp.status == 200
-            async with s.post(url + "/v1/jobs", json={"name": "x"},
-                              headers={"Authorization": "Bearer app-token-123"}) as resp:
+            async with s.post(
+                url + "/v1/jobs", json={"name": "x"}, headers={"Authorization": "Bearer app-token-123"}
+            ) as resp:
                 assert resp.status == 201
     finally:
         await application.stop()

@@ -68,7 +68,8 @@ async def test_run_count_one_message_pinned_edited_and_replied(world: World, roo
     eid = await job_message(world, room, 1)
     await wait_status(world, room, eid, "completed")
     reply = await alice.wait_for(
-        lambda: [r for r in replies_to(alice.room(room), eid) if r["sender"] == bot], 20,
+        lambda: [r for r in replies_to(alice.room(room), eid) if r["sender"] == bot],
+        20,
         "the completion reply",
     )
     await alice.wait_for(lambda: pin_history(alice.room(room))[-1] == [mine], 20, "the unpin")
@@ -102,8 +103,11 @@ async def test_run_count_one_message_pinned_edited_and_replied(world: World, roo
     # Pinned while running (next to alice's pin), unpinned at the end (alice's pin kept).
     pins = pin_history(events)
     assert [mine, eid] in pins
-    pin_at = next(i for i, e in enumerate(events) if e.get("type") == "m.room.pinned_events"
-                  and eid in content_of(e).get("pinned", []))
+    pin_at = next(
+        i
+        for i, e in enumerate(events)
+        if e.get("type") == "m.room.pinned_events" and eid in content_of(e).get("pinned", [])
+    )
     done_at = next(i for i, e in enumerate(events) if e in edits and "completed" in content_of(e)["body"])
     assert pin_at < done_at
     assert pins[-1] == [mine]
@@ -196,8 +200,13 @@ async def test_bob_is_refused_and_nothing_changes(world: World, room: str, bots:
     content["users"] = {**content["users"], bob.user_id: 50}
     await alice.client.room_put_state(room, "m.room.power_levels", content)
     await bob.wait_for(
-        lambda: any(e.get("type") == "m.room.power_levels" and bob.user_id in content_of(e).get("users", {})
-                    for e in bob.room(room)), 20, "the new power levels")
+        lambda: any(
+            e.get("type") == "m.room.power_levels" and bob.user_id in content_of(e).get("users", {})
+            for e in bob.room(room)
+        ),
+        20,
+        "the new power levels",
+    )
     ok = await bob.command(room, "!cancel 1")
     assert "may not" not in body(ok)
     await wait_status(world, room, eid, "cancelled")
@@ -238,8 +247,9 @@ async def test_names_are_escaped_and_never_ping(world: World, room: str, bots: A
     alice = world.alice
     h = await bots(world.config(room))
     evil = "<b>bold</b> @room <img src=x onerror=alert(1)>"
-    job = await h.svc.submit("demo.count", {"steps": 2, "delay_ms": 50}, name=evil, owner=alice.user_id,
-                             room=room)
+    job = await h.svc.submit(
+        "demo.count", {"steps": 2, "delay_ms": 50}, name=evil, owner=alice.user_id, room=room
+    )
     eid = await job_message(world, room, job.id or 0)
     await wait_status(world, room, eid, "completed")
     reply = await alice.wait_for(lambda: replies_to(alice.room(room), eid), 20, "the completion reply")
@@ -263,8 +273,10 @@ async def test_routing_default_room_foreign_rooms_and_batches(world: World, room
     cli_job = await svc.submit("demo.count", {"steps": 1, "delay_ms": 10}, owner="cli")
     await svc.submit("demo.count", {"steps": 1, "delay_ms": 10}, room="!elsewhere:example.org")
     batch, _jobs = await svc.submit_batch(
-        "nightly", [{"type": "demo.count", "payload": {"steps": 2, "delay_ms": 50}} for _ in range(3)],
-        owner=alice.user_id, room=room,
+        "nightly",
+        [{"type": "demo.count", "payload": {"steps": 2, "delay_ms": 50}} for _ in range(3)],
+        owner=alice.user_id,
+        room=room,
     )
     eid = await job_message(world, room, cli_job.id or 0)
     await wait_status(world, room, eid, "completed")
@@ -318,8 +330,11 @@ async def test_rooms_by_alias_invites_accepted_only_for_configured_rooms(world: 
     await wait_status(world, by_alias, eid, "completed")
 
     def bot_membership(room_id: str) -> str | None:
-        states = [content_of(e).get("membership") for e in alice.room(room_id)
-                  if e.get("type") == "m.room.member" and e.get("state_key") == bot]
+        states = [
+            content_of(e).get("membership")
+            for e in alice.room(room_id)
+            if e.get("type") == "m.room.member" and e.get("state_key") == bot
+        ]
         return states[-1] if states else None
 
     # A command from before the bot was there is history, not a command to run now.

@@ -25,8 +25,16 @@ from core.events import JobProgressEvent, next_seq
 def event(**kw: object) -> JobProgressEvent:
     """A job event with sensible defaults."""
     base: dict[str, object] = {
-        "id": 12, "type": "job", "status": "running", "seq": next_seq(), "timestamp": time.time(),
-        "name": "demo.count", "job_type": "demo.count", "current": 3, "total": 10, "percentage": 30.0,
+        "id": 12,
+        "type": "job",
+        "status": "running",
+        "seq": next_seq(),
+        "timestamp": time.time(),
+        "name": "demo.count",
+        "job_type": "demo.count",
+        "current": 3,
+        "total": 10,
+        "percentage": 30.0,
         "owner": "@alice:localhost",
     }
     base.update(kw)
@@ -47,8 +55,9 @@ def test_every_status_word_is_in_the_plain_body(status: str) -> None:
 
 
 def test_names_and_messages_are_escaped_and_defused() -> None:
-    ev = event(name="<script>x</script> @room", message="<i>hi</i> @everyone", status="failed",
-               error="<b>bad</b>")
+    ev = event(
+        name="<script>x</script> @room", message="<i>hi</i> @everyone", status="failed", error="<b>bad</b>"
+    )
     c = progress_content(ev)
     html = c["formatted_body"]
     assert "<script>" not in html and "&lt;script&gt;" in html
@@ -101,10 +110,16 @@ def test_user_ids() -> None:
 
 
 def test_config_from_settings_reads_secrets_and_hides_them() -> None:
-    s = MatrixSettings.model_validate({
-        "homeserver": "http://hs", "user_id": "@bot:hs", "password": "hunter2", "rooms": ["#ops:hs"],
-        "min_power_level": 50, "pin": False,
-    })
+    s = MatrixSettings.model_validate(
+        {
+            "homeserver": "http://hs",
+            "user_id": "@bot:hs",
+            "password": "hunter2",
+            "rooms": ["#ops:hs"],
+            "min_power_level": 50,
+            "pin": False,
+        }
+    )
     cfg = MatrixConfig.from_settings(s)
     assert cfg.password == "hunter2" and cfg.access_token is None
     assert cfg.rooms == ["#ops:hs"] and cfg.min_power_level == 50 and cfg.pin is False

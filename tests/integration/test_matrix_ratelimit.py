@@ -46,8 +46,13 @@ async def test_ten_fast_jobs_under_default_rate_limits(world: World, bots: Any) 
     ratebot = hs.register("ratebot", "ratebot-password")  # no override: Synapse's default rc_message
     room = await world.new_room(bot=ratebot.user_id)
     cfg = world.config(
-        room, user_id=ratebot.user_id, access_token=None, password=ratebot.password,
-        pin=False, react=False, reply_on_finish=False,
+        room,
+        user_id=ratebot.user_id,
+        access_token=None,
+        password=ratebot.password,
+        pin=False,
+        react=False,
+        reply_on_finish=False,
     )
     h = await bots(cfg, concurrency=JOBS)
     alice = world.alice

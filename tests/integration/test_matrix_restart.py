@@ -62,8 +62,11 @@ async def test_bot_restart_edits_the_same_event_and_skips_the_backlog(
     assert h.bot.client is not None and h.bot.client.device_id == device  # no new device
     assert h.bot.stats.skipped_backlog >= 1
 
-    await alice.wait_for(lambda: status_word(current_text(alice.room(room), eid)) == "completed", 60,
-                         "the same message to complete")
+    await alice.wait_for(
+        lambda: status_word(current_text(alice.room(room), eid)) == "completed",
+        60,
+        "the same message to complete",
+    )
     await alice.wait_for(lambda: replies_to(alice.room(room), eid), 20, "the completion reply")
     # A command sent now is answered; the offline one (earlier in the timeline) never was.
     status = await alice.command(room, "!status 1")
@@ -99,8 +102,11 @@ async def test_homeserver_restart_mid_job_delivers_the_final_state(
     job = await h.svc.get(1)
     assert job.status in ("running", "completed")
 
-    await alice.wait_for(lambda: status_word(current_text(alice.room(room), eid)) == "completed", 90,
-                         "the final state after the restart")
+    await alice.wait_for(
+        lambda: status_word(current_text(alice.room(room), eid)) == "completed",
+        90,
+        "the final state after the restart",
+    )
     await alice.wait_for(lambda: replies_to(alice.room(room), eid), 30, "the completion reply")
     await alice.wait_for(lambda: h.bot.stats.reconnects >= 1, 30, "the bot to reconnect")
     events = alice.room(room)
@@ -125,7 +131,10 @@ async def test_bot_started_while_the_homeserver_is_down(world: World, room: str,
         await asyncio.to_thread(server.start)
     await h.bot.wait_ready(60)
     eid = await job_message(world, room, job.id or 0)
-    await alice.wait_for(lambda: status_word(current_text(alice.room(room), eid)) == "completed", 60,
-                         "the final state once the homeserver is back")
+    await alice.wait_for(
+        lambda: status_word(current_text(alice.room(room), eid)) == "completed",
+        60,
+        "the final state once the homeserver is back",
+    )
     await alice.wait_for(lambda: replies_to(alice.room(room), eid), 30, "the completion reply")
     assert len(progress_messages(alice.room(room), bot)) == 1

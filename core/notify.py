@@ -1,0 +1,280 @@
+"""LISTEN/NOTIFY on PostgreSQL: wake idle workers when work arrives, workers when a pause or cancel is asked
+for, and monitors when job rows change.
+
+A notification only makes a process look *now* instead of at its next poll: polling stays the mechanism of
+record, so a lost notification (a reconnect, a crash between a commit and its NOTIFY) costs latency, never
+correctness. That is also why notifications carry no data beyond the sender's origin tag.
+
+Each process opens two dedicated autocommit psycopg connections, outside the engine's pool:
+
+* the *listener* runs ``LISTEN`` for the channels this process cares about and reads ``notifies()``. It
+  wakes every ``keepalive`` seconds to check the connection, and reconnects with a backoff. After a
+  reconnect every subscriber is called once, for what it may have missed meanwhile.
+* the *sender* sends ``pg_notify`` for what :meth:`PgNotifier.notify` was told, coalesced per channel:
+  the first announcement goes out at once, the ones that follow within ``debounce`` seconds go out together
+  in one trailing NOTIFY. Thousands of progress writes a second thus cost a few dozen NOTIFYs.
+
+Deliveries to a subscriber can be spaced by ``min_gap`` (a monitor's poll costs more than a wake-up), again
+with a trailing call so the last notification is never dropped. Subscribers may skip the notifications
+their own process sent (a monitor already knows its own changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .store import ChangeKind
+
+log = logging.getLogger(__name__)
+
+#: The channel of each change kind (channels are per database, like the tables).
+CHANNELS: dict[ChangeKind, str] = {
+    "work": "progressbot_work",
+    "control": "progressbot_control",
+    "rows": "progressbot_rows",
+}
+_KINDS: dict[str, ChangeKind] = {ch: kind for kind, ch in CHANNELS.items()}
+
+ConnectArgs = tuple[list[Any], dict[str, Any]]
+
+
+@dataclass(slots=True)
+class _Subscriber:
+    """A callback on one channel, with its delivery spacing."""
+
+    callback: Callable[[], None]
+    min_gap: float
+    skip_own: bool
+    last: float = -math.inf
+    timer: asyncio.TimerHandle | None = None
+
+
+class PgNotifier:
+    """Sends and receives progressbot's notifications over LISTEN/NOTIFY (see the module doc).
+
+    ``connect_args`` are ``psycopg.connect`` arguments (:func:`core.db.pg_connect_args` derives them from
+    the engine); ``origin`` is this process's store origin, sent as the payload.
+    """
+
+    def __init__(
+        self,
+        connect_args: ConnectArgs,
+        *,
+        origin: str,
+        debounce: float = 0.02,
+        keepalive: float = 30.0,
+        reconnect_delay: float = 0.5,
+        max_reconnect_delay: float = 10.0,
+    ) -> None:
+        self.connect_args = connect_args
+        self.origin = origin
+        self.debounce = debounce
+        self.keepalive = keepalive
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self._subs: dict[ChangeKind, list[_Subscriber]] = {}
+        self._pending: set[ChangeKind] = set()
+        self._send_wakeup: asyncio.Event | None = None
+        self._listening: asyncio.Event | None = None
+        self._sender: psycopg.AsyncConnection[Any] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        #: Counters, for tests and figures: notifications sent (after coalescing) and received.
+        self.sent = 0
+        self.received = 0
+
+    # ------------------------------------------------------------------ setup
+    def subscribe(
+        self, kind: ChangeKind, callback: Callable[[], None], *, min_gap: float = 0.0, skip_own: bool = False
+    ) -> None:
+        """Call ``callback()`` on the event loop when a process announces ``kind``.
+
+        ``min_gap`` spaces the calls (a trailing call follows a burst); ``skip_own`` ignores this process's
+        own announcements. Subscribe before :meth:`start`: the channels are LISTENed to at connect time.
+        """
+        if self._started:
+            raise RuntimeError("subscribe before start()")
+        self._subs.setdefault(kind, []).append(_Subscriber(callback, min_gap, skip_own))
+
+    @property
+    def listening(self) -> bool:
+        """Whether the listener connection is up and LISTENing."""
+        return self._listening is not None and self._listening.is_set()
+
+    async def start(self, *, wait: float = 5.0) -> None:
+        """Start the sender and (with subscribers) the listener; wait up to ``wait`` s for LISTEN to be on.
+
+        A database that does not answer is not an error here: the listener keeps retrying in the background
+        and polling covers the gap.
+        """
+        if self._started:
+            return
+        self._started = True
+        self._send_wakeup = asyncio.Event()
+        self._listening = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._send_loop(), name="notify-send"))
+        if self._subs:
+            self._tasks.append(asyncio.create_task(self._listen_loop(), name="notify-listen"))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._listening.wait()
+            if not self.listening:
+                log.warning("LISTEN is not up yet; relying on polling until it is")
+
+    async def stop(self, *, flush_timeout: float = 2.0) -> None:
+        """Stop both loops, send what is still pending (best effort) and close the connections."""
+        if not self._started:
+            return
+        self._started = False
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        for subs in self._subs.values():
+            for sub in subs:
+                if sub.timer is not None:
+                    sub.timer.cancel()
+                    sub.timer = None
+        if self._pending:
+            # Typically a shutdown's requeued jobs: other workers should pick them up now.
+            kinds, self._pending = self._pending, set()
+            try:
+                async with asyncio.timeout(flush_timeout):
+                    await self._send(kinds)
+            except Exception as exc:  # best effort: the others' polls find the rows anyway
+                log.warning("final NOTIFY failed: %s", exc)
+        await self._close_sender()
+
+    # ---------------------------------------------------------------- sending
+    def notify(self, kind: ChangeKind) -> None:
+        """Announce a committed change of ``kind`` to the listening processes (non-blocking, coalesced)."""
+        self._pending.add(kind)
+        if self._send_wakeup is not None:
+            self._send_wakeup.set()
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        args, kwargs = self.connect_args
+        return await psycopg.AsyncConnection.connect(*args, **dict(kwargs, autocommit=True))
+
+    async def _send(self, kinds: set[ChangeKind]) -> None:
+        if self._sender is None or self._sender.closed:
+            self._sender = await self._connect()
+        ordered = sorted(kinds)
+        query = "SELECT " + ", ".join("pg_notify(%s, %s)" for _ in ordered)
+        params: list[str] = []
+        for kind in ordered:
+            params += [CHANNELS[kind], self.origin]
+        await self._sender.execute(query, params)
+        self.sent += len(ordered)
+
+    async def _close_sender(self) -> None:
+        conn, self._sender = self._sender, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _send_loop(self) -> None:
+        assert self._send_wakeup is not None
+        delay = self.reconnect_delay
+        while True:
+            await self._send_wakeup.wait()
+            self._send_wakeup.clear()
+            if not self._pending:
+                continue
+            kinds, self._pending = self._pending, set()
+            try:
+                await self._send(kinds)
+            except asyncio.CancelledError:
+                self._pending |= kinds  # stop() sends them
+                raise
+            except Exception as exc:
+                self._pending |= kinds
+                log.warning("NOTIFY failed (%s); retrying in %.1f s", exc, delay)
+                await self._close_sender()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_reconnect_delay)
+                self._send_wakeup.set()
+                continue
+            delay = self.reconnect_delay
+            # Whatever is announced meanwhile goes out together, in one trailing NOTIFY.
+            await asyncio.sleep(self.debounce)
+
+    # -------------------------------------------------------------- receiving
+    async def _listen_loop(self) -> None:
+        assert self._listening is not None
+        delay = self.reconnect_delay
+        first = True
+        while True:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await self._connect()
+                for kind in self._subs:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNELS[kind])))
+                self._listening.set()
+                delay = self.reconnect_delay
+                if not first:
+                    # Whatever was announced while we were not listening went unheard: look now.
+                    for kind in self._subs:
+                        self._dispatch(kind, None)
+                first = False
+                while True:
+                    async for n in conn.notifies(timeout=self.keepalive):
+                        self.received += 1
+                        heard = _KINDS.get(n.channel)
+                        if heard is not None:
+                            self._dispatch(heard, n.payload)
+                    # Quiet for a while: make sure the connection is still alive (a dead peer is silent).
+                    await conn.execute("SELECT 1")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("LISTEN connection lost (%s); reconnecting in %.1f s", exc, delay)
+            finally:
+                self._listening.clear()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_reconnect_delay)
+
+    def _dispatch(self, kind: ChangeKind, payload: str | None) -> None:
+        for sub in self._subs.get(kind, ()):
+            if sub.skip_own and payload == self.origin:
+                continue
+            self._deliver(sub)
+
+    def _deliver(self, sub: _Subscriber) -> None:
+        if sub.timer is not None:
+            return  # a trailing call is already due; it covers this notification
+        now = time.monotonic()
+        wait = sub.min_gap - (now - sub.last)
+        if wait <= 0:
+            self._call(sub)
+        else:
+            sub.timer = asyncio.get_running_loop().call_later(wait, self._trailing, sub)
+
+    def _trailing(self, sub: _Subscriber) -> None:
+        sub.timer = None
+        self._call(sub)
+
+    def _call(self, sub: _Subscriber) -> None:
+        sub.last = time.monotonic()
+        try:
+            sub.callback()
+        except Exception:  # a subscriber's failure must not stop the listener
+            log.exception("notification subscriber failed")
+
+
+__all__ = ["CHANNELS", "PgNotifier"]
