@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .aio import cancel_and_wait
 from .context import ProgressState
 from .events import EventBus, JobProgressEvent, next_seq
 from .models import TERMINAL_STATUSES, Job, JobStatus, utcnow
@@ -190,11 +191,7 @@ class JobProgressMonitor:
     async def stop(self) -> None:
         """Flush what is pending (events, progress, logs) and stop the loops."""
         self._stopping = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         self._emit_due(force=True)
         if self.store is not None:

@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from .aio import cancel_and_wait
 from .store import ChangeKind
 
 log = logging.getLogger(__name__)
@@ -136,11 +137,7 @@ class PgNotifier:
         if not self._started:
             return
         self._started = False
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for subs in self._subs.values():
             for sub in subs:

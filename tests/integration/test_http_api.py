@@ -6,8 +6,6 @@ import asyncio
 import io
 import json
 import socket
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,27 +22,14 @@ from core.service import ProgressService, ServiceConfig
 from tests.integration.http_helpers import (
     ApiServer,
     ServerFactory,
-    ServerPool,
     read_ndjson,
     sse_frames,
     wait_for,
 )
 
+pytest_plugins = ["tests.integration.http_fixtures"]
+
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
-    """Start services with the API on an ephemeral loopback port; all are stopped at teardown."""
-    pool = ServerPool(tmp_path)
-    yield pool.new
-    await pool.close()
-
-
-@pytest.fixture
-async def server(make_server: ServerFactory) -> ApiServer:
-    """One started service with the API (min_interval 0.1 s)."""
-    return await make_server()
 
 
 NDJSON = {"Accept": "application/x-ndjson"}

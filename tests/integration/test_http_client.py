@@ -8,7 +8,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +21,12 @@ from bot.client import AsyncProgressClient, JobCancelledError, ProgressApiError,
 from core.models import JobStatus
 from tests.integration.http_helpers import (
     ApiServer,
-    ServerFactory,
-    ServerPool,
     wait_for,
 )
 
+pytest_plugins = ["tests.integration.http_fixtures"]
+
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
-    """Start services with the API on an ephemeral loopback port; all are stopped at teardown."""
-    pool = ServerPool(tmp_path)
-    yield pool.new
-    await pool.close()
-
-
-@pytest.fixture
-async def server(make_server: ServerFactory) -> ApiServer:
-    """One started service with the API (min_interval 0.1 s)."""
-    return await make_server()
 
 
 PROGRESS_ROUTE = "/v1/jobs/{id}/progress"
