@@ -187,13 +187,11 @@ async def test_fake_discord_smoke(fake_discord: FakeDiscordServer, smoke_bot: Sm
     server.advertise_edit_limit = False
     server.reset_rate_limits()
     before = len(server.edits_of(mid))
-    start = time.monotonic()
     for i in range(1, 7):
         await progress.edit(content=f"Job 1: {i * 10}%")
-    took = time.monotonic() - start
     hits = [h for h in server.rate_limit_hits if not h.forced]
+    # Exactly one 429 and every edit landed: a retry before retry_after would have hit the bucket again.
     assert len(hits) == 1 and hits[0].route == EDIT_ROUTE and hits[0].scope == "user"
-    assert took >= hits[0].retry_after * 0.9  # discord.py really waited
     assert [e.content_after for e in server.edits_of(mid)[before:]] == [
         f"Job 1: {i * 10}%" for i in range(1, 7)
     ]
