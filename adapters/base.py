@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from typing import Any
 
 from core.events import JobProgressEvent
 from core.service import ProgressService
@@ -11,6 +12,18 @@ from core.service import ProgressService
 from .commands import CommandRouter
 
 log = logging.getLogger(__name__)
+
+
+def secret_text(value: Any) -> str | None:
+    """The plain text of a pydantic ``SecretStr`` (or a str), or None when unset or empty.
+
+    Adapters read secrets from the bot's settings duck-typed, without importing ``bot/``.
+    """
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    text = getter() if callable(getter) else str(value)
+    return text or None
 
 
 class ChatAdapter(ABC):

@@ -5,14 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def _secret(value: Any) -> str | None:
-    """The plain text of a pydantic ``SecretStr`` (or a str), or None when unset or empty."""
-    if value is None:
-        return None
-    getter = getattr(value, "get_secret_value", None)
-    text = getter() if callable(getter) else str(value)
-    return text or None
+from adapters.base import secret_text as _secret
 
 
 @dataclass(slots=True)
