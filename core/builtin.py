@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .context import JobContext
 from .registry import HandlerRegistry, default_registry
+
+#: The longest a ``demo.count`` job may count, all steps together: a demo, not a way to fill the queue.
+DEMO_MAX_SECONDS = 3600
 
 
 class DemoCount(BaseModel):
@@ -16,9 +19,16 @@ class DemoCount(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(20, ge=1, le=1_000_000, description="how many steps to count")
-    delay_ms: int = Field(500, ge=0, le=3_600_000, description="how long each step takes")
-    fail_at: int | None = Field(None, ge=1, description="fail when reaching this step (1-based)")
+    steps: int = Field(20, ge=1, le=100_000, description="how many steps to count")
+    delay_ms: int = Field(500, ge=0, le=60_000, description="how long each step takes")
+    fail_at: int | None = Field(None, ge=1, le=100_000, description="fail when reaching this step (1-based)")
+
+    @model_validator(mode="after")
+    def _bounded_duration(self) -> DemoCount:
+        # Each field alone is sane, but 100,000 steps of a minute would occupy a worker slot for months.
+        if self.steps * self.delay_ms > DEMO_MAX_SECONDS * 1000:
+            raise ValueError(f"steps × delay_ms must stay within {DEMO_MAX_SECONDS} seconds")
+        return self
 
 
 class Cleanup(BaseModel):
@@ -26,7 +36,9 @@ class Cleanup(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    older_than_days: float = Field(30.0, ge=0, description="delete finished jobs older than this")
+    older_than_days: float = Field(
+        30.0, ge=0, le=36_500, allow_inf_nan=False, description="delete finished jobs older than this"
+    )
     vacuum: bool = True
 
 
@@ -78,4 +90,5 @@ def register_builtins(registry: HandlerRegistry | None, store_getter: Any) -> No
     """Register the built-in handlers (``maintenance.cleanup`` uses the given store)."""
     reg = registry or default_registry
     reg.register("demo.count", demo_count, payload=DemoCount)
-    reg.register("maintenance.cleanup", make_cleanup(store_getter), payload=Cleanup)
+    # Deleting everyone's history is an operator's decision, not a room member's.
+    reg.register("maintenance.cleanup", make_cleanup(store_getter), payload=Cleanup, run_by="admins")

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from .models import Control
+from .text import MAX_MESSAGE, clean_json, clean_name, clean_text
 
 StageSpec = Sequence[tuple[str, float] | str]
 
@@ -58,7 +59,8 @@ class ProgressState:
         if total is not None:
             self.total = total
         if message is not None:
-            self.message = message
+            # Made storable here, once: a lone surrogate or NUL would fail every batched write it joins.
+            self.message = clean_text(message, MAX_MESSAGE)
         self._dirty.add(self.key)
 
     def set_stages(self, stages: StageSpec) -> None:
@@ -67,10 +69,10 @@ class ProgressState:
         weights: list[float] = []
         for item in stages:
             if isinstance(item, str):
-                names.append(item)
+                names.append(clean_name(item) or "")
                 weights.append(1.0)
             else:
-                names.append(str(item[0]))
+                names.append(clean_name(item[0]) or "")
                 weights.append(max(0.0, float(item[1])))
         self.stage_names = names
         self.stage_weights = weights
@@ -78,6 +80,7 @@ class ProgressState:
 
     def enter_stage(self, name: str, total: float | None) -> None:
         """Start stage ``name``: its own current/total start over."""
+        name = clean_name(name) or ""
         if name not in self.stage_names:
             self.stage_names.append(name)
             self.stage_weights.append(1.0)
@@ -89,7 +92,7 @@ class ProgressState:
 
     def leave_stage(self, name: str) -> None:
         """Finish stage ``name``: it counts as fully done in the weighted percent."""
-        if self.stage_name == name and self.total is not None:
+        if self.stage_name == clean_name(name) and self.total is not None:
             self.current = self.total
         self._dirty.add(self.key)
 
@@ -222,7 +225,12 @@ class JobContext:
 
     def log(self, level: str, message: str, **context: Any) -> None:
         """Append an entry to the job's activity log (capped; written on the monitor's tick)."""
-        self._backend.log(self, level, str(message), context or None)
+        self._backend.log(
+            self,
+            clean_text(level, 16, multiline=False),
+            clean_text(message, MAX_MESSAGE),
+            clean_json(context) if context else None,
+        )
 
     # -- control -------------------------------------------------------------------------------
     @property
@@ -252,11 +260,13 @@ class JobContext:
         """
         has_state = state is not ...
         if has_state:
+            state = clean_json(state)
             self.checkpoint_state = state
         await self._backend.checkpoint(self, state if has_state else None, has_state)
 
     async def save(self, state: Any) -> None:
         """Save ``state`` durably without stopping here (not a pause or cancel point)."""
+        state = clean_json(state)
         self.checkpoint_state = state
         await self._backend.checkpoint(self, state, True, check=False)
 

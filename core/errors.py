@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .text import clean_text
+
 
 class ProgressbotError(Exception):
     """Base class of every error the engine raises on purpose; its text is safe to show in chat."""
@@ -26,13 +28,29 @@ class IllegalTransition(ProgressbotError):
         super().__init__(f"{kind} #{job_id} is {status}; it can't be {action}")
 
 
+class NotTracked(IllegalTransition):
+    """Progress, a log line or a result was sent from outside for a job that is not a tracked one.
+
+    One text for every other kind (queued, running or not; direct), so a caller learns nothing else.
+    """
+
+    def __init__(self, job_id: int | str) -> None:
+        self.job_id = job_id  # type: ignore[assignment]  # a direct job's id is a string ("d3")
+        self.status = "not tracked"
+        self.action = "reported from outside"
+        ProgressbotError.__init__(
+            self, f"Job #{job_id} is not a tracked job; only tracked jobs take reports from outside"
+        )
+
+
 class UnknownJobType(ProgressbotError, LookupError):
     """No handler is registered under the given job type."""
 
     def __init__(self, job_type: str, known: list[str]) -> None:
         self.job_type = job_type
         hint = f" Known types: {', '.join(sorted(known))}." if known else ""
-        super().__init__(f"Unknown job type '{job_type}'.{hint}")
+        # The type is echoed back to whoever typed it: clipped, so an 8,000-character one stays readable.
+        super().__init__(f"Unknown job type '{clean_text(job_type, 80, multiline=False)}'.{hint}")
 
 
 class PayloadError(ProgressbotError, ValueError):

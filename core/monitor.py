@@ -27,6 +27,7 @@ from .aio import cancel_and_wait
 from .context import ProgressState
 from .events import EventBus, JobProgressEvent, next_seq
 from .models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from .salvage import log_many_isolating, write_progress_isolating
 from .store import BatchSummary, JobStore, ProgressWrite
 
 log = logging.getLogger(__name__)
@@ -426,14 +427,14 @@ class JobProgressMonitor:
         self._unsaved.clear()
         if writes:
             try:
-                await self.store.write_progress(writes)
+                await write_progress_isolating(self.store, writes)
             except Exception:
                 # Not lost: written with the next tick (unless newer progress is written first).
                 self._unsaved.update(w.job_id for w in writes)
                 raise
         if self._pending_logs:
             logs, self._pending_logs = self._pending_logs, []
-            await self.store.log_many(logs)
+            await log_many_isolating(self.store, logs)
 
     async def poll_once(self, *, overlap: bool = True) -> int:
         """Read rows changed since the last poll and emit what other processes changed. Returns the count.

@@ -6,11 +6,18 @@ import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ValidationError
 
 from .errors import PayloadError, UnknownJobType
+from .text import MAX_DEPTH, clean_json, json_depth_exceeds
+
+#: Who may start a job type from chat: anyone in a configured room; ``auth.runners`` (anyone, while that
+#: list is empty), moderators and admins; or ``auth.admins`` only. The HTTP API's token holder and the CLI
+#: operator run everything.
+RunPermission = Literal["anyone", "runners", "admins"]
+RUN_PERMISSIONS: tuple[str, ...] = get_args(RunPermission)
 
 #: Payloads larger than this (as JSON) are refused, so a chat command or API call cannot bloat the DB.
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -29,6 +36,8 @@ class HandlerSpec:
     description: str
     max_attempts: int | None = None
     timeout: float | None = None
+    #: Who may start it from chat (see :data:`RunPermission`); ``auth.run_permissions`` overrides it.
+    run_by: RunPermission = "runners"
 
 
 def format_validation_error(exc: ValidationError) -> list[str]:
@@ -58,8 +67,14 @@ class HandlerRegistry:
         description: str | None = None,
         max_attempts: int | None = None,
         timeout: float | None = None,
+        run_by: RunPermission = "runners",
     ) -> HandlerSpec:
-        """Register ``fn`` as the handler of job type ``name`` (replacing an earlier one)."""
+        """Register ``fn`` as the handler of job type ``name`` (replacing an earlier one).
+
+        ``run_by`` says who may start it from chat (see :data:`RunPermission`).
+        """
+        if run_by not in RUN_PERMISSIONS:
+            raise ValueError(f"run_by: must be one of {', '.join(RUN_PERMISSIONS)}")
         doc = description or (inspect.getdoc(fn) or "").split("\n", 1)[0]
         spec = HandlerSpec(
             name=name,
@@ -69,6 +84,7 @@ class HandlerRegistry:
             description=doc,
             max_attempts=max_attempts,
             timeout=timeout,
+            run_by=run_by,
         )
         self._handlers[name] = spec
         return spec
@@ -81,12 +97,19 @@ class HandlerRegistry:
         description: str | None = None,
         max_attempts: int | None = None,
         timeout: float | None = None,
+        run_by: RunPermission = "runners",
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Decorator form of :meth:`register`."""
 
         def deco(fn: HandlerFn) -> HandlerFn:
             self.register(
-                name, fn, payload=payload, description=description, max_attempts=max_attempts, timeout=timeout
+                name,
+                fn,
+                payload=payload,
+                description=description,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                run_by=run_by,
             )
             return fn
 
@@ -119,6 +142,10 @@ class HandlerRegistry:
         data = payload or {}
         if not isinstance(data, dict):
             raise PayloadError(name, ["payload: must be a JSON object"])
+        if json_depth_exceeds(data, MAX_DEPTH):
+            raise PayloadError(name, [f"payload: nested deeper than {MAX_DEPTH} levels"])
+        # Lone surrogates (a "\udcff" escape in JSON, a non-UTF-8 argument) become U+FFFD here, once.
+        data = clean_json(data)
         try:
             size = len(json.dumps(data, default=str))
         except (TypeError, ValueError) as exc:
@@ -151,8 +178,14 @@ def handler(
     description: str | None = None,
     max_attempts: int | None = None,
     timeout: float | None = None,
+    run_by: RunPermission = "runners",
 ) -> Callable[[HandlerFn], HandlerFn]:
     """Register a handler in the default registry: ``@handler("site-build", payload=SiteBuild)``."""
     return default_registry.handler(
-        name, payload=payload, description=description, max_attempts=max_attempts, timeout=timeout
+        name,
+        payload=payload,
+        description=description,
+        max_attempts=max_attempts,
+        timeout=timeout,
+        run_by=run_by,
     )

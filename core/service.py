@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from .context import JobContext, SyncJobContext
 from .db import Database, pg_connect_args
-from .errors import IllegalTransition, JobCancelled, JobInterrupt, JobNotFound, PayloadError
+from .errors import IllegalTransition, JobCancelled, JobInterrupt, JobNotFound, NotTracked, PayloadError
 from .events import EventBus, EventFilter, JobProgressEvent, Subscription, make_filter
 from .lifecycle import ACTION_WORD
 from .models import TERMINAL_STATUSES, Activity, Batch, Control, Job, JobKind, JobStatus, utcnow
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry, default_registry
+from .salvage import describe_error
 from .store import ActionResult, BatchSummary, JobStore, NewJob, RecoveryPolicy
+from .text import MAX_ERROR, MAX_MESSAGE, clean_name, clean_optional, clean_result, clean_text
 from .worker import Worker, make_worker_id
 
 if TYPE_CHECKING:
@@ -30,6 +32,38 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACTIONS = ("pause", "resume", "cancel", "retry")
+
+#: Bounds of the submit options, the same for every entry point (HTTP, CLI, chat, Python).
+PRIORITY_RANGE = (-1_000_000, 1_000_000)
+MAX_DELAY_SECONDS = 366 * 86400
+MAX_TIMEOUT_SECONDS = 366 * 86400
+MAX_ATTEMPTS_RANGE = (1, 100)
+
+
+def submit_option_problems(
+    *,
+    priority: int = 0,
+    delay: float | None = None,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+) -> list[str]:
+    """``key: problem`` lines for submit options out of range (empty when they are all fine).
+
+    Checked before anything is stored, so NaN, infinities and numbers the database cannot hold never
+    reach it. The CLI calls this too, to refuse with exit code 2 before opening the database.
+    """
+    problems = []
+    lo, hi = PRIORITY_RANGE
+    if not lo <= priority <= hi:
+        problems.append(f"priority: must be between {lo} and {hi}")
+    if delay is not None and not 0 <= delay <= MAX_DELAY_SECONDS:  # NaN fails every comparison
+        problems.append(f"delay: must be between 0 and {MAX_DELAY_SECONDS} seconds")
+    lo, hi = MAX_ATTEMPTS_RANGE
+    if max_attempts is not None and not lo <= max_attempts <= hi:
+        problems.append(f"max_attempts: must be between {lo} and {hi}")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+        problems.append(f"timeout: must be more than 0 and at most {MAX_TIMEOUT_SECONDS} seconds")
+    return problems
 
 
 @dataclass(slots=True)
@@ -255,25 +289,31 @@ class ProgressService:
     ) -> NewJob:
         clean = self.registry.validate(type, payload)
         spec = self.registry.get(type)
+        problems = submit_option_problems(
+            priority=priority, delay=delay, max_attempts=max_attempts, timeout=timeout
+        )
+        if problems:
+            raise PayloadError(type, problems)
         if delay:
             run_at = utcnow() + timedelta(seconds=delay)
         if run_at is not None:
-            run_at = _to_utc(run_at)
-        attempts = max_attempts or spec.max_attempts or self.config.default_max_attempts
-        if attempts < 1 or attempts > 100:
-            raise PayloadError(type, ["max_attempts: must be between 1 and 100"])
-        if timeout is not None and timeout <= 0:
-            raise PayloadError(type, ["timeout: must be positive"])
+            try:
+                run_at = _to_utc(run_at)
+            except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the end of the calendar in UTC
+                raise PayloadError(type, ["run_at: out of range once converted to UTC"]) from None
+        # "is None", not "or": max_attempts=0 is a mistake to refuse, not a request for the default.
+        attempts = max_attempts if max_attempts is not None else spec.max_attempts
+        attempts = attempts if attempts is not None else self.config.default_max_attempts
         return NewJob(
             type=type,
             payload=clean,
-            name=name,
+            name=clean_name(name),
             priority=priority,
             run_at=run_at,
             max_attempts=attempts,
             timeout=timeout if timeout is not None else spec.timeout,
-            owner=owner,
-            room=room,
+            owner=clean_name(owner),
+            room=clean_name(room),
             batch_id=batch_id,
         )
 
@@ -409,11 +449,11 @@ class ProgressService:
                 raise
             except Exception as exc:
                 view.status = JobStatus.FAILED
-                view.error = f"{type_name(exc)}: {exc}" if str(exc) else type_name(exc)
+                view.error = describe_error(exc)
                 raise
             else:
                 view.status = JobStatus.COMPLETED
-                view.result = result
+                view.result = clean_result(result)
                 return result
             finally:
                 view.finished_at = time.time()
@@ -445,11 +485,11 @@ class ProgressService:
             raise PayloadError(type, ["name: must be 1 to 300 characters"])
         job = await self.store.submit(
             NewJob(
-                type=type,
+                type=clean_text(type, 200, multiline=False),
                 kind=JobKind.TRACKED,
-                name=name,
-                owner=owner,
-                room=room,
+                name=clean_name(name),
+                owner=clean_name(owner),
+                room=clean_name(room),
                 status=JobStatus.RUNNING,
                 progress_total=total,
             ),
@@ -469,15 +509,21 @@ class ProgressService:
     ) -> Job:
         """Record progress of a tracked job. The returned job's ``control`` says run, pause or cancel."""
         job = await self.store.tracked_update(
-            job_id, current=current, total=total, message=message, stage=stage
+            job_id,
+            current=current,
+            total=total,
+            message=clean_optional(message, MAX_MESSAGE),
+            stage=clean_name(stage),
         )
         self.monitor.job_changed(job)
         return job
 
     async def tracked_log(self, job_id: int, level: str, message: str) -> None:
         """Append an activity entry to a tracked job."""
-        await self.store.get(job_id)
-        await self.store.log(job_id, level, message)
+        job = await self.store.get(job_id)
+        if job.kind != JobKind.TRACKED:
+            raise NotTracked(job_id)
+        await self.store.log(job_id, level, clean_text(message, MAX_MESSAGE))
 
     async def tracked_report(
         self,
@@ -495,12 +541,15 @@ class ProgressService:
         view's ``status`` and ``control`` say whether to run, pause or cancel. Raises JobNotFound, or
         IllegalTransition for a job that is not tracked.
         """
+        if self.worker is not None and job_id in self.worker.running:
+            # A queued job running here has live progress too, but only its handler reports it.
+            raise NotTracked(job_id)
         st = self.monitor.live_state(job_id)
         view = self.monitor.view(job_id)
         if st is None or view is None:
             job = await self.store.get(job_id)
             if job.kind != JobKind.TRACKED:
-                raise IllegalTransition(job_id, "not a tracked job", "sent progress from outside")
+                raise NotTracked(job_id)
             if JobStatus(job.status).terminal:
                 return JobView.from_job(job)
             # Another request may have attached it while this one read the row.
@@ -512,7 +561,7 @@ class ProgressService:
             self.monitor.detach(job_id)
             return view
         if stage is not None:
-            st.stage_name = stage
+            st.stage_name = clean_name(stage)
         if current is not None or total is not None or message is not None or stage is not None:
             st.report(st.current if current is None else current, total, message)
         return view
@@ -521,6 +570,8 @@ class ProgressService:
         self, job_id: int, *, ok: bool, result: Any = None, error: str | None = None
     ) -> Job:
         """Complete (``ok``) or fail a tracked job."""
+        result = clean_result(result)
+        error = clean_optional(error, MAX_ERROR)
         st = self.monitor.live_state(job_id)
         if st is not None:
             # Progress given to tracked_report() may not be written yet: store it before the final state.
@@ -733,11 +784,6 @@ class ProgressService:
                 await sub.get(timeout=min(left, 0.25))
         finally:
             sub.close()
-
-
-def type_name(exc: BaseException) -> str:
-    """An exception's class name."""
-    return type(exc).__name__
 
 
 def _to_utc(dt: datetime) -> datetime:

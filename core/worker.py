@@ -31,7 +31,9 @@ from .errors import JobCancelled, JobInterrupt, JobPaused, LeaseLost
 from .models import Control, Job, JobStatus
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry
+from .salvage import describe_error, finish_isolating
 from .store import JobStore, Outcome, ProgressWrite, RecoveryPolicy
+from .text import clean_result
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +374,8 @@ class Worker:
             return
         batch, self._outcomes = self._outcomes, []
         try:
-            res = await self.store.finish_many([oc for oc, _ in batch])
+            # One outcome that cannot be stored must not keep the others (and the ones after) out.
+            res = await finish_isolating(self.store, [oc for oc, _ in batch])
         except BaseException:
             self._outcomes[:0] = batch
             raise
@@ -427,7 +430,7 @@ class Worker:
                 else:
                     sctx = SyncJobContext(ctx, asyncio.get_running_loop())
                     result = await asyncio.to_thread(spec.fn, sctx, data)
-            outcome = self._outcome(job, JobStatus.COMPLETED, result=_jsonable(result))
+            outcome = self._outcome(job, JobStatus.COMPLETED, result=clean_result(result))
         except JobPaused:
             outcome = self._outcome(job, JobStatus.PAUSED)
         except JobCancelled:
@@ -448,7 +451,7 @@ class Worker:
         except TimeoutError:
             outcome = self._outcome(job, JobStatus.FAILED, error=f"timed out after {job.timeout or 0:g}s")
         except Exception as exc:
-            outcome = self._outcome(job, JobStatus.FAILED, error=_describe(exc))
+            outcome = self._outcome(job, JobStatus.FAILED, error=describe_error(exc))
             log.info("job #%s failed: %s", job.id, outcome.error)
         finally:
             if rj.cancel_timer is not None:
@@ -507,24 +510,6 @@ class Worker:
             error=error,
             note=note,
         )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return f"{name}: {text}"[:1000] if text else name
-
-
-def _jsonable(value: Any) -> Any:
-    import json
-
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        if hasattr(value, "model_dump"):
-            return value.model_dump(mode="json")
-        return repr(value)
 
 
 __all__ = ["JobView", "Worker", "make_worker_id"]
