@@ -7,17 +7,21 @@ reply, and unexpected errors are logged, never shown as a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import IllegalTransition, JobNotFound, PayloadError, ProgressbotError, UnknownJobType
 from core.models import Job, JobStatus
+from core.quota import active_jobs_of
+from core.registry import RUN_PERMISSIONS
 from core.service import ProgressService
+from core.text import clip as clip_marked
 
 from .render import clip, defuse_mentions, render_line, render_plain
 
@@ -34,9 +38,16 @@ LIST_FILTERS = {
     "cancelled": [JobStatus.CANCELLED],
     "all": None,
 }
-_ID_RE = re.compile(r"^#?(d?\d{1,12})$", re.IGNORECASE)
-_BATCH_ID_RE = re.compile(r"^#?b(\d{1,12})$", re.IGNORECASE)
+# ASCII digits only: "１２" (full-width) or "١٢" (Arabic-Indic) are not ids, though int() would take them.
+_ID_RE = re.compile(r"^#?(d?\d{1,12})$", re.IGNORECASE | re.ASCII)
+_BATCH_ID_RE = re.compile(r"^#?b(\d{1,12})$", re.IGNORECASE | re.ASCII)
 MAX_COMMAND_LENGTH = 8000
+#: The longest reply text the router produces unless its caller asks for less (Matrix' 64 KiB event limit
+#: leaves room for far more; this keeps a reply readable and within every platform's limit but Discord's,
+#: whose adapter passes 2,000).
+DEFAULT_REPLY_LIMIT = 4000
+#: How much of a user's own text a reply quotes back (a job type, a bad argument).
+ECHO_LIMIT = 80
 
 
 @dataclass(slots=True)
@@ -81,27 +92,36 @@ def parse_batch_id(raw: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def parse_json_object(text: str) -> dict[str, Any]:
+    """A payload given as one JSON object; ValueError with a readable reason for anything else."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON payload: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise ValueError("invalid JSON payload: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise ValueError(f"invalid JSON payload: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"the JSON payload must be an object, not {type(obj).__name__}")
+    return obj
+
+
 def parse_run_args(args: list[str], raw_rest: str) -> dict[str, Any]:
     """``key=value ...`` (values parsed as JSON when they can be) or one JSON object."""
     rest = raw_rest.strip()
     if not rest:
         return {}
-    if rest.startswith("{"):
-        try:
-            obj = json.loads(rest)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON payload: {exc.msg} at position {exc.pos}") from None
-        if not isinstance(obj, dict):
-            raise ValueError("the JSON payload must be an object")
-        return obj
+    if rest.startswith(("{", "[")):
+        return parse_json_object(rest)
     out: dict[str, Any] = {}
     for tok in args:
         key, sep, value = tok.partition("=")
         if not sep or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_.-]*$", key):
-            raise ValueError(f"expected key=value, got {tok!r}")
+            raise ValueError(f"expected key=value, got {clip_marked(repr(tok), ECHO_LIMIT)}")
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or absurd JSON): the plain string it is
             out[key] = value
     return out
 
@@ -116,11 +136,22 @@ class CommandRouter:
         admins: Iterable[str] = (),
         runners: Iterable[str] = (),
         prefix: str = "!",
+        run_permissions: Mapping[str, str] | None = None,
+        max_active_per_user: int = 5,
+        reply_limit: int = DEFAULT_REPLY_LIMIT,
     ) -> None:
+        """``run_permissions`` overrides who may start a job type (``auth.run_permissions``);
+        ``max_active_per_user`` caps a user's active jobs started from chat (0: no cap); ``reply_limit``
+        is the most characters a reply text may have (the caller's platform limit)."""
         self.service = service
         self.admins = {a.strip() for a in admins}
         self.runners = {r.strip() for r in runners}
         self.prefix = prefix
+        self.run_permissions = dict(run_permissions or {})
+        self.max_active_per_user = max_active_per_user
+        self.reply_limit = reply_limit
+        # Checking the cap and submitting is one step: concurrent !run commands must not both pass it.
+        self._run_lock = asyncio.Lock()
 
     # ---------------------------------------------------------------- auth
     def is_admin(self, actor: Actor) -> bool:
@@ -140,6 +171,23 @@ class CommandRouter:
         if not self.runners:
             return True
         return self.is_admin(actor) or actor.is_moderator or actor.user_id in self.runners
+
+    def run_permission(self, job_type: str) -> str:
+        """Who may start ``job_type`` from chat: ``anyone``, ``runners`` or ``admins``."""
+        configured = self.run_permissions.get(job_type)
+        if configured in RUN_PERMISSIONS:
+            return configured
+        registry = self.service.registry
+        return registry.get(job_type).run_by if job_type in registry else "runners"
+
+    def run_refusal(self, actor: Actor, job_type: str) -> str | None:
+        """Why ``actor`` may not start ``job_type`` from chat, or None when they may."""
+        needed = self.run_permission(job_type)
+        if needed == "admins" and not self.is_admin(actor):
+            return f"Sorry {actor.mention}, only admins may start {job_type} jobs."
+        if needed == "runners" and not self.may_run(actor):
+            return f"Sorry {actor.mention}, you may not start jobs here."
+        return None
 
     # ---------------------------------------------------------------- text
     def usage(self) -> str:
@@ -162,16 +210,25 @@ class CommandRouter:
         t = text.lstrip()
         return t.startswith(self.prefix) and len(t) > len(self.prefix) and t[len(self.prefix)].isalpha()
 
-    async def handle_text(self, text: str, actor: Actor) -> Reply | None:
+    async def handle_text(self, text: str, actor: Actor, *, limit: int | None = None) -> Reply | None:
         """Handle a prefixed message; None when it is not a command for us."""
         if not self.is_command(text):
             return None
         body = text.lstrip()[len(self.prefix) :]
         name, _, rest = body.partition(" ")
-        return await self.dispatch(name.lower().strip(), rest.strip(), actor)
+        return await self.dispatch(name.lower().strip(), rest.strip(), actor, limit=limit)
 
-    async def dispatch(self, name: str, rest: str, actor: Actor) -> Reply:
-        """Run command ``name`` with its argument string. Never raises."""
+    async def dispatch(self, name: str, rest: str, actor: Actor, *, limit: int | None = None) -> Reply:
+        """Run command ``name`` with its argument string. Never raises.
+
+        The reply text is at most ``limit`` characters (default: the router's ``reply_limit``), clipped
+        with a visible marker; the user's own text is quoted back at most :data:`ECHO_LIMIT` characters.
+        """
+        reply = await self._dispatch(name, rest, actor)
+        reply.text = clip_marked(reply.text, limit or self.reply_limit)
+        return reply
+
+    async def _dispatch(self, name: str, rest: str, actor: Actor) -> Reply:
         try:
             if len(rest) > MAX_COMMAND_LENGTH:
                 return Reply(f"That command is too long (over {MAX_COMMAND_LENGTH} characters).", ok=False)
@@ -295,15 +352,27 @@ class CommandRouter:
                 usage + "\nJob types: " + (", ".join(self.service.registry.types()) or "(none)"), ok=False
             )
         job_type, _, raw_args = rest.partition(" ")
-        if not self.may_run(actor):
-            return Reply(f"Sorry {actor.mention}, you may not start jobs here.", ok=False)
+        refusal = self.run_refusal(actor, job_type)
+        if refusal is not None:
+            return Reply(refusal, ok=False)
         try:
-            args = shlex.split(raw_args) if raw_args.strip() and not raw_args.strip().startswith("{") else []
+            raw = raw_args.strip()
+            args = shlex.split(raw_args) if raw and not raw.startswith(("{", "[")) else []
             payload = parse_run_args(args, raw_args)
         except ValueError as exc:
             return Reply(f"{exc}\n{usage}", ok=False)
         try:
-            job = await self.service.submit(job_type, payload, owner=actor.user_id, room=actor.room)
+            async with self._run_lock:
+                cap = self.max_active_per_user
+                if cap and not self.is_admin(actor):
+                    active = await active_jobs_of(self.service.store, actor.user_id)
+                    if active >= cap:
+                        return Reply(
+                            f"Sorry {actor.mention}, you already have {active} active jobs (the limit is "
+                            f"{cap}); wait for one to finish or cancel one first.",
+                            ok=False,
+                        )
+                job = await self.service.submit(job_type, payload, owner=actor.user_id, room=actor.room)
         except (UnknownJobType, PayloadError) as exc:
             return Reply(f"{exc}\n{usage}", ok=False)
         return Reply(f"Started #{job.id} {job.type}.", job=job)

@@ -78,12 +78,13 @@ def build_adapters(
         from adapters.matrix import MatrixAdapter, MatrixConfig
 
         m = settings.matrix
-        router = CommandRouter(service, admins=auth.admins, runners=auth.runners, prefix=m.command_prefix)
+        router = CommandRouter(service, prefix=m.command_prefix, **auth.router_options())
         adapters.append(MatrixAdapter(service, router, MatrixConfig.from_settings(m)))
     if settings.discord.enabled:
         from adapters.discord import DiscordAdapter, DiscordConfig
 
-        router = CommandRouter(service, admins=auth.admins, runners=auth.runners, prefix="/")
+        # Discord refuses messages over 2,000 characters.
+        router = CommandRouter(service, prefix="/", reply_limit=2000, **auth.router_options())
         adapters.append(DiscordAdapter(service, router, DiscordConfig.from_settings(settings.discord)))
     console_on = settings.console.enabled
     if console_on is None:
@@ -91,7 +92,7 @@ def build_adapters(
     if console_on:
         from adapters.console import ConsoleAdapter
 
-        router = CommandRouter(service, admins=auth.admins, runners=auth.runners, prefix="")
+        router = CommandRouter(service, prefix="", **auth.router_options())
         adapters.append(ConsoleAdapter(service, router, interactive=console_interactive))
     return adapters
 

@@ -17,9 +17,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from adapters.commands import parse_job_id, parse_run_args
+from adapters.commands import parse_job_id, parse_json_object, parse_run_args
 from core.errors import ProgressbotError
+from core.salvage import db_trouble
 from core.serialize import job_to_dict
+from core.service import submit_option_problems
 
 from .settings import ConfigError, Settings, load_settings
 
@@ -31,8 +33,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click usage errors: one unwrapped "Error: Invalid value for '--priority': ..." line, not a box
+    # hard-wrapped at 80 columns.
+    rich_markup_mode=None,
 )
-err = Console(stderr=True, highlight=False)
+# soft_wrap: an error line is printed whole whatever the terminal's width (rich would otherwise hard-wrap
+# it at 80 columns when stderr is not a terminal, splitting paths and key: problem lines).
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 ConfigOpt = Annotated[
@@ -46,6 +53,24 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print ``message`` to stderr and return the Exit to raise."""
     err.print(message, markup=False)
     return typer.Exit(code)
+
+
+def database_failure(exc: BaseException, url: str) -> typer.Exit | None:
+    """The readable exit for a database that is busy or cannot be used; None for any other error."""
+    trouble = db_trouble(exc)
+    if trouble is None:
+        return None
+    if trouble == "busy":
+        return fail("progressbot: the database is busy (another process holds a write lock); try again", 1)
+    from sqlalchemy.engine import make_url
+
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL is reported by the error itself
+        shown = "(the configured database)"
+    orig = getattr(exc, "orig", None) or exc
+    reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    return fail(f"progressbot: cannot use the database {shown}: {reason}", 1)
 
 
 def settings_or_exit(config: str | None) -> Settings:
@@ -85,6 +110,11 @@ def run_db(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except ProgressbotError as exc:
         raise fail(str(exc), 1) from None
+    except Exception as exc:
+        failure = database_failure(exc, settings.database.url)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _job_id(raw: str) -> int:
@@ -107,13 +137,23 @@ def run(
     setup_logging(settings.log_level)
     from .app import Application
 
+    serve(settings, lambda: Application(settings, demo=demo, exit_when_done=exit_when_done))
+
+
+def serve(settings: Settings, make: Callable[[], Any]) -> None:
+    """Run an application until it stops; engine, network and database errors end it with a readable line."""
     try:
-        application = Application(settings, demo=demo, exit_when_done=exit_when_done)
+        application = make()
         asyncio.run(application.run())
     except ProgressbotError as exc:
         raise fail(f"progressbot: {exc}", 1) from None
     except OSError as exc:
         raise fail(f"progressbot: {exc}", 1) from None
+    except Exception as exc:
+        failure = database_failure(exc, settings.database.url)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 @app.command()
@@ -123,8 +163,7 @@ def worker(config: ConfigOpt = None) -> None:
     setup_logging(settings.log_level)
     from .app import Application
 
-    application = Application(settings, with_adapters=False, with_http=False)
-    asyncio.run(application.run())
+    serve(settings, lambda: Application(settings, with_adapters=False, with_http=False))
 
 
 @app.command()
@@ -146,10 +185,20 @@ def submit(
 ) -> None:
     """Submit a queued job: ``progressbot submit demo.count steps=5 delay_ms=200``."""
     settings = settings_or_exit(config)
+    problems = submit_option_problems(
+        priority=priority, delay=delay, max_attempts=max_attempts, timeout=timeout
+    )
+    if args and payload_json is not None:
+        problems.append("payload: give KEY=VALUE arguments or --payload, not both")
+    if problems:
+        raise fail("\n".join(problems), 2)
     try:
-        payload = parse_run_args(list(args or []), payload_json or " ".join(args or []))
+        if payload_json is not None:
+            payload = parse_json_object(payload_json)
+        else:
+            payload = parse_run_args(list(args or []), " ".join(args or []))
     except ValueError as exc:
-        raise fail(f"progressbot: {exc}", 2) from None
+        raise fail(f"payload: {exc}", 2) from None
 
     async def go(svc: Any) -> Any:
         return await svc.submit(
@@ -290,8 +339,26 @@ for _action in ("pause", "resume", "cancel", "retry"):
 from . import cli_http  # noqa: E402,F401
 
 
+def undecodable_argument(argv: list[str]) -> int | None:
+    """The position of the first argument that is not valid UTF-8, or None.
+
+    Python decodes such bytes to lone surrogates; refusing them here is clearer than a job type or payload
+    that nobody can type again.
+    """
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            return i
+    return None
+
+
 def main() -> None:
     """Entry point of the ``progressbot`` script."""
+    bad = undecodable_argument(sys.argv[1:])
+    if bad is not None:
+        err.print(f"arguments: argument {bad + 1} is not valid UTF-8", markup=False)
+        sys.exit(2)
     try:
         app()
     except KeyboardInterrupt:

@@ -31,6 +31,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 import time
 from collections import Counter, OrderedDict
@@ -43,13 +44,22 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.commands import parse_batch_id, parse_job_id
-from core.errors import IllegalTransition, JobNotFound, PayloadError, ProgressbotError, UnknownJobType
+from core.errors import (
+    IllegalTransition,
+    JobNotFound,
+    NotTracked,
+    PayloadError,
+    ProgressbotError,
+    UnknownJobType,
+)
 from core.events import EventFilter, JobProgressEvent, make_filter
 from core.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Control, Job, JobStatus
 from core.monitor import JobView
+from core.salvage import db_trouble
 from core.serialize import job_to_dict
 from core.service import JobRequest, ProgressService
 from core.store import ActionResult, BatchSummary
+from core.text import MAX_DEPTH, MAX_MESSAGE, clean_text, json_depth_exceeds, safe_json_bytes
 
 from .settings import HttpSettings
 
@@ -165,15 +175,17 @@ class BatchBody(_Body):
     room: str | None = Field(None, max_length=300)
 
 
+#: Seconds a client should wait before retrying when the database is busy or unreachable.
+RETRY_AFTER_BUSY = 2
+RETRY_AFTER_UNAVAILABLE = 10
+
+
 # ----------------------------------------------------------------------- helpers
-def _dumps(data: Any) -> str:
-    # default=str: results are JSON already, but a stray datetime must not turn a reply into a 500.
-    return json.dumps(data, default=str, separators=(",", ":"), ensure_ascii=False)
-
-
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    """A JSON reply."""
-    return web.Response(text=_dumps(data), status=status, content_type="application/json", headers=headers)
+    """A JSON reply (always encodable: see :func:`core.text.safe_json_bytes`)."""
+    return web.Response(
+        body=safe_json_bytes(data), status=status, content_type="application/json", headers=headers
+    )
 
 
 def error_response(
@@ -509,8 +521,21 @@ class HttpApi:
             return error_response(exc.status, code, detail)
         except (asyncio.CancelledError, ConnectionResetError):
             raise
-        except Exception:
+        except Exception as exc:
             self.errors += 1
+            trouble = db_trouble(exc)
+            if trouble is not None:
+                # Not the client's mistake, and not a bug: the database is locked or away. Try again later.
+                log.warning("HTTP %s %s: database %s: %s", request.method, request.path, trouble, exc)
+                busy = trouble == "busy"
+                return error_response(
+                    503,
+                    "database_busy" if busy else "database_unavailable",
+                    "the database is busy; try again shortly"
+                    if busy
+                    else "the database is unavailable; try again later",
+                    {"Retry-After": str(RETRY_AFTER_BUSY if busy else RETRY_AFTER_UNAVAILABLE)},
+                )
             # The traceback goes to the log, never to the client.
             log.exception("HTTP %s %s failed", request.method, request.path)
             return error_response(500, "internal_error", "internal server error; see the service log")
@@ -536,8 +561,12 @@ class HttpApi:
                 ) from None
             except ValueError as exc:
                 raise ApiError(400, "invalid_json", f"malformed JSON: {exc}") from None
+            except RecursionError:
+                raise ApiError(400, "invalid_json", f"JSON nested deeper than {MAX_DEPTH} levels") from None
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        if json_depth_exceeds(data, MAX_DEPTH):
+            raise ApiError(400, "invalid_json", f"JSON nested deeper than {MAX_DEPTH} levels")
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -554,17 +583,13 @@ class HttpApi:
     def _tracked_id(self, request: web.Request) -> int:
         jid = self._job_id(request)
         if not isinstance(jid, int):
-            raise ApiError(
-                409,
-                "conflict",
-                f"Job #{jid} is a direct job, not a tracked one; it can't be reported from outside",
-            )
+            raise NotTracked(jid)
         return jid
 
     @staticmethod
     def _batch_id(request: web.Request) -> int:
         raw = request.match_info["id"]
-        bid = parse_batch_id(raw) if not raw.isdigit() else int(raw)
+        bid = _plain_or_batch_id(raw)
         if bid is None:
             raise ApiError(404, "not_found", f"No batch #{raw[:40]}")
         return bid
@@ -681,7 +706,9 @@ class HttpApi:
     async def _write_logs(self, jid: int, logs: list[LogBody]) -> None:
         if logs:
             # One transaction for all of a report's entries.
-            await self.service.store.log_many([(jid, e.level, e.message, None) for e in logs])
+            await self.service.store.log_many(
+                [(jid, e.level, clean_text(e.message, MAX_MESSAGE), None) for e in logs]
+            )
 
     async def log_entry(self, request: web.Request) -> web.Response:
         """Append an activity entry to a tracked job."""
@@ -689,7 +716,7 @@ class HttpApi:
         body = await self._body(request, LogBody)
         job = await self.service.get(jid)
         if job.kind != "tracked":
-            raise IllegalTransition(jid, "not a tracked job", "logged to from outside")
+            raise NotTracked(jid)
         await self.service.tracked_log(jid, body.level, body.message)
         return json_response({"id": jid, "status": job.status, "control": control_of(job)})
 
@@ -702,7 +729,7 @@ class HttpApi:
             raise ApiError(422, "validation_error", "result: only for /complete")
         current = await self.service.get(jid)
         if current.kind != "tracked":
-            raise IllegalTransition(jid, "not a tracked job", "finished from outside")
+            raise NotTracked(jid)
         if current.status in TERMINAL_STATUSES:
             # Checked before the final progress is applied, so a refused finish changes nothing.
             raise IllegalTransition(jid, str(current.status), "completed" if ok else "failed")
@@ -795,7 +822,7 @@ class HttpApi:
                 raise ApiError(404, "not_found", f"No job #{q['job'][:40]}")
         elif "batch" in q:
             raw = q["batch"]
-            batch_id = int(raw) if raw.isdigit() else parse_batch_id(raw)
+            batch_id = _plain_or_batch_id(raw)
             if batch_id is None:
                 raise ApiError(404, "not_found", f"No batch #{raw[:40]}")
 
@@ -926,16 +953,30 @@ class HttpApi:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.stream_sndbuf)
 
     def _encode(self, fmt: str, ev: JobProgressEvent) -> bytes:
-        data = _dumps(ev.to_dict())
+        try:
+            data = safe_json_bytes(ev.to_dict())
+        except Exception as exc:
+            # One broken event must not end the stream nor hide the events after it: send what is sure.
+            log.warning("event %s of %s %s could not be serialised: %s", ev.seq, ev.type, ev.id, exc)
+            data = safe_json_bytes(
+                {
+                    "id": ev.id,
+                    "type": ev.type,
+                    "status": ev.status,
+                    "seq": ev.seq,
+                    "timestamp": ev.timestamp,
+                    "error": "this event could not be serialised; fetch the job for its state",
+                }
+            )
         if fmt == "sse":
             # No "event:" field: the default type reaches EventSource.onmessage; the JSON has "type".
-            return f"id: {ev.seq}\ndata: {data}\n\n".encode()
-        return (data + "\n").encode()
+            return b"id: %d\ndata: %s\n\n" % (ev.seq, data)
+        return data + b"\n"
 
     def _keepalive(self, fmt: str) -> bytes:
         if fmt == "sse":
             return b": keepalive\n\n"
-        return (_dumps({"type": "keepalive", "timestamp": time.time()}) + "\n").encode()
+        return safe_json_bytes({"type": "keepalive", "timestamp": time.time()}) + b"\n"
 
     async def _write(self, info: StreamInfo, data: bytes) -> None:
         # A client that stops reading blocks only its own stream, and only for write_timeout.
@@ -1047,13 +1088,23 @@ def _validate(model: type[M], data: dict[str, Any]) -> M:
         raise ApiError(422, "validation_error", _validation_detail(exc)) from None
 
 
+def _plain_or_batch_id(raw: str) -> int | None:
+    """A batch id in a path or query: ``3``, ``b3`` or ``#b3`` (ASCII digits, at most 12)."""
+    if _ASCII_INT.fullmatch(raw) and not raw.startswith("-") and len(raw) <= 12:
+        return int(raw)
+    return parse_batch_id(raw)
+
+
+#: Integers as clients write them: ASCII digits only (int() would also take "١٢", " 12 " and "1_000").
+_ASCII_INT = re.compile(r"-?[0-9]{1,19}", re.ASCII)
+
+
 def _int_param(raw: str | None, name: str, default: Any, lo: int, hi: int) -> Any:
     if raw is None or raw == "":
         return default
-    try:
-        val = int(raw)
-    except ValueError:
-        raise ApiError(400, "bad_request", f"{name}: must be an integer") from None
+    if not _ASCII_INT.fullmatch(raw):
+        raise ApiError(400, "bad_request", f"{name}: must be an integer")
+    val = int(raw)
     if not lo <= val <= hi:
         raise ApiError(400, "bad_request", f"{name}: must be between {lo} and {hi}")
     return val

@@ -76,6 +76,21 @@ class AuthSettings(_Section):
     admins: list[str] = Field(default_factory=list)
     #: Who may ``run`` jobs from chat. Empty: anyone in a configured room.
     runners: list[str] = Field(default_factory=list)
+    #: Per job type, who may start it from chat: "anyone", "runners" or "admins" (overrides the handler's
+    #: own declaration; maintenance.cleanup declares "admins").
+    run_permissions: dict[str, Literal["anyone", "runners", "admins"]] = Field(default_factory=dict)
+    #: At most this many active (pending, running, paused) jobs per user started from chat; 0: no cap.
+    #: Admins are exempt.
+    max_active_per_user: int = Field(5, ge=0, le=100_000)
+
+    def router_options(self) -> dict[str, Any]:
+        """The chat command router's authorization options."""
+        return {
+            "admins": self.admins,
+            "runners": self.runners,
+            "run_permissions": self.run_permissions,
+            "max_active_per_user": self.max_active_per_user,
+        }
 
 
 class MatrixSettings(_Section):
@@ -196,6 +211,14 @@ class Settings(BaseSettings):
 
     config: str | None = Field(None, description="path of the config file (PROGRESSBOT_CONFIG)")
     log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        if v.strip().upper() not in levels:
+            raise ValueError(f"must be one of {', '.join(levels)}")
+        return v.strip().upper()
     database: DatabaseSettings = Field(default_factory=lambda: DatabaseSettings())
     worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
     progress: ProgressSettings = Field(default_factory=lambda: ProgressSettings())
