@@ -59,7 +59,7 @@ from core.salvage import db_trouble
 from core.serialize import job_to_dict
 from core.service import JobRequest, ProgressService
 from core.store import ActionResult, BatchSummary
-from core.text import MAX_DEPTH, MAX_MESSAGE, clean_text, json_depth_exceeds, safe_json_bytes
+from core.text import MAX_DEPTH, MAX_MESSAGE, clean_json, clean_text, json_depth_exceeds, safe_json_bytes
 
 from .settings import HttpSettings
 
@@ -567,6 +567,8 @@ class HttpApi:
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
         if json_depth_exceeds(data, MAX_DEPTH):
             raise ApiError(400, "invalid_json", f"JSON nested deeper than {MAX_DEPTH} levels")
+        # "\udcff" escapes decode to lone surrogates, "\u0000" to NUL: U+FFFD and nothing, here, once.
+        data = clean_json(data)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
