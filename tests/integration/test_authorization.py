@@ -94,7 +94,7 @@ async def test_replies_stay_small(make_service: ServiceFactory) -> None:
         f"!run demo.count {'y' * 7980}",
         f"!{'z' * 8000}",
         f"!status {'1' * 7990}",
-        f"!run demo.count {{\"steps\": \"{'w' * 7970}\"}}",
+        f'!run demo.count {{"steps": "{"w" * 7970}"}}',
     ):
         r = await router.handle_text(text, ALICE)
         assert r is not None and not r.ok
@@ -120,7 +120,9 @@ async def test_only_tracked_jobs_take_external_progress(make_server: ServerFacto
     direct = await svc.execute("demo.count", {"steps": 100, "delay_ms": 50})
 
     for target in (jid, pending.id, direct.view.id):
-        status, data = await srv.call("POST", f"/v1/jobs/{target}/progress", {"current": 1, "stage": "hijack"})
+        status, data = await srv.call(
+            "POST", f"/v1/jobs/{target}/progress", {"current": 1, "stage": "hijack"}
+        )
         assert status == 409, (target, data)
         assert data == {
             "error": "conflict",

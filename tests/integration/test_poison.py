@@ -11,8 +11,6 @@ import asyncio
 import json
 from typing import Any
 
-import pytest
-
 from core.context import JobContext
 from core.models import JobStatus
 from core.registry import HandlerRegistry
