@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from .models import Control
-from .text import MAX_MESSAGE, clean_json, clean_name, clean_text
+from .text import MAX_MESSAGE, clean_json, clean_name, clean_text, finite_or_none
 
 StageSpec = Sequence[tuple[str, float] | str]
 
@@ -55,9 +55,10 @@ class ProgressState:
 
     def report(self, current: float | None, total: float | None = None, message: str | None = None) -> None:
         """Record progress. Cheap and synchronous: no I/O, no allocation beyond the arguments."""
-        self.current = current
+        # NaN, infinities and ints beyond float range would reach the events as invalid JSON: unknown instead.
+        self.current = finite_or_none(current)
         if total is not None:
-            self.total = total
+            self.total = finite_or_none(total)
         if message is not None:
             # Made storable here, once: a lone surrogate or NUL would fail every batched write it joins.
             self.message = clean_text(message, MAX_MESSAGE)

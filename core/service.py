@@ -376,7 +376,9 @@ class ProgressService:
             )
             for r in reqs
         ]
-        batch = await self.store.create_batch(name, owner=owner, room=room)
+        batch = await self.store.create_batch(
+            clean_name(name) or "batch", owner=clean_name(owner), room=clean_name(room)
+        )
         for nj in prepared:
             nj.batch_id = batch.id
         stored = await self.store.submit_many(prepared, actor=owner)

@@ -159,6 +159,16 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` if it is a finite number the database can hold as a float, else None."""
+    if value is None:
+        return None
+    try:
+        return value if math.isfinite(value) else None
+    except (OverflowError, TypeError):  # an int beyond float range, or not a number at all
+        return None
+
+
 def clean_result(value: Any) -> Any:
     """A handler's or client's result, cleaned (:func:`clean_json`) and at most :data:`MAX_RESULT_BYTES`.
 
@@ -180,7 +190,8 @@ def safe_json_bytes(data: Any) -> bytes:
     lone surrogates, and a stray object (a datetime) must not turn a reply into a 500.
     """
     try:
-        text = json.dumps(data, default=str, separators=(",", ":"), ensure_ascii=False)
+        # allow_nan=False: a bare NaN token is not JSON, and browsers' JSON.parse refuses the whole event.
+        text = json.dumps(data, default=str, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (ValueError, RecursionError):
         text = json.dumps(clean_json(data), default=str, separators=(",", ":"), ensure_ascii=False)
     try:
@@ -201,6 +212,7 @@ __all__ = [
     "clean_result",
     "clean_text",
     "clip",
+    "finite_or_none",
     "fix_surrogates",
     "json_depth_exceeds",
     "safe_json_bytes",

@@ -204,6 +204,11 @@ def test_cli_reports_database_trouble_readably(
         assert "Traceback" not in res.stderr
         assert res.stderr.startswith("progressbot: cannot use the database sqlite:///"), res.stderr
         assert res.stderr.rstrip().endswith(reason), res.stderr
+    # An unreachable PostgreSQL (nothing listens on port 1): the password is not shown.
+    res = cli("jobs", cfg=config(tmp_path, "postgresql://pb:s3cret@127.0.0.1:1/pb", "pg.toml"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("progressbot: cannot use the database postgresql"), res.stderr
+    assert "s3cret" not in res.stderr and len(res.stderr.splitlines()) == 1
     # The service itself says so too, and exits non-zero.
     res = cli("run", cfg=config(tmp_path, f"sqlite:///{garbage}", "run.toml"))
     assert res.returncode == 1 and "Traceback" not in res.stderr
