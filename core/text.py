@@ -74,6 +74,9 @@ def clean_text(text: Any, limit: int = MAX_MESSAGE, *, multiline: bool = True) -
     ``multiline`` keeps newlines and tabs (messages, errors); without it they become spaces (names).
     Non-strings are converted with ``str()`` first.
     """
+    # The common case, cheaply (progress reports call this many times a second): nothing to change.
+    if type(text) is str and len(text) <= limit and text.isascii() and text.isprintable():
+        return text
     if not isinstance(text, str):
         text = str(text)
     if not multiline:
@@ -159,14 +162,19 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def finite_or_none(value: float | None) -> float | None:
-    """``value`` if it is a finite number the database can hold as a float, else None."""
-    if value is None:
-        return None
+#: Progress numbers beyond this are not progress: SQLite cannot bind an int past 2**63 anyway.
+MAX_PROGRESS_NUMBER = 1e18
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` if it is a number the database can hold (finite, within ±1e18), else None.
+
+    Cheap (one chained comparison: NaN and infinities fail it too), since progress reports call it often.
+    """
     try:
-        return value if math.isfinite(value) else None
-    except (OverflowError, TypeError):  # an int beyond float range, or not a number at all
-        return None
+        return value if -MAX_PROGRESS_NUMBER < value < MAX_PROGRESS_NUMBER else None
+    except TypeError:  # None, or not a number at all: left as it is
+        return value
 
 
 def clean_result(value: Any) -> Any:
