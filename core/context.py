@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from .models import Control
-from .text import MAX_MESSAGE, clean_json, clean_name, clean_text, finite_or_none
+from .text import MAX_MESSAGE, MAX_PROGRESS_NUMBER, clean_json, clean_name, clean_text
 
 StageSpec = Sequence[tuple[str, float] | str]
 
@@ -55,13 +55,21 @@ class ProgressState:
 
     def report(self, current: float | None, total: float | None = None, message: str | None = None) -> None:
         """Record progress. Cheap and synchronous: no I/O, no allocation beyond the arguments."""
-        # NaN, infinities and ints beyond float range would reach the events as invalid JSON: unknown instead.
-        self.current = finite_or_none(current)
+        # Inline fast paths (this runs up to hundreds of thousands of times a second). NaN, infinities and
+        # numbers the database cannot hold fail the range check and become "unknown"; a short printable
+        # ASCII message is taken as it is, anything else goes through core.text.
+        if current is not None and not -MAX_PROGRESS_NUMBER < current < MAX_PROGRESS_NUMBER:
+            current = None
+        self.current = current
         if total is not None:
-            self.total = finite_or_none(total)
+            if not -MAX_PROGRESS_NUMBER < total < MAX_PROGRESS_NUMBER:
+                total = None
+            self.total = total
         if message is not None:
-            # Made storable here, once: a lone surrogate or NUL would fail every batched write it joins.
-            self.message = clean_text(message, MAX_MESSAGE)
+            if message.__class__ is not str or len(message) > MAX_MESSAGE or not message.isprintable():
+                # Made storable here, once: a lone surrogate or NUL would fail every batched write it joins.
+                message = clean_text(message, MAX_MESSAGE)
+            self.message = message
         self._dirty.add(self.key)
 
     def set_stages(self, stages: StageSpec) -> None:

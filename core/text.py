@@ -38,6 +38,9 @@ MAX_ERROR = 2000
 MAX_DEPTH = 64
 #: A result larger than this as JSON is replaced by a clipped preview.
 MAX_RESULT_BYTES = 256 * 1024
+#: Progress numbers beyond ±this (and NaN, infinities) are taken as unknown: SQLite cannot bind an int past
+#: 2**63, and a NaN is not JSON.
+MAX_PROGRESS_NUMBER = 1e18
 
 REPLACEMENT = "\ufffd"
 
@@ -75,7 +78,8 @@ def clean_text(text: Any, limit: int = MAX_MESSAGE, *, multiline: bool = True) -
     Non-strings are converted with ``str()`` first.
     """
     # The common case, cheaply (progress reports call this many times a second): nothing to change.
-    if type(text) is str and len(text) <= limit and text.isascii() and text.isprintable():
+    # (isprintable() is False for surrogates and every control character, newlines included.)
+    if type(text) is str and len(text) <= limit and text.isprintable():
         return text
     if not isinstance(text, str):
         text = str(text)
@@ -162,21 +166,6 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-#: Progress numbers beyond this are not progress: SQLite cannot bind an int past 2**63 anyway.
-MAX_PROGRESS_NUMBER = 1e18
-
-
-def finite_or_none(value: Any) -> Any:
-    """``value`` if it is a number the database can hold (finite, within ±1e18), else None.
-
-    Cheap (one chained comparison: NaN and infinities fail it too), since progress reports call it often.
-    """
-    try:
-        return value if -MAX_PROGRESS_NUMBER < value < MAX_PROGRESS_NUMBER else None
-    except TypeError:  # None, or not a number at all: left as it is
-        return value
-
-
 def clean_result(value: Any) -> Any:
     """A handler's or client's result, cleaned (:func:`clean_json`) and at most :data:`MAX_RESULT_BYTES`.
 
@@ -220,7 +209,6 @@ __all__ = [
     "clean_result",
     "clean_text",
     "clip",
-    "finite_or_none",
     "fix_surrogates",
     "json_depth_exceeds",
     "safe_json_bytes",
