@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from .models import Control
-from .text import MAX_MESSAGE, MAX_PROGRESS_NUMBER, clean_json, clean_name, clean_text
+from .text import MAX_MESSAGE, clean_json, clean_name, clean_text
 
 StageSpec = Sequence[tuple[str, float] | str]
 
@@ -55,15 +55,11 @@ class ProgressState:
 
     def report(self, current: float | None, total: float | None = None, message: str | None = None) -> None:
         """Record progress. Cheap and synchronous: no I/O, no allocation beyond the arguments."""
-        # Inline fast paths (this runs up to hundreds of thousands of times a second). NaN, infinities and
-        # numbers the database cannot hold fail the range check and become "unknown"; a short printable
-        # ASCII message is taken as it is, anything else goes through core.text.
-        if current is not None and not -MAX_PROGRESS_NUMBER < current < MAX_PROGRESS_NUMBER:
-            current = None
+        # This runs up to hundreds of thousands of times a second: a short printable message is taken as it
+        # is, anything else goes through core.text. Numbers are made storable where they are written
+        # (core.salvage), once per write tick rather than once per report.
         self.current = current
         if total is not None:
-            if not -MAX_PROGRESS_NUMBER < total < MAX_PROGRESS_NUMBER:
-                total = None
             self.total = total
         if message is not None:
             if message.__class__ is not str or len(message) > MAX_MESSAGE or not message.isprintable():

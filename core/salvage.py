@@ -23,7 +23,7 @@ from sqlalchemy import exc as sa_exc
 
 from .models import JobStatus
 from .store import FinishResult, JobStore, Outcome, ProgressWrite
-from .text import MAX_ERROR, clean_text
+from .text import MAX_ERROR, clean_text, storable_number
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,21 @@ def _degrade_outcome(oc: Outcome, exc: BaseException) -> Outcome:
     )
 
 
+def storable_progress(pw: ProgressWrite) -> ProgressWrite:
+    """``pw`` with NaN, infinities and out-of-range numbers (a handler's ``report()``) made unknown."""
+    nums = (pw.current, pw.total, pw.weighted_percent)
+    clean = tuple(storable_number(n) for n in nums)
+    if all(a is b for a, b in zip(clean, nums, strict=True)):
+        return pw  # the usual case: nothing to replace, nothing to copy
+    return dataclasses.replace(pw, current=clean[0], total=clean[1], weighted_percent=clean[2])
+
+
 async def finish_isolating(store: JobStore, outcomes: list[Outcome]) -> FinishResult:
     """:meth:`JobStore.finish_many`, isolating an outcome that cannot be stored (see the module doc)."""
+    outcomes = [
+        oc if oc.progress is None else dataclasses.replace(oc, progress=storable_progress(oc.progress))
+        for oc in outcomes
+    ]
     results = await write_isolating(outcomes, store.finish_many, _degrade_outcome, "job outcomes")
     if len(results) == 1:
         return results[0]
@@ -135,6 +148,7 @@ def _degrade_progress(pw: ProgressWrite, exc: BaseException) -> ProgressWrite:
 
 async def write_progress_isolating(store: JobStore, writes: list[ProgressWrite]) -> None:
     """:meth:`JobStore.write_progress`, isolating a row that cannot be stored."""
+    writes = [storable_progress(w) for w in writes]
     await write_isolating(writes, store.write_progress, _degrade_progress, "progress writes")
 
 

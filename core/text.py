@@ -166,6 +166,15 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+def storable_number(value: Any) -> Any:
+    """``value`` if it is a number the database can hold (finite, within ±:data:`MAX_PROGRESS_NUMBER`),
+    else None (unknown)."""
+    try:
+        return value if -MAX_PROGRESS_NUMBER < value < MAX_PROGRESS_NUMBER else None
+    except TypeError:  # None, or not a number at all
+        return None
+
+
 def clean_result(value: Any) -> Any:
     """A handler's or client's result, cleaned (:func:`clean_json`) and at most :data:`MAX_RESULT_BYTES`.
 
@@ -212,4 +221,5 @@ __all__ = [
     "fix_surrogates",
     "json_depth_exceeds",
     "safe_json_bytes",
+    "storable_number",
 ]

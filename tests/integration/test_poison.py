@@ -63,6 +63,8 @@ def poison_registry() -> HandlerRegistry:
     async def progress(ctx: JobContext, data: dict[str, Any]) -> str:
         """Reports and logs surrogate-bearing text, with control characters."""
         ctx.stages([(f"read {BAD_NAME}", 1)])
+        ctx.report(float("nan"), 10**30, "numbers no database holds")
+        await asyncio.sleep(0.3)  # long enough for a monitor write tick with them
         ctx.report(1, 2, f"reading {BAD_NAME}\x00\x1b[31m")
         ctx.log("warning", f"skipped {BAD_NAME}", path=BAD_NAME)
         await ctx.checkpoint({"last": BAD_NAME})
@@ -130,9 +132,12 @@ async def test_one_unstorable_row_does_not_take_the_batch_down(make_service: Ser
         [
             ProgressWrite(a, 1, 4, "fine", None, None, None, 25.0, worker_id="w1"),
             ProgressWrite(b, 2, 4, "bad \udcff", None, None, None, 50.0, worker_id="w1"),
+            ProgressWrite(c, float("nan"), 10**30, "odd numbers", None, None, None, None, worker_id="w1"),
         ],
     )
     assert (await store.get(a)).progress_message == "fine"
+    odd = await store.get(c)  # numbers no database holds are stored as unknown, the rest as given
+    assert (odd.progress_current, odd.progress_total, odd.progress_message) == (None, None, "odd numbers")
     got = (await store.get(b)).progress_message or ""
     if svc.db.is_sqlite or "\udcff" not in got:  # PostgreSQL's driver may refuse it too
         assert got.startswith("progress could not be stored: ") or got == "bad \udcff"
