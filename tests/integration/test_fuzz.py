@@ -64,9 +64,7 @@ DATES = st.sampled_from(
 SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, TEXT, DATES)
 JSON_VALUES = st.recursive(
     SCALARS,
-    lambda children: st.one_of(
-        st.lists(children, max_size=4), st.dictionaries(TEXT, children, max_size=4)
-    ),
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(TEXT, children, max_size=4)),
     max_leaves=12,
 )
 FIELDS = st.sampled_from(
