@@ -232,7 +232,7 @@ class JobContext:
         """Append an entry to the job's activity log (capped; written on the monitor's tick)."""
         self._backend.log(
             self,
-            clean_text(level, 16, multiline=False),
+            clean_text(level, 64, multiline=False)[:16],  # the column holds 16 (PostgreSQL enforces it)
             clean_text(message, MAX_MESSAGE),
             clean_json(context) if context else None,
         )
