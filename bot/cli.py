@@ -19,7 +19,7 @@ from rich.console import Console
 
 from adapters.commands import parse_job_id, parse_json_object, parse_run_args
 from core.errors import ProgressbotError
-from core.salvage import db_trouble
+from core.salvage import db_reason, db_trouble
 from core.serialize import job_to_dict
 from core.service import submit_option_problems
 
@@ -68,9 +68,7 @@ def database_failure(exc: BaseException, url: str) -> typer.Exit | None:
         shown = make_url(url).render_as_string(hide_password=True)
     except Exception:  # an unparsable URL is reported by the error itself
         shown = "(the configured database)"
-    orig = getattr(exc, "orig", None) or exc
-    reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-    return fail(f"progressbot: cannot use the database {shown}: {reason}", 1)
+    return fail(f"progressbot: cannot use the database {shown}: {db_reason(exc)}", 1)
 
 
 def settings_or_exit(config: str | None) -> Settings:

@@ -27,7 +27,7 @@ from .aio import cancel_and_wait
 from .context import ProgressState
 from .events import EventBus, JobProgressEvent, next_seq
 from .models import TERMINAL_STATUSES, Job, JobStatus, utcnow
-from .salvage import log_many_isolating, write_progress_isolating
+from .salvage import log_failure, log_many_isolating, write_progress_isolating
 from .store import BatchSummary, JobStore, ProgressWrite
 
 log = logging.getLogger(__name__)
@@ -393,8 +393,8 @@ class JobProgressMonitor:
                 self._evict()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("monitor I/O tick failed; will retry")
+            except Exception as exc:
+                log_failure(log, "monitor I/O tick failed; will retry", exc)
             timeout = max(0.0, min(next_write, next_poll) - self.clock())
             timeout = min(timeout, self.tick_interval * 2)
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel that arrives as the event

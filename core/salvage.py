@@ -63,6 +63,22 @@ def db_trouble(exc: BaseException) -> DbTrouble | None:
     return None
 
 
+def log_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """Log a failed background step: one readable line for a busy or unavailable database (an operator's
+    condition, retried), the traceback for anything else (a bug). Call it from the ``except`` block."""
+    trouble = db_trouble(exc)
+    if trouble is None:
+        logger.exception(what)
+    else:
+        logger.warning("%s: the database is %s (%s)", what, trouble, db_reason(exc))
+
+
+def db_reason(exc: BaseException) -> str:
+    """The driver's own first line for a database error (``file is not a database``), without SQL."""
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
 async def write_isolating(
     items: Sequence[T],
     write: Callable[[list[T]], Awaitable[R]],
@@ -166,9 +182,11 @@ async def log_many_isolating(store: JobStore, entries: list[LogEntry]) -> None:
 
 
 __all__ = [
+    "db_reason",
     "db_trouble",
     "describe_error",
     "finish_isolating",
+    "log_failure",
     "log_many_isolating",
     "write_isolating",
     "write_progress_isolating",

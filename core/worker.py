@@ -31,7 +31,7 @@ from .errors import JobCancelled, JobInterrupt, JobPaused, LeaseLost
 from .models import Control, Job, JobStatus
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry
-from .salvage import describe_error, finish_isolating
+from .salvage import describe_error, finish_isolating, log_failure
 from .store import JobStore, Outcome, ProgressWrite, RecoveryPolicy
 from .text import clean_result
 
@@ -273,8 +273,8 @@ class Worker:
                 await self._idle_wait(types)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("claim failed; retrying")
+            except Exception as exc:
+                log_failure(log, "claim failed; retrying", exc)
                 await asyncio.sleep(self.poll_interval)
 
     async def _idle_wait(self, types: list[str]) -> None:
@@ -313,8 +313,8 @@ class Worker:
                         self.monitor.job_changed(job)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("heartbeat failed")
+            except Exception as exc:
+                log_failure(log, "heartbeat failed", exc)
             if self.reap_expired:
                 self._drop_expired()
 
@@ -362,8 +362,8 @@ class Worker:
             self._outcome_ready.clear()
             try:
                 await self._flush_outcomes()
-            except Exception:
-                log.exception("writing job outcomes failed; retrying")
+            except Exception as exc:
+                log_failure(log, "writing job outcomes failed; retrying", exc)
                 await asyncio.sleep(0.5)
                 self._outcome_ready.set()
             if self._stopping and not self._outcomes:

@@ -3,6 +3,7 @@ and database trouble is a readable condition (HTTP 503 + Retry-After, a CLI line
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -87,7 +88,7 @@ def locked_db(tmp_path: Path) -> Iterator[tuple[str, sqlite3.Connection]]:
 
 
 async def test_http_answers_503_while_the_database_is_locked(
-    locked_db: tuple[str, sqlite3.Connection],
+    locked_db: tuple[str, sqlite3.Connection], caplog: pytest.LogCaptureFixture
 ) -> None:
     url, holder = locked_db
     reg = HandlerRegistry()
@@ -103,6 +104,7 @@ async def test_http_answers_503_while_the_database_is_locked(
     try:
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer " + "t" * 32}) as s:
             holder.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+            await asyncio.sleep(0.5)  # the service's own loops meet the lock too
             async with s.post(api.url + "/v1/jobs", json={"type": "demo.count"}) as resp:
                 assert resp.status == 503
                 assert resp.headers["Retry-After"] == "2"
@@ -120,6 +122,9 @@ async def test_http_answers_503_while_the_database_is_locked(
         await svc.stop()
     assert holder.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert holder.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
+    # A locked database is an operator's condition: readable log lines, no tracebacks.
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    assert "claim failed; retrying: the database is busy (database is locked)" in caplog.text
 
 
 def cli(
