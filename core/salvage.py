@@ -37,7 +37,10 @@ _BUSY_MARKERS = ("database is locked", "database is busy", "database table is lo
 
 def describe_error(exc: BaseException) -> str:
     """``"TypeName: text"`` of an exception, storable and at most :data:`~core.text.MAX_ERROR` characters."""
-    text = str(exc).strip()
+    try:
+        text = str(exc).strip()
+    except Exception:  # a handler's exception whose __str__ raises must still fail the job readably
+        text = "(its message could not be read)"
     name = type(exc).__name__
     return clean_text(f"{name}: {text}" if text else name, MAX_ERROR)
 

@@ -43,6 +43,7 @@ MAX_RESULT_BYTES = 256 * 1024
 MAX_PROGRESS_NUMBER = 1e18
 
 REPLACEMENT = "\ufffd"
+_MAX_INT = 10**300
 
 # Lone surrogates: what surrogateescape decoding and JSON "\udcff" escapes produce.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -123,7 +124,8 @@ def _clean(value: Any, depth: int) -> Any:
     if isinstance(value, str):
         return _clean_str(value)
     if isinstance(value, int):
-        return value
+        # Beyond this, str() and JSON refuse the number (4,300 digits) or no reader can use it.
+        return value if -_MAX_INT < value < _MAX_INT else "… [integer too large]"
     if isinstance(value, float):
         if math.isfinite(value):
             return value
