@@ -42,6 +42,8 @@ LIST_FILTERS = {
 _ID_RE = re.compile(r"^#?(d?\d{1,12})$", re.IGNORECASE | re.ASCII)
 _BATCH_ID_RE = re.compile(r"^#?b(\d{1,12})$", re.IGNORECASE | re.ASCII)
 MAX_COMMAND_LENGTH = 8000
+#: The largest job or batch id: ids are INTEGER columns, 32-bit on PostgreSQL. A larger number names no job.
+MAX_ID = 2**31 - 1
 #: The longest reply text the router produces unless its caller asks for less (Matrix' 64 KiB event limit
 #: leaves room for far more; this keeps a reply readable and within every platform's limit but Discord's,
 #: whose adapter passes 2,000).
@@ -83,13 +85,15 @@ def parse_job_id(raw: str) -> int | str | None:
     if not m:
         return None
     val = m.group(1).lower()
-    return val if val.startswith("d") else int(val)
+    if val.startswith("d"):
+        return val
+    return int(val) if int(val) <= MAX_ID else None
 
 
 def parse_batch_id(raw: str) -> int | None:
     """``b3`` or ``#b3`` -> 3."""
     m = _BATCH_ID_RE.match(raw.strip())
-    return int(m.group(1)) if m else None
+    return int(m.group(1)) if m and int(m.group(1)) <= MAX_ID else None
 
 
 def parse_json_object(text: str) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.commands import parse_batch_id, parse_job_id
+from adapters.commands import MAX_ID, parse_batch_id, parse_job_id
 from core.errors import (
     IllegalTransition,
     JobNotFound,
@@ -666,7 +666,7 @@ class HttpApi:
                         f"{', '.join(sorted(_STATUSES))}, active or all",
                     )
         limit = _int_param(q.get("limit"), "limit", 50, 1, _MAX_LIMIT)
-        batch = _int_param(q.get("batch"), "batch", None, 1, 10**12)
+        batch = _int_param(q.get("batch"), "batch", None, 1, MAX_ID)
         job_type = q.get("type") or None
         jobs = await self.service.list_jobs(
             statuses=sorted(set(statuses)) or None,
@@ -1091,9 +1091,9 @@ def _validate(model: type[M], data: dict[str, Any]) -> M:
 
 
 def _plain_or_batch_id(raw: str) -> int | None:
-    """A batch id in a path or query: ``3``, ``b3`` or ``#b3`` (ASCII digits, at most 12)."""
-    if _ASCII_INT.fullmatch(raw) and not raw.startswith("-") and len(raw) <= 12:
-        return int(raw)
+    """A batch id in a path or query: ``3``, ``b3`` or ``#b3`` (ASCII digits, at most :data:`MAX_ID`)."""
+    if _ASCII_INT.fullmatch(raw) and not raw.startswith("-"):
+        return int(raw) if int(raw) <= MAX_ID else None
     return parse_batch_id(raw)
 
 

@@ -59,6 +59,8 @@ async def test_http_refuses_what_it_cannot_represent(make_server: ServerFactory)
         ("GET", "/v1/batches/" + str(2**70), None, 404, "No batch"),
         ("POST", "/v1/batches/" + str(2**70) + "/cancel", None, 404, "No batch"),
         ("GET", "/v1/jobs/" + str(2**70), None, 404, "No job"),
+        ("GET", "/v1/jobs/2147483648", None, 404, "No job"),  # past PostgreSQL's 32-bit id column
+        ("GET", "/v1/batches/b2147483648", None, 404, "No batch"),
         ("GET", "/v1/jobs/１２", None, 404, "No job"),
         ("GET", "/v1/jobs/١٢", None, 404, "No job"),
         ("GET", "/v1/jobs?batch=١٢", None, 400, "batch: must be an integer"),
