@@ -83,13 +83,16 @@ class ServerPool:
         self.tmp_path = tmp_path
         self.started: list[ApiServer] = []
 
-    async def new(self, *, keepalive: float = 15.0, max_body: int = 1024 * 1024, **cfg: Any) -> ApiServer:
-        """A started service (min_interval 0.1 s unless given) and its API, with a fresh database."""
+    async def new(
+        self, *, keepalive: float = 15.0, max_body: int = 1024 * 1024, url: str | None = None, **cfg: Any
+    ) -> ApiServer:
+        """A started service (min_interval 0.1 s unless given) and its API, with a fresh database (SQLite
+        unless ``url`` names one)."""
         cfg.setdefault("min_interval", 0.1)
         cfg.setdefault("poll_interval", 0.1)
         cfg.setdefault("cancel_grace", 0.5)
         cfg.setdefault("shutdown_grace", 2.0)
-        url = f"sqlite:///{self.tmp_path}/api{len(self.started)}.db"
+        url = url or f"sqlite:///{self.tmp_path}/api{len(self.started)}.db"
         reg = HandlerRegistry()
         svc = ProgressService(ServiceConfig(database_url=url, **cfg), registry=reg, database=Database(url))
         register_builtins(reg, lambda: svc.store)

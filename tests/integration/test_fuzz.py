@@ -136,10 +136,10 @@ IDS = st.one_of(
 
 
 @pytest.fixture
-async def fuzz_server(make_server: ServerFactory) -> ApiServer:
+async def fuzz_server(make_server: ServerFactory, db_url: str) -> ApiServer:
     """A service without a worker (so only requests change state) with a tracked job, a queued job and a
-    batch to aim at."""
-    srv = await make_server(run_worker=False)
+    batch to aim at; on SQLite and on PostgreSQL."""
+    srv = await make_server(run_worker=False, url=db_url)
     await srv.post("/v1/jobs", {"name": "tracked"})
     await srv.post("/v1/jobs", {"type": "demo.count"})
     await srv.post("/v1/batches", {"name": "b", "jobs": [{"type": "demo.count"}]})
