@@ -290,6 +290,27 @@ for _action in ("pause", "resume", "cancel", "retry"):
 from . import cli_http  # noqa: E402,F401
 
 
+@app.command()
+def mcp(
+    config: ConfigOpt = None,
+    with_worker: Annotated[
+        bool, typer.Option("--worker", help="also run jobs in this process (no separate service needed)")
+    ] = False,
+) -> None:
+    """Serve MCP over stdin/stdout for an AI assistant: progressbot's jobs as tools (see README, MCP)."""
+    settings = settings_or_exit(config)
+    # stdout carries the protocol: logs go to stderr, quieter than the service's.
+    setup_logging("WARNING" if settings.log_level.upper() in ("DEBUG", "INFO") else settings.log_level)
+    try:
+        from .mcp_server import serve_stdio
+    except ImportError as exc:
+        raise fail(f"progressbot: {exc}", 2) from None
+    try:
+        asyncio.run(serve_stdio(settings, run_worker=with_worker))
+    except ProgressbotError as exc:
+        raise fail(f"progressbot: {exc}", 1) from None
+
+
 def main() -> None:
     """Entry point of the ``progressbot`` script."""
     try:
