@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -306,7 +306,12 @@ class ProgressMcp:
         self,
         type: Annotated[
             str,
-            Field(description="the job type (see list_job_types)", min_length=1, max_length=200, pattern=r"^\S+$"),
+            Field(
+                description="the job type (see list_job_types)",
+                min_length=1,
+                max_length=200,
+                pattern=r"^\S+$",
+            ),
         ],
         payload: Annotated[
             dict[str, Any] | None,
@@ -476,7 +481,9 @@ class McpHttpEndpoint:
             "raw_path": request.raw_path.split("?", 1)[0].encode(),
             "query_string": request.query_string.encode(),
             "root_path": "",
-            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()],
+            "headers": [
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
+            ],
             "client": tuple(peer[:2]) if peer else None,
             "server": tuple(sock[:2]) if sock else None,
         }
@@ -499,7 +506,7 @@ class McpHttpEndpoint:
                         await done.wait()
             return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             nonlocal response
             if message["type"] == "http.response.start":
                 response = web.StreamResponse(status=message["status"])

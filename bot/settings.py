@@ -164,7 +164,7 @@ class McpSettings(_Section):
     actor: str = Field("mcp", min_length=1, max_length=300)
     #: The chat room that jobs started over MCP report into (none: not shown in chat).
     room: str | None = Field(None, max_length=300)
-    #: Serve MCP's streamable-HTTP transport at ``/mcp`` of the HTTP API (when the ``[mcp]`` extra is installed).
+    #: Serve MCP's streamable-HTTP transport at ``/mcp`` of the HTTP API (with the ``[mcp]`` extra installed).
     http: bool = True
 
 
