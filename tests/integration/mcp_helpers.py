@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from mcp import ClientSession, StdioServerParameters
+from mcp import Client, ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -74,6 +74,17 @@ async def http_session(url: str, token: str | None) -> AsyncIterator[ClientSessi
     ):
         await session.initialize()
         yield session
+
+
+@contextlib.asynccontextmanager
+async def modern_http_client(url: str, token: str) -> AsyncIterator[Client]:
+    """The SDK's high-level client on ``/mcp``: it negotiates the 2026-07-28 protocol (per-request HTTP,
+    ``subscriptions/listen``), where the session above uses the initialize handshake."""
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as client,
+        Client(streamable_http_client(url + "/mcp", http_client=client)) as mcp_client,
+    ):
+        yield mcp_client
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .mcp_helpers import (
     child_env,
     error_text,
     http_session,
+    modern_http_client,
     stdio_session,
     structured,
     write_config,
@@ -244,10 +245,12 @@ async def test_http_only_owners_and_admins_control_jobs(mcp_http: McpHttp) -> No
     await mcp_http.service.cancel(theirs.id, actor="test")
 
 
-async def test_http_client_cancel_drops_the_subscription(mcp_http: McpHttp) -> None:
+@pytest.mark.parametrize("protocol", ["handshake", "2026-07-28"])
+async def test_http_client_cancel_drops_the_subscription(mcp_http: McpHttp, protocol: str) -> None:
     bus = mcp_http.service.bus
     job = await mcp_http.service.submit("demo.count", {"steps": 200, "delay_ms": 100}, owner="mcp")
-    async with http_session(mcp_http.url, mcp_http.token) as s:
+    connect = http_session if protocol == "handshake" else modern_http_client
+    async with connect(mcp_http.url, mcp_http.token) as s:
         baseline = bus.subscriber_count
         progress = Progress()
         stream = asyncio.create_task(
@@ -257,8 +260,27 @@ async def test_http_client_cancel_drops_the_subscription(mcp_http: McpHttp) -> N
         stream.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await stream
-        # The client sent notifications/cancelled: the server stops following and unsubscribes.
+        # The server stops following and unsubscribes (handshake: notifications/cancelled; 2026-07-28: the
+        # client drops the request's HTTP stream).
         await wait_for(lambda: bus.subscriber_count == baseline)
         # The session is still usable.
         assert structured(await s.call_tool("job_status", {"id": job.id}))["status"] == "running"
     await mcp_http.service.cancel(job.id, actor="test")
+
+
+async def test_http_resource_subscription_tells_of_status_changes(mcp_http: McpHttp) -> None:
+    async with modern_http_client(mcp_http.url, mcp_http.token) as c:
+        job = structured(
+            await c.call_tool("run_job", {"type": "demo.count", "payload": {"steps": 100, "delay_ms": 50}})
+        )
+        uri = f"progressbot://jobs/{job['id']}"
+        updates: list[str] = []
+        async with c.listen(resource_subscriptions=[uri]) as sub:
+            structured(await c.call_tool("pause_job", {"id": job["id"]}))
+            async for event in sub:
+                updates.append(event.uri)  # type: ignore[attr-defined]
+                state = json.loads((await c.read_resource(uri)).contents[0].text)  # type: ignore[union-attr]
+                if state["status"] == "paused":
+                    break
+        assert updates and set(updates) == {uri}
+        structured(await c.call_tool("cancel_job", {"id": job["id"]}))
