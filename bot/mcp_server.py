@@ -153,6 +153,8 @@ class ProgressMcp:
                 "result. A call that returns still_running=true can simply be repeated."
             ),
             subscriptions=self.updates,
+            # The SDK configures root logging unless the host application did; keep it quiet then.
+            log_level="WARNING",
         )
         self._feed: asyncio.Task[None] | None = None
         self._register()
