@@ -510,17 +510,24 @@ class McpHttpEndpoint:
 
         async def send(message: MutableMapping[str, Any]) -> None:
             nonlocal response
-            if message["type"] == "http.response.start":
-                response = web.StreamResponse(status=message["status"])
-                for k, v in message.get("headers", []):
-                    response.headers.add(k.decode("latin-1"), v.decode("latin-1"))
-                await response.prepare(request)
-            elif message["type"] == "http.response.body" and response is not None:
-                if message.get("body"):
-                    await response.write(message["body"])
-                if not message.get("more_body", False):
-                    await response.write_eof()
-                    done.set()
+            if done.is_set():
+                return  # the client is gone: like ASGI servers, drop what is still sent
+            try:
+                if message["type"] == "http.response.start":
+                    response = web.StreamResponse(status=message["status"])
+                    for k, v in message.get("headers", []):
+                        response.headers.add(k.decode("latin-1"), v.decode("latin-1"))
+                    await response.prepare(request)
+                elif message["type"] == "http.response.body" and response is not None:
+                    if message.get("body"):
+                        await response.write(message["body"])
+                    if not message.get("more_body", False):
+                        await response.write_eof()
+                        done.set()
+            except ConnectionResetError:
+                # The client hung up mid-response (it closed a stream it no longer wants). Not an error of
+                # the application: receive() now reports the disconnect, and nothing more is written.
+                done.set()
 
         try:
             await self.manager.handle_request(scope, receive, send)
