@@ -174,8 +174,9 @@ async def test_http_needs_the_bearer_token(mcp_http: McpHttp) -> None:
 
 
 async def test_http_streams_a_batch_to_its_end(mcp_http: McpHttp) -> None:
+    # Jobs of different lengths: the batch moves on as each one completes.
     batch, _ = await mcp_http.service.submit_batch(
-        "three", [{"type": "demo.count", "payload": {"steps": 4, "delay_ms": 250}} for _ in range(3)]
+        "three", [{"type": "demo.count", "payload": {"steps": n, "delay_ms": 300}} for n in (2, 4, 6)]
     )
     async with http_session(mcp_http.url, mcp_http.token) as s:
         progress = Progress()
