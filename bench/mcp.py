@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from mcp import ClientSession
 from pydantic import SecretStr
 
 from bot.app import build_service
@@ -132,14 +133,18 @@ async def drive(service: ProgressService, job_id: int, samples: int, gap: float)
     await service.tracked_finish(job_id, ok=True, result={"samples": samples})
 
 
-def record_notifications(received: dict[str, float]) -> Any:
-    """A progress callback noting when each job message first arrived (the message ends with it)."""
+def follow_job(session: ClientSession, job_id: int, received: dict[str, float]) -> asyncio.Task[Any]:
+    """Start ``job_status(stream=true)`` on a session, noting when each job message arrives."""
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         text = (message or "").rsplit(" · ", 1)[-1]
         received.setdefault(text, time.monotonic())
 
-    return on_progress
+    return asyncio.create_task(
+        session.call_tool(
+            "job_status", {"id": job_id, "stream": True, "max_seconds": 3600}, progress_callback=on_progress
+        )
+    )
 
 
 async def read_ndjson_stream(url: str, job_id: int, received: dict[str, float]) -> None:
@@ -165,13 +170,7 @@ async def latency_http(tmp: Path, samples: int, gap: float) -> None:
         ndjson_seen: dict[str, float] = {}
         async with http_session(api.url, TOKEN) as session:
             peer = asyncio.create_task(read_ndjson_stream(api.url, job.id, ndjson_seen))
-            follow = asyncio.create_task(
-                session.call_tool(
-                    "job_status",
-                    {"id": job.id, "stream": True, "max_seconds": 3600},
-                    progress_callback=record_notifications(mcp_seen),
-                )
-            )
+            follow = follow_job(session, job.id, mcp_seen)
             await asyncio.sleep(0.5)
             await drive(service, job.id, samples, gap)
             await asyncio.wait_for(follow, 30)
@@ -191,13 +190,7 @@ async def latency_stdio(tmp: Path, samples: int, gap: float) -> None:
         emitted = Emissions(service, job.id)
         seen: dict[str, float] = {}
         async with stdio_session(cfg) as session:
-            follow = asyncio.create_task(
-                session.call_tool(
-                    "job_status",
-                    {"id": job.id, "stream": True, "max_seconds": 3600},
-                    progress_callback=record_notifications(seen),
-                )
-            )
+            follow = follow_job(session, job.id, seen)
             await asyncio.sleep(1.0)
             await drive(service, job.id, samples, gap)
             await asyncio.wait_for(follow, 30)
