@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -285,3 +286,30 @@ async def test_http_resource_subscription_tells_of_status_changes(mcp_http: McpH
                     break
         assert updates and set(updates) == {uri}
         structured(await c.call_tool("cancel_job", {"id": job["id"]}))
+
+
+@pytest.mark.slow
+async def test_without_the_extra_the_command_says_what_to_install(tmp_path: Path) -> None:
+    # A stand-in `mcp` package that fails to import, as on an installation without progressbot[mcp].
+    (tmp_path / "fake" / "mcp").mkdir(parents=True)
+    (tmp_path / "fake" / "mcp" / "__init__.py").write_text("raise ImportError('No module named mcp')\n")
+    cfg = write_config(tmp_path / "config.toml", tmp_path / "pb.db")
+    env = child_env()
+    env["PYTHONPATH"] = str(tmp_path / "fake") + os.pathsep + env["PYTHONPATH"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "mcp",
+        "--config",
+        str(cfg),
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    said = " ".join(err.decode().split())  # the console wraps long lines
+    assert proc.returncode == 2
+    assert "the MCP server needs the 'mcp' package: pip install 'progressbot[mcp]'" in said
+    assert "Traceback" not in said and out == b""
