@@ -179,7 +179,10 @@ class ProgressMcp:
                 if ev is None:
                     return
                 ident = f"b{ev.id}" if ev.type == "batch" else str(ev.id)
-                await self.updates.publish(ResourceUpdated(uri=RESOURCE_PREFIX + ident))
+                try:
+                    await self.updates.publish(ResourceUpdated(uri=RESOURCE_PREFIX + ident))
+                except Exception:  # one failed delivery must not end the feed
+                    log.exception("publishing the update of %s failed", ident)
         finally:
             sub.close()
 

@@ -223,6 +223,33 @@ async def test_http_pause_resume_cancel_while_streaming(mcp_http: McpHttp) -> No
     assert statuses.index("paused") < len(statuses) - 1 - statuses[::-1].index("running")
 
 
+async def test_http_direct_jobs_and_retry_of_a_failed_job(mcp_http: McpHttp) -> None:
+    run = await mcp_http.service.execute("demo.count", {"steps": 3, "delay_ms": 200}, owner="mcp")
+    async with http_session(mcp_http.url, mcp_http.token) as s:
+        progress = Progress()
+        direct = structured(
+            await s.call_tool("job_status", {"id": run.view.id, "stream": True}, progress_callback=progress)
+        )
+        assert direct["id"] == run.view.id and direct["status"] == "completed"
+        assert direct["result"] == {"steps": 3, "executions": 3}
+        assert_streamed(progress)
+
+        job = structured(
+            await s.call_tool("run_job", {"type": "demo.count", "payload": {"steps": 2, "fail_at": 1}})
+        )
+        failed = structured(await s.call_tool("job_status", {"id": job["id"], "stream": True}))
+        assert failed["status"] == "failed" and "failed at step 1" in failed["error"]
+        retried = structured(await s.call_tool("retry_job", {"id": f"#{job['id']}"}))
+        assert retried["text"] == f"Retrying #{job['id']}."
+        rerun = Progress()
+        again = structured(
+            await s.call_tool("job_status", {"id": job["id"], "stream": True}, progress_callback=rerun)
+        )
+        # A second run (it failed the same way), seen from its start.
+        assert again["status"] == "failed" and again["state"]["seq"] > failed["state"]["seq"]
+        assert rerun.messages()[0].split(" ")[0] in ("pending", "running"), rerun.messages()
+
+
 async def test_http_bounded_stream_returns_still_running(mcp_http: McpHttp) -> None:
     job = await mcp_http.service.submit("demo.count", {"steps": 100, "delay_ms": 100}, owner="mcp")
     async with http_session(mcp_http.url, mcp_http.token) as s:
