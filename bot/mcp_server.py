@@ -443,11 +443,9 @@ class McpHttpEndpoint:
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp ``cleanup_ctx``: run the session manager while the application runs."""
-        ready = asyncio.Event()
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(ready), name="mcp-session-manager")
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait([self._task, waiter], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
+        await asyncio.wait([self._task, ready], return_when=asyncio.FIRST_COMPLETED)
         if self._task.done():
             self._task.result()  # it failed to start: raise why
         await self.mcp.start()
@@ -461,13 +459,16 @@ class McpHttpEndpoint:
         """Stop the session manager (aiohttp ``on_shutdown``: open MCP streams end before the server waits
         for its handlers)."""
         self._stop.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await task
+            except Exception:  # stopping goes on: the API's own shutdown must not fail on MCP's
+                log.exception("the MCP session manager failed")
 
-    async def _run(self, ready: asyncio.Event) -> None:
+    async def _run(self, ready: asyncio.Future[None]) -> None:
         async with self.manager.run():
-            ready.set()
+            ready.set_result(None)
             await self._stop.wait()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
