@@ -1,6 +1,6 @@
 """MCP benchmark: progress-notification latency over stdio and HTTP, and the CPU of 50 streaming clients.
 
-    python bench/mcp.py [--samples 20] [--clients 50] [--seconds 8]
+    python bench/mcp.py [--samples 20] [--gap 1.6] [--clients 50] [--seconds 10]
 
 Printed, each beside its peer measured in the same run:
 
@@ -12,9 +12,10 @@ Printed, each beside its peer measured in the same run:
       store; its bound (the write tick plus the poll interval, default settings) is printed beside it;
   A tracked job's progress is reported once per ``--gap`` seconds (beyond the 500 ms throttle window), so
   this is the pipeline, not the deliberate throttling.
-* the CPU time of the service process while ``--clients`` clients stream one job each, for ``--seconds``:
-  with MCP streams, with NDJSON streams (peer) and with none (the jobs alone). The clients run in a child
-  process, so the figure is the server's.
+* the CPU time of the service process over ``--seconds`` while ``--clients`` tracked jobs report progress
+  ten times a second (in memory, as a handler's ``report()``; the monitor throttles it to 2 events/s per
+  job) and a client streams each job: with MCP streams, with NDJSON streams (peer) and with none (the
+  jobs alone). The clients run in a child process, so the figure is the server's.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from bot.http_api import HttpApi
 from bot.settings import HttpSettings, Settings
 from core.events import JobProgressEvent
 from core.service import ProgressService
+from tests.integration.http_helpers import wait_for
 from tests.integration.mcp_helpers import REPO, child_env, http_session, stdio_session, write_config
 
 TOKEN = "bench-token-0123456789"
@@ -233,18 +235,24 @@ async def clients_child(url: str, kind: str, ids: list[int], seconds: float) -> 
     print(json.dumps({"notifications": notes}), flush=True)
 
 
-def cpu_seconds() -> float:
-    """This process's CPU time so far."""
-    return time.process_time()
+async def cpu_run(tmp: Path, kind: str | None, clients: int, seconds: float) -> tuple[float, int]:
+    """The service process's share of one core over ``seconds`` while ``clients`` tracked jobs report
+    progress ten times a second (in memory, as handlers do) and, unless ``kind`` is None, a client in a child
+    process streams each of them; and how many notifications (or streams) the clients got."""
+    async with running_service(tmp / f"cpu-{kind}.db") as (service, api):
+        ids = [(await service.track(f"load {i}", total=10_000)).id or 0 for i in range(clients)]
+        stop = asyncio.Event()
 
+        async def report_all() -> None:
+            tick = 0
+            while not stop.is_set():
+                tick += 1
+                for jid in ids:
+                    await service.tracked_report(jid, current=tick, message=f"tick {tick}")
+                await asyncio.sleep(0.1)
 
-async def cpu_run(tmp: Path, name: str, kind: str | None, clients: int, seconds: float) -> tuple[float, int]:
-    """The service process's share of one core while ``clients`` jobs run and (unless ``kind`` is None) each
-    is streamed by a client in a child process; and how many notifications or streams the clients got."""
-    async with running_service(tmp / f"cpu-{name}.db", concurrency=clients) as (service, api):
-        steps = int(seconds * 10) + 40
-        jobs = [await service.submit("demo.count", {"steps": steps, "delay_ms": 100}) for _ in range(clients)]
-        ids = [j.id or 0 for j in jobs]
+        driver = asyncio.create_task(report_all())
+        baseline = service.bus.subscriber_count
         proc = None
         if kind is not None:
             proc = await asyncio.create_subprocess_exec(
@@ -257,27 +265,30 @@ async def cpu_run(tmp: Path, name: str, kind: str | None, clients: int, seconds:
                 "--kind",
                 kind,
                 "--seconds",
-                str(seconds),
+                str(seconds + 120),
                 "--ids",
                 ",".join(map(str, ids)),
                 env=child_env(),
                 cwd=str(REPO),
                 stdout=asyncio.subprocess.PIPE,
             )
-        await asyncio.sleep(2.0)  # sessions open, jobs start
-        before = cpu_seconds()
-        await asyncio.sleep(seconds - 3.0)
-        used = cpu_seconds() - before
+            # Every client is streaming once each has its subscription on the bus.
+            await wait_for(lambda: service.bus.subscriber_count >= baseline + clients, timeout=120)
+        await asyncio.sleep(1.0)
+        before = time.process_time()
+        await asyncio.sleep(seconds)
+        used = time.process_time() - before
+        stop.set()
+        await driver
+        for jid in ids:
+            await service.tracked_finish(jid, ok=True)  # the streams end with their jobs
         got = 0
         if proc is not None:
             out, _ = await proc.communicate()
             if proc.returncode != 0:
                 raise SystemExit(f"the {kind} clients failed")
             got = json.loads(out.decode().strip().splitlines()[-1])["notifications"]
-        for jid in ids:
-            with contextlib.suppress(Exception):
-                await service.cancel(jid)
-        return used / (seconds - 3.0), got
+        return used / seconds, got
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -289,9 +300,12 @@ async def main(args: argparse.Namespace) -> None:
         )
         await latency_http(tmp, args.samples, args.gap)
         await latency_stdio(tmp, args.samples, args.gap)
-        print(f"\nService CPU with {args.clients} jobs (demo.count, 100 ms steps) over {args.seconds:.0f} s:")
-        for name, kind in (("none", None), ("ndjson", "ndjson"), ("mcp", "mcp")):
-            share, got = await cpu_run(tmp, name, kind, args.clients, args.seconds)
+        print(
+            f"\nService CPU over {args.seconds:.0f} s, {args.clients} tracked jobs reporting 10 times a "
+            "second (events throttled to 2/s per job):"
+        )
+        for kind in (None, "ndjson", "mcp"):
+            share, got = await cpu_run(tmp, kind, args.clients, args.seconds)
             label = {
                 None: "no streaming clients (the jobs alone)",
                 "ndjson": f"{args.clients} NDJSON /v1/events streams (peer)",
@@ -307,7 +321,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=20, help="latency samples per transport")
     p.add_argument("--gap", type=float, default=1.6, help="seconds between progress reports")
     p.add_argument("--clients", type=int, default=50, help="concurrent streaming clients")
-    p.add_argument("--seconds", type=float, default=8.0, help="length of each CPU run")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each CPU measurement")
     p.add_argument("--role", default="main", choices=["main", "clients"], help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
