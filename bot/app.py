@@ -159,7 +159,7 @@ class Application:
             from .http_api import HttpApi
 
             assert self.settings.http is not None
-            self.http = HttpApi(self.service, self.settings.http)
+            self.http = HttpApi(self.service, self.settings.http, app_settings=self.settings)
             await self.http.start()
         self.cron.start()
         for i in range(self.demo):

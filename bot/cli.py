@@ -351,6 +351,29 @@ def undecodable_argument(argv: list[str]) -> int | None:
     return None
 
 
+@app.command()
+def mcp(
+    config: ConfigOpt = None,
+    with_worker: Annotated[
+        bool, typer.Option("--worker", help="also run jobs in this process (no separate service needed)")
+    ] = False,
+) -> None:
+    """Serve MCP over stdin/stdout for an AI assistant: progressbot's jobs as tools (see README, MCP)."""
+    settings = settings_or_exit(config)
+    # stdout carries the protocol: logs go to stderr, quieter than the service's.
+    setup_logging("WARNING" if settings.log_level.upper() in ("DEBUG", "INFO") else settings.log_level)
+    try:
+        from .mcp_server import serve_stdio
+    except ImportError as exc:
+        raise fail(f"progressbot: {exc}", 2) from None
+
+    class _StdioServer:
+        async def run(self) -> None:
+            await serve_stdio(settings, run_worker=with_worker)
+
+    serve(settings, _StdioServer)
+
+
 def main() -> None:
     """Entry point of the ``progressbot`` script."""
     bad = undecodable_argument(sys.argv[1:])

@@ -20,6 +20,7 @@ Routes::
     GET  /v1/batches/{id}
     POST /v1/batches/{id}/pause|resume|cancel|retry
     GET  /v1/events[?job=ID|batch=ID][&after=SEQ]  NDJSON or SSE, by the Accept header
+    *    /mcp                                      MCP (streamable HTTP), see bot/mcp_server.py
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from core.service import JobRequest, ProgressService
 from core.store import ActionResult, BatchSummary
 from core.text import MAX_DEPTH, MAX_MESSAGE, clean_json, clean_text, json_depth_exceeds, safe_json_bytes
 
-from .settings import HttpSettings
+from .settings import HttpSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +378,13 @@ class HttpApi:
     #: One write gathers buffered events up to about this many bytes.
     stream_chunk_bytes: int = 64 * 1024
 
-    def __init__(self, service: ProgressService, settings: HttpSettings) -> None:
+    def __init__(
+        self, service: ProgressService, settings: HttpSettings, *, app_settings: Settings | None = None
+    ) -> None:
         self.service = service
         self.settings = settings
+        #: All settings, for what the API serves beside its own routes (MCP at ``/mcp``).
+        self.app_settings = app_settings
         token = settings.token.get_secret_value() if settings.token is not None else ""
         # Comparing digests keeps the comparison constant-time even in the token's length.
         self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
@@ -412,6 +417,8 @@ class HttpApi:
         r.add_get("/v1/batches/{id}", self.get_batch)
         r.add_post("/v1/batches/{id}/{action:pause|resume|cancel|retry}", self.batch_action)
         r.add_get("/v1/events", self.events)
+        if self.app_settings is not None and self.app_settings.mcp.http:
+            mount_mcp(app, self.service, self.app_settings, self._host)
         return app
 
     async def start(self) -> None:
@@ -1075,6 +1082,23 @@ class HttpApi:
             }
             for s in self.streams.values()
         ]
+
+
+def mount_mcp(app: web.Application, service: ProgressService, settings: Settings, host: str) -> None:
+    """Serve MCP's streamable-HTTP transport at ``/mcp`` (bot/mcp_server.py explains the ASGI bridge).
+
+    It sits behind the API's middleware (the same bearer token) and uses the service's own event bus. Without
+    the ``[mcp]`` extra the API runs without it and says so in the log.
+    """
+    try:
+        from .mcp_server import McpHttpEndpoint
+    except ImportError as exc:
+        log.warning("not serving /mcp: %s", exc)
+        return
+    endpoint = McpHttpEndpoint(service, settings, host=host)
+    app.cleanup_ctx.append(endpoint.lifespan)
+    app.on_shutdown.append(endpoint.shutdown)
+    app.router.add_route("*", "/mcp", endpoint.handle)
 
 
 class _AnyBody(BaseModel):

@@ -171,6 +171,18 @@ class HttpSettings(_Section):
         return v
 
 
+class McpSettings(_Section):
+    """``[mcp]``: the MCP server (``progressbot mcp`` over stdio, and ``/mcp`` on the HTTP API)."""
+
+    #: Who MCP clients act as: the owner of the jobs they start, checked like a chat user
+    #: (``auth.admins`` may list it, also as ``mcp:<actor>``).
+    actor: str = Field("mcp", min_length=1, max_length=300)
+    #: The chat room that jobs started over MCP report into (none: not shown in chat).
+    room: str | None = Field(None, max_length=300)
+    #: Serve MCP's streamable-HTTP transport at ``/mcp`` of the HTTP API (with the ``[mcp]`` extra installed).
+    http: bool = True
+
+
 class ConsoleSettings(_Section):
     """``[console]``: the terminal adapter, used when no chat platform is configured."""
 
@@ -226,6 +238,7 @@ class Settings(BaseSettings):
     matrix: MatrixSettings = Field(default_factory=lambda: MatrixSettings())
     discord: DiscordSettings = Field(default_factory=lambda: DiscordSettings())
     http: HttpSettings | None = None
+    mcp: McpSettings = Field(default_factory=lambda: McpSettings())
     console: ConsoleSettings = Field(default_factory=lambda: ConsoleSettings())
     schedule: list[ScheduleEntrySettings] = Field(default_factory=list)
 
