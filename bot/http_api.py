@@ -52,6 +52,8 @@ from core.service import JobRequest, ProgressService
 from core.store import ActionResult, BatchSummary
 
 from .settings import HttpSettings
+from .web import WEB_AUTH
+from .web import install as install_web
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +402,7 @@ class HttpApi:
         r.add_get("/v1/batches/{id}", self.get_batch)
         r.add_post("/v1/batches/{id}/{action:pause|resume|cancel|retry}", self.batch_action)
         r.add_get("/v1/events", self.events)
+        self.web = install_web(app, self)
         return app
 
     async def start(self) -> None:
@@ -459,6 +462,9 @@ class HttpApi:
 
     # --------------------------------------------------------------- middleware
     def _authorized(self, request: web.Request) -> bool:
+        # The web page's session cookie (checked by its middleware), or one of its public pages.
+        if request.get(WEB_AUTH):
+            return True
         header = request.headers.get("Authorization", "")
         scheme, _, cred = header.partition(" ")
         given = cred.strip() if scheme.lower() == "bearer" else ""
