@@ -83,7 +83,10 @@ def _template(name: str) -> Template:
 
 
 def render(template: str, /, **values: Any) -> Safe:
-    """Fill ``template`` (a file in templates/): values are HTML-escaped unless they are :class:`Safe`; None is empty."""
+    """Fill ``template`` (a file in templates/).
+
+    Values are HTML-escaped unless they are :class:`Safe`; None is empty.
+    """
     out = {
         k: v if isinstance(v, Safe) else html.escape("" if v is None else str(v), quote=True)
         for k, v in values.items()
