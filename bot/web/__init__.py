@@ -44,7 +44,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: The request key the web middleware sets when a session cookie (or a public page) authorizes a request;
 #: the API's own bearer check accepts it.
-WEB_AUTH = "progressbot.web_auth"
+WEB_AUTH: Any = (
+    web.RequestKey("progressbot.web_auth", bool) if hasattr(web, "RequestKey") else "progressbot.web_auth"
+)
 #: The session cookie's name.
 COOKIE = "progressbot_session"
 #: How long a login lasts.
@@ -113,6 +115,11 @@ def _page(title: str, body: Safe, *, data: Any, status: int = 200) -> web.Respon
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+def _redirect(location: str) -> web.Response:
+    # 303: the browser follows a form POST with a GET.
+    return web.Response(status=303, headers={"Location": location})
 
 
 def _epoch(dt: datetime | None) -> float | None:
@@ -253,7 +260,7 @@ class WebUI:
         nxt = _local_path(str(form.get("next", "/")))
         if not self.sessions.check_token(token):
             return self._login_response(request, status=401, next_path=nxt, error="That token is not valid.")
-        resp = web.HTTPSeeOther(nxt)
+        resp = _redirect(nxt)
         resp.set_cookie(
             COOKIE,
             self.sessions.issue(),
@@ -263,13 +270,13 @@ class WebUI:
             samesite="Strict",
             secure=self._secure_cookie(request),
         )
-        return resp  # type: ignore[return-value]
+        return resp
 
     async def logout(self, request: web.Request) -> web.Response:
         """Forget the session cookie."""
-        resp = web.HTTPSeeOther("/login")
+        resp = _redirect("/login")
         resp.del_cookie(COOKIE, path="/")
-        return resp  # type: ignore[return-value]
+        return resp
 
     # ------------------------------------------------------------------ data
     async def _events_for(self, jobs: Iterable[Job]) -> list[dict[str, Any]]:

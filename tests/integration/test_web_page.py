@@ -131,7 +131,9 @@ def test_pause_resume_cancel_from_the_page_and_illegal_buttons_are_absent(page, 
     assert row_state(page, key)["buttons"] == ["retry"]
 
 
-def test_the_submit_form_shows_field_errors_and_stores_nothing_then_starts_a_job(page, svc: WebService) -> None:
+def test_the_submit_form_shows_field_errors_and_stores_nothing_then_starts_a_job(
+    page, svc: WebService
+) -> None:
     page.find_element(By.CSS_SELECTOR, "#submit-box summary").click()
     Select(page.find_element(By.ID, "s-type")).select_by_value("demo.count")
     assert "steps=20" in (page.find_element(By.ID, "s-args").get_attribute("placeholder") or "")
@@ -141,7 +143,10 @@ def test_the_submit_form_shows_field_errors_and_stores_nothing_then_starts_a_job
     args.send_keys("steps=lots delay_ms=-5")
     page.find_element(By.ID, "s-go").click()
     wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#err-payload li")) == 2)
-    errors = {li.get_attribute("data-field"): li.text for li in page.find_elements(By.CSS_SELECTOR, "#err-payload li")}
+    errors = {
+        li.get_attribute("data-field"): li.text
+        for li in page.find_elements(By.CSS_SELECTOR, "#err-payload li")
+    }
     assert set(errors) == {"steps", "delay_ms"}
     assert errors["steps"].startswith("steps: ") and "integer" in errors["steps"]
     assert args.get_attribute("aria-invalid") == "true"
@@ -175,19 +180,31 @@ def test_reload_mid_job_shows_it_where_it_is_and_keeps_updating(page, svc: WebSe
 def test_a_job_that_finishes_while_the_page_is_open_shows_a_toast(page, svc: WebService) -> None:
     ok = svc.submit("demo.count", "steps=3", "delay_ms=300", "--name", "toasty")
     bad = svc.submit("demo.count", "steps=5", "delay_ms=200", "fail_at=2", "--name", "doomed")
-    toast = wait(page, lambda d: d.find_element(By.XPATH, f"//div[contains(concat(' ', @class, ' '), ' toast ')][contains(., '#{ok}')]"))
+    toast = wait(
+        page,
+        lambda d: d.find_element(
+            By.XPATH, f"//div[contains(concat(' ', @class, ' '), ' toast ')][contains(., '#{ok}')]"
+        ),
+    )
     assert "completed" in toast.text and "toasty" in toast.text
     assert toast.find_element(By.TAG_NAME, "a").get_attribute("href").endswith(f"/jobs/{ok}")
-    failed = wait(page, lambda d: d.find_element(By.XPATH, f"//div[contains(concat(' ', @class, ' '), ' toast ')][contains(., '#{bad}')]"))
+    failed = wait(
+        page,
+        lambda d: d.find_element(
+            By.XPATH, f"//div[contains(concat(' ', @class, ' '), ' toast ')][contains(., '#{bad}')]"
+        ),
+    )
     assert "failed" in failed.text and "error" in (failed.get_attribute("class") or "")
 
 
-XSS = ['<img src=x onerror=alert(1)>', '"><script>alert(2)</script>', "<svg/onload=alert(3)>"]
+XSS = ["<img src=x onerror=alert(1)>", '"><script>alert(2)</script>', "<svg/onload=alert(3)>"]
 
 
 def test_xss_names_are_shown_literally_and_run_nothing(page, svc: WebService) -> None:
     ids = [svc.submit("demo.count", "steps=2", "delay_ms=50", "--name", name) for name in XSS]
-    _, batch = svc.api("POST", "/v1/batches", {"name": XSS[0], "jobs": [{"type": "demo.count", "payload": {"steps": 1}}]})
+    _, batch = svc.api(
+        "POST", "/v1/batches", {"name": XSS[0], "jobs": [{"type": "demo.count", "payload": {"steps": 1}}]}
+    )
     for jid, name in zip(ids, XSS, strict=True):
         wait(page, lambda d, jid=jid: row_state(d, f"j{jid}").get("fields"))
         assert row_state(page, f"j{jid}")["fields"]["name"] == name
@@ -216,7 +233,9 @@ def test_a_batch_is_one_row_with_its_aggregate_and_expands_to_its_jobs(page, svc
     assert all(not row_state(page, c)["visible"] for c in children)
     row(page, key).find_element(By.CSS_SELECTOR, "button.expand").click()
     assert all(row_state(page, c)["visible"] for c in children)
-    assert row(page, key).find_element(By.CSS_SELECTOR, "button.expand").get_attribute("aria-expanded") == "true"
+    assert (
+        row(page, key).find_element(By.CSS_SELECTOR, "button.expand").get_attribute("aria-expanded") == "true"
+    )
     wait(page, lambda d: row_state(d, key)["status"] == "completed", timeout=60)
     final = row_state(page, key)
     assert final["value"] == 100 and final["fields"]["count"] == "3/3 done"
@@ -259,7 +278,9 @@ def test_filters_by_status_and_type(page, svc: WebService) -> None:
 
 
 def test_phone_width_and_dark_mode(page, svc: WebService) -> None:
-    jid = svc.submit("demo.count", "steps=100", "delay_ms=100", "--name", "a job with a rather long name to wrap")
+    jid = svc.submit(
+        "demo.count", "steps=100", "delay_ms=100", "--name", "a job with a rather long name to wrap"
+    )
     wait(page, lambda d: row_state(d, f"j{jid}").get("status") == "running")
     page.set_window_size(390, 844)
     wait(page, lambda d: d.execute_script("return innerWidth") <= 400)
@@ -270,9 +291,13 @@ def test_phone_width_and_dark_mode(page, svc: WebService) -> None:
     assert layout["thead"] == "none" and layout["overflow"] <= 0
     bar = row(page, f"j{jid}").find_element(By.CSS_SELECTOR, "[role=progressbar]")
     assert bar.size["width"] > 250  # the bar spans the card
-    page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    page.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+    )
     dark = page.execute_script("return getComputedStyle(document.body).backgroundColor")
-    page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "light"}]})
+    page.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "light"}]}
+    )
     light = page.execute_script("return getComputedStyle(document.body).backgroundColor")
     assert dark == "rgb(17, 20, 24)" and light == "rgb(246, 247, 249)"
     page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
@@ -284,11 +309,23 @@ def test_screenshot_with_three_running_jobs_and_a_batch(page, svc: WebService) -
         svc.api("POST", f"/v1/jobs/{jid}/cancel")
     names = ["nightly build", "import customers.csv", "resize images"]
     ids = [
-        svc.submit("demo.count", f"steps={60 + 20 * i}", f"delay_ms={250 + 50 * i}", "--name", n, "--room", "#ops")
+        svc.submit(
+            "demo.count",
+            f"steps={60 + 20 * i}",
+            f"delay_ms={250 + 50 * i}",
+            "--name",
+            n,
+            "--room",
+            "#ops",
+            "--owner",
+            "bob",
+        )
         for i, n in enumerate(names)
     ]
     jobs = [{"type": "demo.count", "payload": {"steps": 20 + 10 * i, "delay_ms": 200}} for i in range(4)]
-    _, batch = svc.api("POST", "/v1/batches", {"name": "thumbnails", "jobs": jobs, "owner": "alice", "room": "#ops"})
+    _, batch = svc.api(
+        "POST", "/v1/batches", {"name": "thumbnails", "jobs": jobs, "owner": "alice", "room": "#ops"}
+    )
     page.refresh()
     for jid in ids:
         wait(page, lambda d, jid=jid: (row_state(d, f"j{jid}").get("value") or 0) >= 8, timeout=60)

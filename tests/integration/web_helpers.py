@@ -65,7 +65,7 @@ class WebService:
         self.config.write_text(
             "\n".join(
                 [
-                    "log_level = \"WARNING\"",
+                    'log_level = "WARNING"',
                     "[database]",
                     f'url = "sqlite:///{tmp}/pb.db"',
                     "[worker]",
@@ -137,7 +137,12 @@ class WebService:
     def cli(self, *args: str) -> Any:
         """Run a ``progressbot`` command with ``--json`` and return its decoded output."""
         res = subprocess.run(
-            [*PROGRESSBOT, *args, "--json"], capture_output=True, text=True, env=self.env, cwd=ROOT, timeout=60
+            [*PROGRESSBOT, *args, "--json"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=ROOT,
+            timeout=60,
         )
         if res.returncode != 0:
             raise AssertionError(f"progressbot {args} exited {res.returncode}: {res.stderr}")
@@ -208,7 +213,10 @@ def wait(driver: webdriver.Chrome, cond: Callable[[webdriver.Chrome], T], timeou
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
     return WebDriverWait(
-        driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)
+        driver,
+        timeout,
+        poll_frequency=0.1,
+        ignored_exceptions=(StaleElementReferenceException, NoSuchElementException),
     ).until(cond)
 
 

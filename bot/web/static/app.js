@@ -177,7 +177,8 @@
     const jobType = ev.jobDetails ? ev.jobDetails.jobType : null;
     setText(f.name, ev.name || jobType || (e.isBatch ? 'batch' : 'job'));
     const bd = ev.batchDetails;
-    setText(f.type, e.isBatch ? 'batch · ' + (bd ? bd.totalOperations : 0) + ' jobs' : jobType);
+    // The type goes under the name, unless the name already is the type.
+    setText(f.type, e.isBatch ? 'batch · ' + (bd ? bd.totalOperations : 0) + ' jobs' : (ev.name ? jobType : ''));
     const p = percentOf(ev);
     if (p == null || (ev.indeterminate && st !== 'completed')) {
       // No known percent: an empty bar, moving only while the job runs.
