@@ -219,7 +219,7 @@ class WebUI:
                 request[WEB_AUTH] = True
             elif request.method == "GET" and (path == "/" or path.startswith("/jobs/")):
                 # Without the cookie the page is the login form (and says nothing about jobs).
-                return self._secure(self._login_response(request, status=401, next_path=path))
+                return self._secure(self._login_response(request, status=401, next_path=request.path_qs))
             else:
                 return self._secure(_json({"error": "unauthorized", "detail": "log in first"}, 401))
         elif has_session and not bearer:
