@@ -178,7 +178,7 @@
     setText(f.name, ev.name || jobType || (e.isBatch ? 'batch' : 'job'));
     const bd = ev.batchDetails;
     // The type goes under the name, unless the name already is the type.
-    setText(f.type, e.isBatch ? 'batch · ' + (bd ? bd.totalOperations : 0) + ' jobs' : (ev.name ? jobType : ''));
+    setText(f.type, e.isBatch ? 'batch · ' + (bd ? bd.totalOperations : 0) + ' jobs' : (ev.name && ev.name !== jobType ? jobType : ''));
     const p = percentOf(ev);
     if (p == null || (ev.indeterminate && st !== 'completed')) {
       // No known percent: an empty bar, moving only while the job runs.
@@ -503,9 +503,9 @@
 
   // ---------------------------------------------------------------------- start
   if (D.page === 'jobs') {
-    const evs = D.events.slice();
-    // Batches first (so their jobs find them), then newest first.
-    evs.sort((a, b) => (a.type === b.type ? (b.id > a.id ? 1 : -1) : (a.type === 'batch' ? -1 : 1)));
+    // Batches first (so their jobs find them), then a batch's jobs in order, then other jobs newest first.
+    const rank = (ev) => (ev.type === 'batch' ? 0 : batchOf(ev) != null ? 1 : 2);
+    const evs = D.events.slice().sort((a, b) => rank(a) - rank(b) || (rank(a) === 1 ? a.id - b.id : b.id - a.id));
     for (const ev of evs) apply(ev, 'initial');
     updateEmpty();
   } else {
