@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import importlib.util
 import platform
+import signal
 import tempfile
 import threading
 import time
@@ -141,6 +142,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--pages", type=int, default=5)
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the browser and the service are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not browser_available():
         sys.exit("needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver)")
 
@@ -158,7 +161,7 @@ def main() -> None:
             )
             reporter.start()
             time.sleep(2)
-            cpu0 = server_cpu(svc, args.seconds / 2)
+            cpu0 = server_cpu(svc, args.seconds)
 
             driver = make_browser()
             login(driver, svc, "/?metrics")
@@ -185,7 +188,7 @@ def main() -> None:
                     driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.row")) >= args.jobs, timeout=60
                 )
             time.sleep(2)
-            cpun = server_cpu(svc, args.seconds / 2)
+            cpun = server_cpu(svc, args.seconds)
             for handle in driver.window_handles:
                 if handle != main_tab:
                     driver.switch_to.window(handle)
@@ -193,14 +196,14 @@ def main() -> None:
             driver.switch_to.window(main_tab)
             driver.get("about:blank")
             time.sleep(2)
-            cpu0b = server_cpu(svc, args.seconds / 2)  # no page again
+            cpu0b = server_cpu(svc, args.seconds)  # no page again
 
             # The peer approach: a page that polls the list every second (and no stream).
             driver.get(svc.url + "/login")
             driver.execute_async_script(POLL_PEER)
             time.sleep(2)
             driver.execute_script("window.pollLat = [];")
-            cpu_poll = server_cpu(svc, args.seconds / 2)
+            cpu_poll = server_cpu(svc, args.seconds)
             poll_lat = [float(x) for x in driver.execute_script("return window.pollLat;")]
             driver.execute_script("window.pollStop = true;")
         finally:

@@ -474,6 +474,12 @@
           try {
             const r = await fetch('/web/state?ids=', { credentials: 'same-origin' });
             if (r.status === 401) { showBanner('Your session has ended.', true); return; }
+            if (r.ok) {
+              await resync();
+              const e = D.page === 'job' ? entries.get('j' + D.job.id) : null;
+              // A finished job's stream answers 204: nothing more to follow.
+              if (e && TERMINAL.has(e.ev.status)) { lost = false; showBanner(null); return; }
+            }
           } catch (_) { /* still down */ }
           connect();
         }, 3000);
