@@ -9,7 +9,9 @@ A real ``progressbot run`` (SQLite in a temp dir, the default 500 ms throttle pe
 * event -> DOM latency, p50/p95: measured in the page (``/?metrics``), from the event's ``timestamp`` (set
   when the monitor emits it) to the moment its row was updated;
 * the page's JS time per second (Chromium's ``ScriptDuration``; ``TaskDuration`` is all main-thread work);
-* the server's CPU with 0, 1 and ``--pages`` pages connected, and the marginal CPU per page.
+* the server's CPU with 0, 1 and ``--pages`` pages connected, and the marginal CPU per page (the
+  reporters' POSTs are subtracted at the cost per POST measured with no page); since a page costs the
+  server less than this noise, also ``--streams`` plain clients reading the page's stream.
 
 Beside it, in the same run, the peer approach: Flower, rq-dashboard and Bull Board need a Celery broker,
 Redis or Node, which are not available here, so the bench measures what their list views do instead, a
@@ -31,6 +33,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import platform
 import signal
@@ -119,6 +122,22 @@ async def report(svc: WebService, ids: list[int], interval: float, stop: threadi
         await asyncio.gather(*(loop(j, i * interval / len(ids)) for i, j in enumerate(ids)))
 
 
+async def sse_readers(svc: WebService, n: int, stop: threading.Event, connected: list[int]) -> None:
+    """``n`` clients reading the page's stream (all events, SSE) and discarding it, until ``stop``."""
+    auth = {"Authorization": f"Bearer {svc.token}", "Accept": "text/event-stream"}
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(headers=auth, timeout=timeout) as s:
+
+        async def one() -> None:
+            async with s.get(svc.url + "/v1/events") as r:
+                connected[0] += 1
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(r.content.readany(), 1.0)
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+
 def server_cpu(svc: WebService, seconds: float) -> tuple[float, float]:
     """The service's CPU use (cores) over ``seconds``, and the progress POSTs per second meanwhile."""
     assert svc.proc is not None
@@ -141,6 +160,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.1)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--pages", type=int, default=5)
+    ap.add_argument("--streams", type=int, default=50)
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the browser and the service are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -197,6 +217,20 @@ def main() -> None:
             driver.get("about:blank")
             time.sleep(2)
             cpu0b = server_cpu(svc, args.seconds)  # no page again
+
+            # Many pages' worth of streams without many browsers (which would saturate this machine's CPU):
+            # plain clients reading the same stream, for a per-stream cost above the measurement noise.
+            readers_stop, connected = threading.Event(), [0]
+            readers = threading.Thread(
+                target=lambda: asyncio.run(sse_readers(svc, args.streams, readers_stop, connected)),
+                daemon=True,
+            )
+            readers.start()
+            wait(driver, lambda d: connected[0] >= args.streams, timeout=60)
+            time.sleep(2)
+            cpus = server_cpu(svc, args.seconds)
+            readers_stop.set()
+            readers.join(timeout=30)
 
             # The peer approach: a page that polls the list every second (and no stream).
             driver.get(svc.url + "/login")
@@ -255,6 +289,10 @@ def main() -> None:
         "with 1 page, "
         f"{page_cost(cpun) / args.pages * 100:.2f}% each with {args.pages}; "
         f"peer polling 1/s: {page_cost(cpu_poll) * 100:.2f}%"
+    )
+    print(
+        f"server CPU per page's stream, {args.streams} SSE clients: {cpus[0] * 100:.1f}% -> "
+        f"{page_cost(cpus) / args.streams * 100:.3f}% of a core per stream"
     )
 
 

@@ -36,6 +36,7 @@ from core.events import next_seq
 from core.lifecycle import ACTION_FROM
 from core.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job
 from core.serialize import activity_to_dict, job_to_dict
+from core.service import ProgressService
 
 if TYPE_CHECKING:
     from bot.http_api import HttpApi
@@ -186,8 +187,8 @@ class WebUI:
         self.sessions = Sessions(token.get_secret_value() if token is not None else "")
 
     @property
-    def service(self) -> Any:
-        """The engine (:class:`core.service.ProgressService`)."""
+    def service(self) -> ProgressService:
+        """The engine."""
         return self.api.service
 
     def install(self, app: web.Application) -> None:
