@@ -90,7 +90,20 @@ def test_a_cli_job_appears_and_its_bar_advances_without_a_reload(page, svc: WebS
     wait(page, lambda d: row_state(d, f"j{jid}").get("value") is not None)
     first = row_state(page, f"j{jid}")
     assert first["fields"]["name"] == "cli job" and first["fields"]["type"] == "demo.count"
+    # Updated in place: the same row element, and no rows added to or removed from the table meanwhile.
+    page.execute_script(
+        """window.__row = document.querySelector(`tr[data-key="${arguments[0]}"]`);
+        window.__rowsChanged = 0;
+        new MutationObserver((ms) => { for (const m of ms) window.__rowsChanged += m.addedNodes.length
+          + m.removedNodes.length; }).observe(document.getElementById('active'), {childList: true});""",
+        f"j{jid}",
+    )
     wait(page, lambda d: row_state(d, f"j{jid}")["value"] >= first["value"] + 10)
+    assert page.execute_script(
+        "return document.querySelector(`tr[data-key='j${arguments[0]}']`) === window.__row"
+        " && window.__rowsChanged === 0;",
+        jid,
+    )
     later = row_state(page, f"j{jid}")
     assert later["fields"]["percent"] == f"{later['value']}%"
     assert "/40" in later["fields"]["count"] and later["fields"]["message"].startswith("step ")
