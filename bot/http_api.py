@@ -63,6 +63,8 @@ from core.store import ActionResult, BatchSummary
 from core.text import MAX_DEPTH, MAX_MESSAGE, clean_json, clean_text, json_depth_exceeds, safe_json_bytes
 
 from .settings import HttpSettings, Settings
+from .web import WEB_AUTH
+from .web import install as install_web
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +421,7 @@ class HttpApi:
         r.add_get("/v1/events", self.events)
         if self.app_settings is not None and self.app_settings.mcp.http:
             mount_mcp(app, self.service, self.app_settings, self._host)
+        self.web = install_web(app, self)
         return app
 
     async def start(self) -> None:
@@ -478,6 +481,9 @@ class HttpApi:
 
     # --------------------------------------------------------------- middleware
     def _authorized(self, request: web.Request) -> bool:
+        # The web page's session cookie (checked by its middleware), or one of its public pages.
+        if request.get(WEB_AUTH):
+            return True
         header = request.headers.get("Authorization", "")
         scheme, _, cred = header.partition(" ")
         given = cred.strip() if scheme.lower() == "bearer" else ""

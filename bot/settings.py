@@ -161,6 +161,9 @@ class HttpSettings(_Section):
     token: SecretStr | None = None
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     keepalive_seconds: float = Field(15.0, gt=0)
+    #: Mark the web page's session cookie Secure even when the request came over plain http (behind a
+    #: TLS-terminating proxy). Requests that arrive over https always get it.
+    secure_cookies: bool = False
 
     @field_validator("listen")
     @classmethod
