@@ -32,6 +32,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -92,7 +93,9 @@ _CLAIM_PICK = (
 _CLAIM_VALUES = {
     "status": JobStatus.RUNNING,
     "control": Control.RUN,
-    "attempts": jobs_t.c.attempts + 1,
+    # A claim starts the first try or continues the current one (a resume, a shutdown's requeue); only a
+    # try that ended without success (a failure, a timeout, a lost worker) moves to the next attempt.
+    "attempts": case((jobs_t.c.attempts < 1, 1), else_=jobs_t.c.attempts),
     "worker_id": bindparam("c_worker"),
     "lease_until": bindparam("c_lease"),
     "started_at": func.coalesce(jobs_t.c.started_at, bindparam("c_now")),
@@ -651,7 +654,11 @@ class JobStore:
             if attempts < max_attempts:
                 delay = backoff_delay(attempts, self.retry_backoff, self.retry_backoff_max)
                 values.update(
-                    status=S.PENDING, error=oc.error, run_at=now + timedelta(seconds=delay), worker_id=None
+                    status=S.PENDING,
+                    error=oc.error,
+                    run_at=now + timedelta(seconds=delay),
+                    worker_id=None,
+                    attempts=attempts + 1,  # the next claim runs the next attempt
                 )
                 note = f"failed (attempt {attempts}/{max_attempts}): {oc.error}; retrying in {delay:g}s"
             else:
@@ -798,6 +805,8 @@ class JobStore:
                     control=Control.RUN,
                     worker_id=None,
                     lease_until=None,
+                    # The try ended with its worker, without an outcome: what runs next is a new attempt.
+                    attempts=jobs_t.c.attempts + 1,
                     updated_at=self._stamp(now),
                     origin=self.origin,
                     **values,

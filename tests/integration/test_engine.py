@@ -204,6 +204,56 @@ async def test_pause_resume_continues_from_checkpoint(make_service: ServiceFacto
     assert done.result == {"steps": 12, "executions": 12}  # no step ran twice
 
 
+async def test_pause_and_resume_do_not_use_up_attempts(make_service: ServiceFactory) -> None:
+    """pause -> resume -> fail with max_attempts=2: the failure is retried once, as if no pause happened."""
+    reg = HandlerRegistry()
+    attempts_seen: list[int] = []
+
+    @reg.handler("pause_then_fail")
+    async def pause_then_fail(ctx: JobContext, data: dict[str, Any]) -> None:
+        attempts_seen.append(ctx.attempt)
+        if not (ctx.checkpoint_state or {}).get("paused_once"):
+            while True:  # runs until the pause below takes effect at a checkpoint
+                await ctx.checkpoint({"paused_once": True})
+                await asyncio.sleep(0.01)
+        raise RuntimeError("boom")
+
+    svc = await make_service(reg, retry_backoff=0.05)
+    job = await svc.submit("pause_then_fail", {}, max_attempts=2)
+    jid = job.id
+    assert jid is not None
+    await wait_until(lambda: _async_true(bool(attempts_seen)))
+    await svc.pause(jid, actor="@alice")
+    paused = await svc.wait_for(jid, lambda j: j.status == JobStatus.PAUSED, timeout=10)
+    assert paused.attempts == 1
+    await svc.resume(jid, actor="@alice")
+    done = await svc.wait_for(jid, timeout=15)
+    assert done.status == JobStatus.FAILED and done.error == "RuntimeError: boom"
+    # The run before the pause and the run after it are one attempt; the failure was retried once.
+    assert attempts_seen == [1, 1, 2] and done.attempts == 2
+    msgs = [a.message for a in await svc.activity(jid, limit=50)]
+    assert any(m.startswith("failed (attempt 1/2): RuntimeError: boom; retrying in") for m in msgs), msgs
+    assert msgs[-1] == "failed: RuntimeError: boom"
+
+
+async def test_explicit_retry_starts_a_fresh_run(make_service: ServiceFactory) -> None:
+    """A user's retry after a final failure starts again at attempt 1 with all attempts available."""
+    svc = await make_service()
+    job = await svc.submit("demo.count", {"steps": 2, "delay_ms": 1, "fail_at": 1}, max_attempts=2)
+    jid = job.id
+    assert jid is not None
+    failed = await svc.wait_for(jid, timeout=15)
+    assert failed.status == JobStatus.FAILED and failed.attempts == 2
+    res = await svc.retry(jid, actor="@alice")
+    assert res.job.status == JobStatus.PENDING and res.job.attempts == 0
+    again = await svc.wait_for(jid, timeout=15)
+    assert again.status == JobStatus.FAILED and again.attempts == 2
+
+
+async def _async_true(value: bool) -> bool:
+    return value
+
+
 async def _progress_at_least(svc: Any, jid: int, n: int) -> bool:
     st = svc.monitor.live_state(jid)
     return st is not None and (st.current or 0) >= n
