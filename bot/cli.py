@@ -19,6 +19,7 @@ from rich.console import Console
 
 from adapters.commands import parse_job_id, parse_run_args
 from core.errors import ProgressbotError
+from core.packaging import shadowing, shadowing_message
 from core.serialize import job_to_dict
 
 from .settings import ConfigError, Settings, load_settings
@@ -123,8 +124,11 @@ def worker(config: ConfigOpt = None) -> None:
     setup_logging(settings.log_level)
     from .app import Application
 
-    application = Application(settings, with_adapters=False, with_http=False)
-    asyncio.run(application.run())
+    try:
+        application = Application(settings, with_adapters=False, with_http=False)
+        asyncio.run(application.run())
+    except ProgressbotError as exc:
+        raise fail(f"progressbot: {exc}", 1) from None
 
 
 @app.command()
@@ -292,6 +296,10 @@ from . import cli_http  # noqa: E402,F401
 
 def main() -> None:
     """Entry point of the ``progressbot`` script."""
+    shadowed = shadowing()
+    if shadowed:
+        err.print(shadowing_message(shadowed), markup=False, soft_wrap=True)
+        sys.exit(2)
     try:
         app()
     except KeyboardInterrupt:

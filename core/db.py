@@ -25,6 +25,7 @@ from sqlmodel import SQLModel
 
 from . import models  # noqa: F401 - registers the tables on SQLModel.metadata
 from .models import utcnow
+from .packaging import require_extra
 
 T = TypeVar("T")
 
@@ -80,6 +81,7 @@ def make_engine(url: str, busy_timeout_ms: int = 10_000, pool_size: int = 8) -> 
 
         return engine
     if url.startswith("postgresql"):
+        require_extra("postgres", "A PostgreSQL database")
         return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
     return create_engine(url, poolclass=NullPool)
 
