@@ -304,9 +304,13 @@ class ProgressService:
             owner=owner,
             room=room,
         )
+        if self.worker is not None and nj.run_at is None:
+            # Due now: a free slot of our worker claims it in the insert's transaction (see Handoff).
+            nj.handoff = self.worker.offer_slot()
         job = await self.store.submit(nj, actor=owner)
-        self.monitor.job_changed(job)
-        self._wake((job.run_at - utcnow()).total_seconds())
+        if nj.handoff is None or nj.handoff.claimed is None:  # (a handed-over job was announced already)
+            self.monitor.job_changed(job)
+            self._wake((job.run_at - utcnow()).total_seconds())
         return job
 
     async def submit_batch(
@@ -497,7 +501,8 @@ class ProgressService:
         """
         st = self.monitor.live_state(job_id)
         view = self.monitor.view(job_id)
-        if st is None or view is None:
+        # A live state held by a worker is a queued job running here: the row decides (it is not tracked).
+        if st is None or view is None or view.worker_id is not None:
             job = await self.store.get(job_id)
             if job.kind != JobKind.TRACKED:
                 raise IllegalTransition(job_id, "not a tracked job", "sent progress from outside")

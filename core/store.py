@@ -126,6 +126,21 @@ _INSERT_JOBS_PG = (
     .returning(*jobs_t.c, sort_by_parameter_order=True)
 )
 _INSERT_ACTIVITY = insert(activity_t)
+# The top priority among the other due pending queued jobs (a claim takes those first); see _take_handoffs.
+_DUE_TOP_PRIORITY = select(func.max(jobs_t.c.priority)).where(
+    jobs_t.c.status == JobStatus.PENDING,
+    jobs_t.c.kind == JobKind.QUEUED,
+    jobs_t.c.run_at <= bindparam("d_now"),
+    jobs_t.c.id.not_in(bindparam("d_ids", expanding=True)),
+)
+# The claim of one given job, for a worker slot offered at submit (see Handoff).
+_CLAIM_ONE_SQLITE = (
+    update(jobs_t)
+    .where(jobs_t.c.id == bindparam("c_id"), jobs_t.c.status == JobStatus.PENDING)
+    .values(**_CLAIM_VALUES)
+    .returning(*jobs_t.c)
+)
+_CLAIM_ONE_PG = _CLAIM_ONE_SQLITE.values(updated_at=func.clock_timestamp())
 
 # The completion of many jobs in one executemany; fenced on the worker id and the running status.
 _COMPLETE_STMT = (
@@ -167,6 +182,23 @@ def row_to_job(row: Row[Any]) -> Job:
 
 
 @dataclass(slots=True)
+class Handoff:
+    """A free slot of a worker in the submitting process, offered to a job being submitted.
+
+    The store claims the job for that worker in the insert's transaction (one commit instead of an insert
+    and a later claim) unless a due pending job would be claimed before it; see :meth:`JobStore.submit_many`.
+    """
+
+    worker_id: str
+    lease_seconds: float
+    #: Called once on the event loop after the insert, before the submitter resumes (even if it gave up):
+    #: ``deliver(inserted, claimed)``; ``claimed`` is None when the slot was not taken or the insert failed.
+    deliver: Callable[[Job | None, Job | None], None]
+    #: The job as claimed for the worker, once the transaction that took the offer committed.
+    claimed: Job | None = None
+
+
+@dataclass(slots=True)
 class NewJob:
     """Everything needed to insert one job (payload already validated)."""
 
@@ -183,6 +215,8 @@ class NewJob:
     batch_id: int | None = None
     status: str = JobStatus.PENDING
     progress_total: float | None = None
+    #: Insert it claimed by this worker when nothing due is waiting before it (a queued job due now).
+    handoff: Handoff | None = None
 
 
 @dataclass(slots=True)
@@ -372,6 +406,10 @@ class JobStore:
 
         Concurrent calls are group-committed: submissions that arrive while a transaction is in flight
         are written together in the next one, each caller still getting its own jobs back.
+
+        A job with a :class:`Handoff` is also claimed for that worker in the same transaction (the claimed
+        row goes to ``handoff.claimed``), unless a due pending job has its priority or a higher one: a
+        claim would take those first. The caller still gets the job as inserted, pending.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Job]] = loop.create_future()
@@ -387,21 +425,36 @@ class JobStore:
                 results = await self.db.run(self._submit_groups, [(g[0], g[1]) for g in groups])
             except Exception as exc:
                 if len(groups) == 1:
-                    _settle(groups[0][2], exc=exc)
+                    self._answer_submit(groups[0][0], groups[0][2], None, exc)
                     continue
                 # Isolate the bad submission: write each group in its own transaction.
                 for jobs, actor, fut in groups:
                     try:
                         out = await self.db.run(self._submit_many, jobs, actor)
                     except Exception as exc2:
-                        _settle(fut, exc=exc2)
+                        self._answer_submit(jobs, fut, None, exc2)
                     else:
-                        self._announce_submitted(out)
-                        _settle(fut, out)
+                        self._answer_submit(jobs, fut, out)
                 continue
-            for (_, _, fut), out in zip(groups, results, strict=True):
-                self._announce_submitted(out)
-                _settle(fut, out)
+            for (jobs, _, fut), out in zip(groups, results, strict=True):
+                self._answer_submit(jobs, fut, out)
+
+    def _answer_submit(
+        self,
+        jobs: list[NewJob],
+        fut: asyncio.Future[list[Job]],
+        out: list[Job] | None,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Hand claimed jobs to their worker first (even if the submitter gave up), then answer it."""
+        for i, nj in enumerate(jobs):
+            if nj.handoff is not None:
+                nj.handoff.deliver(out[i] if out else None, nj.handoff.claimed if out else None)
+        if out is not None:
+            self._announce_submitted(out)
+            _settle(fut, out)
+        else:
+            _settle(fut, exc=exc)
 
     def _announce_submitted(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -432,6 +485,49 @@ class JobStore:
         if not jobs:
             return []
         now = self.db.now()
+        with self.db.engine.begin() as conn:
+            out = self._insert_jobs(conn, jobs, now, actor, actors)
+            claims = self._take_handoffs(conn, jobs, out, now)
+        for offer, job in claims:  # committed: now the claims are real
+            offer.claimed = job
+        return out
+
+    def _take_handoffs(
+        self, conn: Connection, jobs: list[NewJob], inserted: list[Job], now: datetime
+    ) -> list[tuple[Handoff, Job]]:
+        """Claim the new jobs offered a worker slot, unless a due pending job would be claimed before them."""
+        offered = [(nj, job) for nj, job in zip(jobs, inserted, strict=True) if nj.handoff is not None]
+        if not offered:
+            return []
+        claims: list[tuple[Handoff, Job]] = []
+        ids = [job.id for _, job in offered]
+        # The claim order is priority, then run_at, then id: a new job due now comes after every other due
+        # pending job of the same or a higher priority.
+        top = conn.execute(_DUE_TOP_PRIORITY, {"d_now": now, "d_ids": ids}).scalar()
+        for nj, job in offered:
+            assert nj.handoff is not None
+            if top is not None and job.priority <= top:
+                continue
+            params = {
+                "c_id": job.id,
+                "c_now": now,
+                "c_worker": nj.handoff.worker_id,
+                "c_lease": now + timedelta(seconds=nj.handoff.lease_seconds),
+                "c_origin": self.origin,
+            }
+            row = conn.execute(_CLAIM_ONE_SQLITE if self.db.is_sqlite else _CLAIM_ONE_PG, params).first()
+            if row is not None:
+                claims.append((nj.handoff, row_to_job(row)))
+        return claims
+
+    def _insert_jobs(
+        self,
+        conn: Connection,
+        jobs: list[NewJob],
+        now: datetime,
+        actor: str | None,
+        actors: list[str | None] | None,
+    ) -> list[Job]:
         rows = [
             {
                 "type": nj.type,
@@ -457,30 +553,29 @@ class JobStore:
             }
             for nj in jobs
         ]
-        with self.db.engine.begin() as conn:
-            # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
-            if self.db.is_sqlite:
-                result = conn.execute(_INSERT_JOBS, rows)
-            else:
-                for r in rows:
-                    del r["updated_at"]
-                result = conn.execute(_INSERT_JOBS_PG, rows)
-            out = [row_to_job(r) for r in result]
-            notes = []
-            for idx, (nj, job) in enumerate(zip(jobs, out, strict=True)):
-                who = (actors[idx] if actors is not None else actor) or nj.owner
-                what = "tracking started" if nj.kind == JobKind.TRACKED else "submitted"
-                notes.append(
-                    {
-                        "job_id": job.id,
-                        "at": now,
-                        "level": "info",
-                        "message": what + (f" by {who}" if who else ""),
-                        "context": None,
-                    }
-                )
-            # No trim here: a new job has one entry; the batched log path enforces the cap.
-            conn.execute(_INSERT_ACTIVITY, notes)
+        # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
+        if self.db.is_sqlite:
+            result = conn.execute(_INSERT_JOBS, rows)
+        else:
+            for r in rows:
+                del r["updated_at"]
+            result = conn.execute(_INSERT_JOBS_PG, rows)
+        out = [row_to_job(r) for r in result]
+        notes = []
+        for idx, (nj, job) in enumerate(zip(jobs, out, strict=True)):
+            who = (actors[idx] if actors is not None else actor) or nj.owner
+            what = "tracking started" if nj.kind == JobKind.TRACKED else "submitted"
+            notes.append(
+                {
+                    "job_id": job.id,
+                    "at": now,
+                    "level": "info",
+                    "message": what + (f" by {who}" if who else ""),
+                    "context": None,
+                }
+            )
+        # No trim here: a new job has one entry; the batched log path enforces the cap.
+        conn.execute(_INSERT_ACTIVITY, notes)
         return out
 
     async def create_batch(self, name: str, *, owner: str | None = None, room: str | None = None) -> Batch:
@@ -615,7 +710,7 @@ class JobStore:
             }
         if applied:
             conn.execute(
-                insert(activity_t),
+                _INSERT_ACTIVITY,
                 [
                     {"job_id": i, "at": now, "level": "info", "message": "completed", "context": None}
                     for i in applied
@@ -1466,6 +1561,7 @@ __all__ = [
     "ACTIVE_STATUSES",
     "ActionResult",
     "BatchSummary",
+    "Handoff",
     "JobStore",
     "NewJob",
     "Outcome",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from .errors import JobCancelled, JobInterrupt, JobPaused, LeaseLost
 from .models import Control, Job, JobStatus
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry
-from .store import JobStore, Outcome, ProgressWrite, RecoveryPolicy
+from .store import Handoff, JobStore, Outcome, ProgressWrite, RecoveryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class Worker:
         self._next_due_check = 0.0
         self._stopping = False
         self._accepting = True
+        #: Slots offered to jobs being submitted in this process (see :meth:`offer_slot`).
+        self._offered = 0
         self.completed_count = 0
 
     # ------------------------------------------------------------ lifecycle
@@ -204,6 +207,39 @@ class Worker:
                 self._next_due = due
         self._wakeup.set()
 
+    def offer_slot(self) -> Handoff | None:
+        """Offer a free slot to a job this process is submitting (see :class:`~core.store.Handoff`).
+
+        A job submitted while this worker idles would otherwise cost a second transaction (its claim) and
+        a wake-up of the claim loop. None when no slot is free or jobs claimed ahead are waiting.
+        """
+        if not self._accepting or self._ready or len(self.running) + self._offered >= self.concurrency:
+            return None
+        self._offered += 1
+        return Handoff(self.worker_id, self.lease_seconds, functools.partial(self._take, time.monotonic()))
+
+    def _take(self, offered_at: float, inserted: Job | None, claimed: Job | None) -> None:
+        """The store's answer to an offer: start the job it claimed for this worker, or free the slot.
+
+        ``offered_at`` (monotonic, before the claim) starts the local lease deadline, like a claim's.
+        """
+        self._offered -= 1
+        if claimed is None or inserted is None:
+            self._slot_freed.set()
+            return
+        # Its pending state first (the submitter announces nothing when its job was handed over).
+        self.monitor.job_changed(inserted)
+        if self.reap_expired:
+            self._deadlines[claimed.id or 0] = offered_at + self.lease_seconds
+        if not self._accepting:
+            # Stopping meanwhile: back to the queue, like the jobs claimed ahead (see stop).
+            self._outcomes.append(
+                (Outcome(job_id=claimed.id or 0, worker_id=self.worker_id, status=JobStatus.PENDING), None)
+            )
+            self._outcome_ready.set()
+            return
+        self._start_job(claimed)
+
     def wake_controls(self) -> None:
         """Read the running jobs' controls now instead of at the next heartbeat (a pause or cancel was
         requested from another process)."""
@@ -233,7 +269,7 @@ class Worker:
             try:
                 if not self._accepting:
                     await asyncio.sleep(3600)
-                free = self.concurrency - len(self.running)
+                free = self.concurrency - len(self.running) - self._offered
                 if free <= 0:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
