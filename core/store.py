@@ -34,6 +34,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     insert,
     or_,
@@ -126,17 +127,22 @@ _INSERT_JOBS_PG = (
     .returning(*jobs_t.c, sort_by_parameter_order=True)
 )
 _INSERT_ACTIVITY = insert(activity_t)
-# The top priority among the other due pending queued jobs (a claim takes those first); see _take_handoffs.
-_DUE_TOP_PRIORITY = select(func.max(jobs_t.c.priority)).where(
-    jobs_t.c.status == JobStatus.PENDING,
-    jobs_t.c.kind == JobKind.QUEUED,
-    jobs_t.c.run_at <= bindparam("d_now"),
-    jobs_t.c.id.not_in(bindparam("d_ids", expanding=True)),
-)
-# The claim of one given job, for a worker slot offered at submit (see Handoff).
+# The claim of one given job, for a worker slot offered at submit (see Handoff), unless another due pending
+# job of the same or a higher priority waits: the claim order (priority, run_at, id) would take that first.
+_WAITING = jobs_t.alias("waiting")
 _CLAIM_ONE_SQLITE = (
     update(jobs_t)
-    .where(jobs_t.c.id == bindparam("c_id"), jobs_t.c.status == JobStatus.PENDING)
+    .where(
+        jobs_t.c.id == bindparam("c_id"),
+        jobs_t.c.status == JobStatus.PENDING,
+        ~exists().where(
+            _WAITING.c.status == JobStatus.PENDING,
+            _WAITING.c.priority >= jobs_t.c.priority,
+            _WAITING.c.run_at <= bindparam("c_now"),
+            _WAITING.c.kind == JobKind.QUEUED,
+            _WAITING.c.id != jobs_t.c.id,
+        ),
+    )
     .values(**_CLAIM_VALUES)
     .returning(*jobs_t.c)
 )
@@ -500,14 +506,8 @@ class JobStore:
         if not offered:
             return []
         claims: list[tuple[Handoff, Job]] = []
-        ids = [job.id for _, job in offered]
-        # The claim order is priority, then run_at, then id: a new job due now comes after every other due
-        # pending job of the same or a higher priority.
-        top = conn.execute(_DUE_TOP_PRIORITY, {"d_now": now, "d_ids": ids}).scalar()
         for nj, job in offered:
             assert nj.handoff is not None
-            if top is not None and job.priority <= top:
-                continue
             params = {
                 "c_id": job.id,
                 "c_now": now,

@@ -15,9 +15,9 @@ from pydantic import BaseModel
 from core.context import JobContext, SyncJobContext
 from core.db import Database
 from core.errors import IllegalTransition, JobNotFound, PayloadError, UnknownJobType
-from core.models import JobStatus, utcnow
+from core.models import Job, JobStatus, utcnow
 from core.registry import HandlerRegistry
-from core.store import JobStore, NewJob
+from core.store import Handoff, JobStore, NewJob
 from tests.conftest import ServiceFactory, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -110,6 +110,38 @@ async def test_atomic_claim_with_eight_claimers(db_url: str) -> None:
     finally:
         for db in dbs:
             db.close()
+
+
+async def test_a_job_handed_to_a_free_slot_never_jumps_the_queue(db_url: str) -> None:
+    """A submit offered a worker's free slot is claimed in its own transaction only when no due pending job
+    would be claimed before it; otherwise it waits its turn."""
+    db = Database(db_url)
+    store = JobStore(db)
+    answers: list[tuple[int | None, int | None]] = []
+
+    def answer(inserted: Job | None, claimed: Job | None) -> None:
+        answers.append((inserted and inserted.id, claimed and claimed.id))
+
+    def offer() -> Handoff:
+        return Handoff("w1", 30.0, answer)
+
+    try:
+        await store.init()
+        [alone] = await store.submit_many([NewJob(type="t", handoff=offer())])
+        assert alone.status == JobStatus.PENDING  # the submitter sees the job as inserted
+        assert answers == [(alone.id, alone.id)]
+        claimed = await store.get(alone.id or 0)
+        assert claimed.status == JobStatus.RUNNING and claimed.worker_id == "w1" and claimed.attempts == 1
+
+        [waiting] = await store.submit_many([NewJob(type="t", priority=5)])
+        [behind] = await store.submit_many([NewJob(type="t", priority=5, handoff=offer())])
+        assert answers[-1] == (behind.id, None)  # same priority, later: the waiting job goes first
+        [ahead] = await store.submit_many([NewJob(type="t", priority=9, handoff=offer())])
+        assert answers[-1] == (ahead.id, ahead.id)  # a higher priority would be claimed first anyway
+        # The one left behind is claimed by the ordinary path, in the ordinary order.
+        assert [j.id for j in await store.claim("w2", 5)] == [waiting.id, behind.id]
+    finally:
+        db.close()
 
 
 async def test_priority_then_run_at_order(make_service: ServiceFactory) -> None:
