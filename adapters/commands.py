@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import IllegalTransition, JobNotFound, PayloadError, ProgressbotError, UnknownJobType
+from core.lifecycle import Action
 from core.models import Job, JobStatus
+from core.refs import parse_batch_id, parse_job_id
 from core.service import ProgressService
 
 from .render import clip, defuse_mentions, render_line, render_plain
 
 log = logging.getLogger(__name__)
 
-CONTROL_ACTIONS = ("pause", "resume", "cancel", "retry")
+CONTROL_ACTIONS = tuple(Action)
 LIST_FILTERS = {
     "active": [JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED],
     "running": [JobStatus.RUNNING],
@@ -34,8 +36,6 @@ LIST_FILTERS = {
     "cancelled": [JobStatus.CANCELLED],
     "all": None,
 }
-_ID_RE = re.compile(r"^#?(d?\d{1,12})$", re.IGNORECASE)
-_BATCH_ID_RE = re.compile(r"^#?b(\d{1,12})$", re.IGNORECASE)
 MAX_COMMAND_LENGTH = 8000
 
 
@@ -64,21 +64,6 @@ class Reply:
     ok: bool = True
     job: Job | None = None
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_job_id(raw: str) -> int | str | None:
-    """``12``, ``#12`` -> 12; ``d3`` -> "d3" (a direct job); anything else -> None."""
-    m = _ID_RE.match(raw.strip())
-    if not m:
-        return None
-    val = m.group(1).lower()
-    return val if val.startswith("d") else int(val)
-
-
-def parse_batch_id(raw: str) -> int | None:
-    """``b3`` or ``#b3`` -> 3."""
-    m = _BATCH_ID_RE.match(raw.strip())
-    return int(m.group(1)) if m else None
 
 
 def parse_run_args(args: list[str], raw_rest: str) -> dict[str, Any]:

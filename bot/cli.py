@@ -17,9 +17,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from adapters.commands import parse_job_id, parse_run_args
+from adapters.commands import parse_run_args
 from core.errors import ProgressbotError
+from core.lifecycle import Action
 from core.packaging import shadowing, shadowing_message
+from core.refs import parse_job_id
 from core.serialize import job_to_dict
 
 from .settings import ConfigError, Settings, load_settings
@@ -288,7 +290,7 @@ def _control(action: str) -> Callable[..., None]:
     return command
 
 
-for _action in ("pause", "resume", "cancel", "retry"):
+for _action in Action:
     app.command(name=_action)(_control(_action))
 
 from . import cli_http  # noqa: E402,F401

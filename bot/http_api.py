@@ -42,16 +42,20 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.commands import parse_batch_id, parse_job_id
 from core.errors import IllegalTransition, JobNotFound, PayloadError, ProgressbotError, UnknownJobType
 from core.events import EventFilter, JobProgressEvent, make_filter
+from core.lifecycle import Action
 from core.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Control, Job, JobStatus
 from core.monitor import JobView
+from core.refs import parse_batch_id, parse_job_id
 from core.serialize import job_to_dict
 from core.service import JobRequest, ProgressService
 from core.store import ActionResult, BatchSummary
 
 from .settings import HttpSettings
+
+#: The action segment of the job and batch action routes: pause|resume|cancel|retry.
+_ACTIONS = "|".join(Action)
 
 log = logging.getLogger(__name__)
 
@@ -395,10 +399,10 @@ class HttpApi:
         r.add_post("/v1/jobs/{id}/log", self.log_entry)
         r.add_post("/v1/jobs/{id}/complete", self.complete)
         r.add_post("/v1/jobs/{id}/fail", self.fail)
-        r.add_post("/v1/jobs/{id}/{action:pause|resume|cancel|retry}", self.job_action)
+        r.add_post(f"/v1/jobs/{{id}}/{{action:{_ACTIONS}}}", self.job_action)
         r.add_post("/v1/batches", self.create_batch)
         r.add_get("/v1/batches/{id}", self.get_batch)
-        r.add_post("/v1/batches/{id}/{action:pause|resume|cancel|retry}", self.batch_action)
+        r.add_post(f"/v1/batches/{{id}}/{{action:{_ACTIONS}}}", self.batch_action)
         r.add_get("/v1/events", self.events)
         return app
 

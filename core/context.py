@@ -16,7 +16,9 @@ from .models import Control
 
 StageSpec = Sequence[tuple[str, float] | str]
 
-_CONTROL_RANK = {Control.RUN: 0, "shutdown": 1, Control.PAUSE: 2, Control.CANCEL: 3, "lease-lost": 4}
+
+def _rank(control: str) -> int:
+    return Control(control).rank if control in Control._value2member_map_ else 0
 
 
 class ProgressState:
@@ -197,7 +199,7 @@ class JobContext:
         self.room = room
         self.progress = state
         self._backend = backend
-        #: "run", "pause", "cancel" or "shutdown": what has been asked of this job. Set by the worker.
+        #: What has been asked of this job (a :class:`~core.models.Control` value). Set by the worker.
         self.control: str = Control.RUN
         #: Set whenever ``control`` changes, so waiters wake up.
         self.control_changed = asyncio.Event()
@@ -240,7 +242,7 @@ class JobContext:
         so a stale "run" read from the DB never undoes a pause or a shutdown; ``force`` allows resuming."""
         if control == self.control:
             return
-        if not force and _CONTROL_RANK.get(control, 0) < _CONTROL_RANK.get(self.control, 0):
+        if not force and _rank(control) < _rank(self.control):
             return
         self.control = control
         self.control_changed.set()

@@ -45,11 +45,24 @@ class JobKind(StrEnum):
 
 
 class Control(StrEnum):
-    """What has been asked of a running job; delivered through the DB so other processes see it."""
+    """What has been asked of a running job.
+
+    ``run``, ``pause`` and ``cancel`` are stored in the job's row, so other processes see them. ``shutdown``
+    (this process stops gracefully) and ``lease-lost`` (another process may run the job now) are set by the
+    worker on the running job's context only, never stored. During a run requests only escalate, in the
+    order listed (see :attr:`rank`).
+    """
 
     RUN = "run"
+    SHUTDOWN = "shutdown"
     PAUSE = "pause"
     CANCEL = "cancel"
+    LEASE_LOST = "lease-lost"
+
+    @property
+    def rank(self) -> int:
+        """The escalation order: a request never replaces a stronger one during a run."""
+        return list(Control).index(self)
 
 
 class JobTable(SQLModel, table=True):

@@ -17,7 +17,7 @@ from .context import JobContext, SyncJobContext
 from .db import Database, pg_connect_args
 from .errors import IllegalTransition, JobCancelled, JobInterrupt, JobNotFound, PayloadError
 from .events import EventBus, EventFilter, JobProgressEvent, Subscription, make_filter
-from .lifecycle import ACTION_WORD
+from .lifecycle import Action, plan
 from .models import TERMINAL_STATUSES, Activity, Batch, Control, Job, JobKind, JobStatus, utcnow
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry, default_registry
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("pause", "resume", "cancel", "retry")
 
 
 @dataclass(slots=True)
@@ -548,8 +547,10 @@ class ProgressService:
     # ---------------------------------------------------------- user actions
     async def act(self, job_id: int | str, action: str, *, actor: str | None = None) -> ActionResult:
         """Pause, resume, cancel or retry a job. Raises JobNotFound / IllegalTransition with readable text."""
-        if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}")
+        try:
+            action = Action(action)
+        except ValueError:
+            raise ValueError(f"unknown action {action!r}") from None
         if isinstance(job_id, str) and job_id.startswith("d"):
             return self._act_direct(job_id, action, actor)
         jid = int(job_id)
@@ -557,25 +558,25 @@ class ProgressService:
         if res.requested and self.worker is not None:
             self.worker.request_control(jid, str(res.job.control))
         self.monitor.job_changed(res.job, force=not res.requested)
-        if action in ("resume", "retry"):
+        if res.job.status == JobStatus.PENDING:
             self._wake()
         return res
 
     async def pause(self, job_id: int | str, *, actor: str | None = None) -> ActionResult:
         """Pause a job (a running one pauses at its next checkpoint)."""
-        return await self.act(job_id, "pause", actor=actor)
+        return await self.act(job_id, Action.PAUSE, actor=actor)
 
     async def resume(self, job_id: int | str, *, actor: str | None = None) -> ActionResult:
         """Resume a paused job from its last checkpoint."""
-        return await self.act(job_id, "resume", actor=actor)
+        return await self.act(job_id, Action.RESUME, actor=actor)
 
     async def cancel(self, job_id: int | str, *, actor: str | None = None) -> ActionResult:
         """Cancel a job (a running one stops at its next checkpoint, or is forced after a grace period)."""
-        return await self.act(job_id, "cancel", actor=actor)
+        return await self.act(job_id, Action.CANCEL, actor=actor)
 
     async def retry(self, job_id: int | str, *, actor: str | None = None) -> ActionResult:
         """Run a failed or cancelled job again, from the start."""
-        return await self.act(job_id, "retry", actor=actor)
+        return await self.act(job_id, Action.RETRY, actor=actor)
 
     async def act_batch(self, batch_id: int, action: str, *, actor: str | None = None) -> list[ActionResult]:
         """Apply an action to every job of a batch for which it is legal."""
@@ -592,23 +593,10 @@ class ProgressService:
         if run is None:
             raise JobNotFound(job_id)
         view = run.view
-        if action == "retry":
-            raise IllegalTransition(0, f"a direct job ({view.status})", "retried") from None
-        status = JobStatus(view.status)
-        allowed = {
-            "pause": {JobStatus.RUNNING},
-            "resume": {JobStatus.PAUSED},
-            "cancel": {JobStatus.RUNNING, JobStatus.PAUSED},
-        }[action]
-        if status not in allowed or (action == "pause" and run.ctx.control == Control.PAUSE):
-            exc = IllegalTransition(0, str(status), ACTION_WORD[action])
-            exc.args = (f"Job #{job_id} is {status}; it can't be {ACTION_WORD[action]}",)
-            raise exc
+        effect = plan(job_id, action, JobKind.DIRECT, view.status, str(run.ctx.control))
         view.control_by = actor
-        run.ctx.set_control(
-            {"pause": Control.PAUSE, "resume": Control.RUN, "cancel": Control.CANCEL}[action], force=True
-        )
-        if action == "cancel" and run.task is not None:
+        run.ctx.set_control(effect.control, force=True)
+        if effect.control == Control.CANCEL and run.task is not None:
             asyncio.get_running_loop().call_later(self.config.cancel_grace, run.task.cancel)
         job = Job(
             id=None, type=view.type, status=view.status, name=view.name, owner=view.owner, room=view.room

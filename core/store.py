@@ -46,7 +46,7 @@ from sqlalchemy.engine import Row
 
 from .db import Database
 from .errors import IllegalTransition, JobNotFound
-from .lifecycle import check_action
+from .lifecycle import Action, plan
 from .models import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -937,47 +937,24 @@ class JobStore:
                 raise JobNotFound(job_id)
             job = row_to_job(row)
             status = S(job.status)
-            check_action(job_id, status, action)
-            by = f" by {actor}" if actor else ""
-            tracked = job.kind == JobKind.TRACKED
+            effect = plan(job_id, action, job.kind, status, job.control)
             values: dict[str, Any] = {
                 "updated_at": self._stamp(now),
                 "origin": self.origin,
                 "control_by": actor,
+                "control": effect.control,
             }
-            requested = False
             if status != S.RUNNING:
                 # The row is no longer a worker's; other processes' monitors must see this change.
                 values["worker_id"] = None
-            if action == "pause":
-                if status == S.RUNNING and not tracked:
-                    if job.control == Control.PAUSE:
-                        raise IllegalTransition(job_id, "already pausing", "paused again")
-                    values["control"] = Control.PAUSE
-                    requested, note = True, f"pause requested{by}"
-                else:
-                    values.update(status=S.PAUSED, control=Control.PAUSE if tracked else Control.RUN)
-                    note = f"paused{by}"
-            elif action == "resume":
-                if tracked:
-                    values.update(status=S.RUNNING, control=Control.RUN)
-                else:
-                    values.update(status=S.PENDING, control=Control.RUN, run_at=now)
-                note = f"resumed{by}"
-            elif action == "cancel":
-                if status == S.RUNNING and not tracked:
-                    values["control"] = Control.CANCEL
-                    requested, note = True, f"cancel requested{by}"
-                else:
-                    values.update(status=S.CANCELLED, control=Control.CANCEL, finished_at=now, worker_id=None)
-                    note = f"cancelled{by}"
-            elif action == "retry":
-                if tracked:
-                    raise IllegalTransition(job_id, f"a tracked {status} job", "retried")
+            if effect.status is not None:
+                values["status"] = effect.status
+            if effect.finishes:
+                values.update(finished_at=now, worker_id=None)
+            if effect.requeues:
+                values["run_at"] = now
+            if effect.fresh_run:
                 values.update(
-                    status=S.PENDING,
-                    control=Control.RUN,
-                    run_at=now,
                     attempts=0,
                     error=None,
                     result=None,
@@ -988,14 +965,11 @@ class JobStore:
                     weighted_percent=None,
                     interrupted=False,
                 )
-                note = f"retried{by}"
-            else:  # pragma: no cover - check_action rejects unknown actions first
-                raise ValueError(action)
             new = conn.execute(
                 update(jobs_t).where(jobs_t.c.id == job_id).values(**values).returning(*jobs_t.c)
             ).one()
-            self._log(conn, job_id, "info", note, None, now)
-        return ActionResult(job=row_to_job(new), action=action, requested=requested)
+            self._log(conn, job_id, "info", effect.note + (f" by {actor}" if actor else ""), None, now)
+        return ActionResult(job=row_to_job(new), action=action, requested=effect.requested)
 
     async def act_batch(self, batch_id: int, action: str, *, actor: str | None = None) -> list[ActionResult]:
         """Apply a user action to every job of a batch for which it is legal. Raises if none qualifies."""
@@ -1011,9 +985,7 @@ class JobStore:
                 last_error = exc
         if not results and last_error is not None:
             summary = await self.batch_summary(batch_id)
-            from .lifecycle import ACTION_WORD
-
-            raise IllegalTransition(batch_id, summary.status, ACTION_WORD[action], kind="Batch")
+            raise IllegalTransition(batch_id, summary.status, Action(action).word, kind="Batch")
         return results
 
     def _batch_job_ids(self, batch_id: int) -> list[int]:

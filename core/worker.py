@@ -36,9 +36,6 @@ from .store import Handoff, JobStore, Outcome, ProgressWrite, RecoveryPolicy
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN = "shutdown"
-
-
 def make_worker_id() -> str:
     """A worker id unique across hosts and processes."""
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -89,8 +86,8 @@ def raise_for_control(ctx: JobContext) -> None:
         raise JobCancelled()
     if ctx.control == Control.PAUSE:
         raise JobPaused()
-    if ctx.control == SHUTDOWN:
-        raise JobInterrupt(SHUTDOWN)
+    if ctx.control == Control.SHUTDOWN:
+        raise JobInterrupt(Control.SHUTDOWN)
 
 
 class Worker:
@@ -178,7 +175,7 @@ class Worker:
             self._deadlines.pop(job.id or 0, None)
         self._ready.clear()
         for rj in list(self.running.values()):
-            rj.ctx.set_control(SHUTDOWN)
+            rj.ctx.set_control(Control.SHUTDOWN)
         tasks = [rj.task for rj in self.running.values() if rj.task is not None]
         if tasks:
             _, still = await asyncio.wait(tasks, timeout=grace)
@@ -387,7 +384,7 @@ class Worker:
 
     def _lose(self, rj: RunningJob) -> None:
         if rj.task is not None and not rj.task.done():
-            rj.ctx.set_control("lease-lost")
+            rj.ctx.set_control(Control.LEASE_LOST)
             rj.task.cancel()
 
     async def _finish_loop(self) -> None:
@@ -471,7 +468,7 @@ class Worker:
         except LeaseLost:
             outcome = None
         except JobInterrupt as exc:
-            if exc.action == SHUTDOWN:
+            if exc.action == Control.SHUTDOWN:
                 outcome = self._outcome(
                     job, JobStatus.PENDING, note="stopped by shutdown; continues from its checkpoint"
                 )
@@ -479,7 +476,8 @@ class Worker:
                 outcome = None
         except asyncio.CancelledError:
             outcome = self._cancelled_task_outcome(job, ctx)
-            if outcome is None and not self._stopping and ctx.control not in (Control.CANCEL, SHUTDOWN):
+            stopped = ctx.control in (Control.CANCEL, Control.SHUTDOWN)
+            if outcome is None and not self._stopping and not stopped:
                 raise
         except TimeoutError:
             outcome = self._outcome(job, JobStatus.FAILED, error=f"timed out after {job.timeout or 0:g}s")
@@ -520,7 +518,7 @@ class Worker:
     def _cancelled_task_outcome(self, job: Job, ctx: JobContext) -> Outcome | None:
         if ctx.control == Control.CANCEL:
             return self._outcome(job, JobStatus.CANCELLED)
-        if ctx.control == SHUTDOWN or not self._accepting:
+        if ctx.control == Control.SHUTDOWN or not self._accepting:
             return self._outcome(
                 job, JobStatus.PENDING, note="stopped by shutdown; continues from its checkpoint"
             )
