@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol
@@ -322,11 +321,6 @@ class SyncJobContext:
     def save(self, state: Any) -> None:
         """Save ``state`` durably without stopping here. Blocks the thread."""
         asyncio.run_coroutine_threadsafe(self._ctx.save(state), self._loop).result()
-
-
-def monotonic() -> float:
-    """The clock used for throttling and ETAs."""
-    return time.monotonic()
 
 
 __all__ = ["ContextBackend", "JobContext", "ProgressState", "StageScope", "SyncJobContext"]

@@ -37,7 +37,8 @@ ACTIVE_STATUSES = frozenset({JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAU
 
 
 class JobKind(StrEnum):
-    """Where a job comes from (see the spec: queued, direct, tracked)."""
+    """How a job runs: queued (a worker runs its handler), tracked (an outside program reports it) or
+    direct (run at once in this process, in memory only)."""
 
     QUEUED = "queued"
     TRACKED = "tracked"

@@ -6,16 +6,27 @@ import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
+from .context import JobContext, SyncJobContext
 from .errors import PayloadError, UnknownJobType
 
 #: Payloads larger than this (as JSON) are refused, so a chat command or API call cannot bloat the DB.
 MAX_PAYLOAD_BYTES = 64 * 1024
 
+#: A handler as stored: ``async def h(ctx: JobContext, data)``, or ``def h(ctx: SyncJobContext, data)`` (run
+#: in a thread). ``data`` is an instance of the payload model, or the payload dict when there is none.
 HandlerFn = Callable[..., Any]
+
+M = TypeVar("M", bound=BaseModel)
+Ctx = TypeVar("Ctx", JobContext, SyncJobContext)
+R = TypeVar("R")
+#: What the decorators return for a payload model ``M``: the function unchanged, its type checked against
+#: the model (a handler declaring another payload type is a type error).
+Decorator = Callable[[Callable[[Ctx, M], R]], Callable[[Ctx, M], R]]
+F = TypeVar("F", bound=HandlerFn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,28 @@ class HandlerRegistry:
         self._handlers[name] = spec
         return spec
 
+    @overload
+    def handler(
+        self,
+        name: str,
+        *,
+        payload: type[M],
+        description: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+    ) -> Decorator[Ctx, M, R]: ...
+
+    @overload
+    def handler(
+        self,
+        name: str,
+        *,
+        payload: None = None,
+        description: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[F], F]: ...
+
     def handler(
         self,
         name: str,
@@ -82,7 +115,7 @@ class HandlerRegistry:
         max_attempts: int | None = None,
         timeout: float | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
-        """Decorator form of :meth:`register`."""
+        """Decorator form of :meth:`register`; returns the function unchanged (its type too)."""
 
         def deco(fn: HandlerFn) -> HandlerFn:
             self.register(
@@ -142,6 +175,28 @@ class HandlerRegistry:
 
 #: The process-wide registry that ``@handler`` registers into.
 default_registry = HandlerRegistry()
+
+
+@overload
+def handler(
+    name: str,
+    *,
+    payload: type[M],
+    description: str | None = None,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+) -> Decorator[Ctx, M, R]: ...
+
+
+@overload
+def handler(
+    name: str,
+    *,
+    payload: None = None,
+    description: str | None = None,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+) -> Callable[[F], F]: ...
 
 
 def handler(

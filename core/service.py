@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from .context import JobContext, SyncJobContext
 from .db import Database, pg_connect_args
@@ -21,7 +21,7 @@ from .lifecycle import Action, plan
 from .models import TERMINAL_STATUSES, Activity, Batch, Control, Job, JobKind, JobStatus, utcnow
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry, default_registry
-from .store import ActionResult, BatchSummary, JobStore, NewJob, RecoveryPolicy
+from .store import ActionResult, BatchSummary, JobFilters, JobStore, NewJob, RecoveryPolicy
 from .worker import Worker, make_worker_id
 
 if TYPE_CHECKING:
@@ -166,7 +166,6 @@ class ProgressService:
         self._direct_backend = _DirectBackend(self)
         self._started = False
         self.recovered: list[Job] = []
-        self._wakers: list[Callable[[], None]] = []
         #: LISTEN/NOTIFY (PostgreSQL with ``config.notify``), created by :meth:`start`.
         self.notifier: PgNotifier | None = None
 
@@ -226,15 +225,9 @@ class ProgressService:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def add_waker(self, fn: Callable[[], None]) -> None:
-        """Call ``fn`` after each submit (the PostgreSQL backend sends NOTIFY from here)."""
-        self._wakers.append(fn)
-
     def _wake(self, run_at_delay: float | None = None) -> None:
         if self.worker is not None:
             self.worker.wake(run_at_delay)
-        for fn in self._wakers:
-            fn()
 
     # ---------------------------------------------------------------- submit
     def _new_job(
@@ -628,8 +621,8 @@ class ProgressService:
             )
         return await self.store.get(int(job_id))
 
-    async def list_jobs(self, **filters: Any) -> list[Job]:
-        """Jobs matching filters (see :meth:`JobStore.list_jobs`)."""
+    async def list_jobs(self, **filters: Unpack[JobFilters]) -> list[Job]:
+        """Jobs matching the filters (see :meth:`JobStore.list_jobs`)."""
         return await self.store.list_jobs(**filters)
 
     async def activity(self, job_id: int, limit: int = 20) -> list[Activity]:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from sqlalchemy import (
     JSON,
@@ -39,7 +39,6 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Row
@@ -223,6 +222,17 @@ class NewJob:
     progress_total: float | None = None
     #: Insert it claimed by this worker when nothing due is waiting before it (a queued job due now).
     handoff: Handoff | None = None
+
+
+class JobFilters(TypedDict, total=False):
+    """The filters of :meth:`JobStore.list_jobs` (all optional)."""
+
+    statuses: Iterable[str] | None
+    type: str | None
+    batch_id: int | None
+    room: str | None
+    limit: int
+    newest_first: bool
 
 
 @dataclass(slots=True)
@@ -1520,20 +1530,13 @@ class JobStore:
             if not n:
                 conn.execute(insert(kv_t).values(key=key, value=value))
 
-    async def ping(self) -> bool:
-        """Whether the database answers."""
-        return await self.db.run(self._ping)
-
-    def _ping(self) -> bool:
-        with self.db.engine.connect() as conn:
-            return conn.execute(text("SELECT 1")).scalar() == 1
-
 
 __all__ = [
     "ACTIVE_STATUSES",
     "ActionResult",
     "BatchSummary",
     "Handoff",
+    "JobFilters",
     "JobStore",
     "NewJob",
     "Outcome",
