@@ -15,7 +15,7 @@ from .context import JobContext, SyncJobContext
 from .errors import IllegalTransition, JobNotFound, PayloadError, ProgressbotError, UnknownJobType
 from .events import JobProgressEvent
 from .lifecycle import Action
-from .models import Activity, Batch, Control, Job, JobKind, JobStatus
+from .models import Activity, Batch, Control, Job, JobKind, JobStatus, Progress
 from .monitor import JobView
 from .refs import JobRef
 from .registry import HandlerRegistry, handler
@@ -42,6 +42,7 @@ __all__ = [
     "JobStatus",
     "JobView",
     "PayloadError",
+    "Progress",
     "ProgressService",
     "ProgressbotError",
     "ServiceConfig",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
-from .models import Control
+from .models import MAX_PROGRESS_MESSAGE, Control, Progress
 
 StageSpec = Sequence[tuple[str, float] | str]
 
@@ -105,6 +105,21 @@ class ProgressState:
             return None
         assert self.total is not None
         return max(0.0, min(100.0, 100.0 * self.current / self.total))
+
+    def snapshot(self) -> Progress:
+        """The progress now, as a value to store or send (the message clipped to what is stored)."""
+        message = self.message
+        if message is not None and len(message) > MAX_PROGRESS_MESSAGE:
+            message = message[:MAX_PROGRESS_MESSAGE]
+        return Progress(
+            current=self.current,
+            total=self.total,
+            message=message,
+            stage_name=self.stage_name,
+            stage_index=self.stage_index,
+            stage_count=len(self.stage_names) or None,
+            weighted_percent=self.weighted_percent(),
+        )
 
     def weighted_percent(self) -> float | None:
         """Overall percent, weighting each declared stage; None when nothing can be said."""

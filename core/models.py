@@ -66,6 +66,44 @@ class Control(StrEnum):
         return list(Control).index(self)
 
 
+#: The job row's column for each :class:`Progress` field.
+PROGRESS_COLUMNS: dict[str, str] = {
+    "current": "progress_current",
+    "total": "progress_total",
+    "message": "progress_message",
+    "stage_name": "stage_name",
+    "stage_index": "stage_index",
+    "stage_count": "stage_count",
+    "weighted_percent": "weighted_percent",
+}
+
+#: Progress messages longer than this are clipped before they are stored.
+MAX_PROGRESS_MESSAGE = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A job's progress at one moment, as reported, stored in its row and sent in its events."""
+
+    current: float | None = None
+    total: float | None = None
+    message: str | None = None
+    stage_name: str | None = None
+    stage_index: int | None = None
+    stage_count: int | None = None
+    #: Overall percent, weighting the declared stages.
+    weighted_percent: float | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """The job row's progress columns with these values."""
+        return {column: getattr(self, name) for name, column in PROGRESS_COLUMNS.items()}
+
+    @classmethod
+    def of(cls, row: Any) -> Progress:
+        """The progress held in a job row (anything with the row's progress attributes)."""
+        return cls(**{name: getattr(row, column) for name, column in PROGRESS_COLUMNS.items()})
+
+
 class JobTable(SQLModel, table=True):
     """The ``jobs`` table: one unit of work, a queued handler run or a tracked external job.
 

@@ -409,17 +409,7 @@ class JobProgressMonitor:
                 continue
             view = self._views.get(("job", jid))
             writes.append(
-                ProgressWrite(
-                    job_id=jid,
-                    current=st.current,
-                    total=st.total,
-                    message=st.message[:2000] if st.message else st.message,
-                    stage_name=st.stage_name,
-                    stage_index=st.stage_index,
-                    stage_count=len(st.stage_names) or None,
-                    weighted_percent=st.weighted_percent(),
-                    worker_id=view.worker_id if view is not None else None,
-                )
+                ProgressWrite(jid, st.snapshot(), worker_id=view.worker_id if view is not None else None)
             )
         self._unsaved.clear()
         if writes:

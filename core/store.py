@@ -48,6 +48,7 @@ from .errors import IllegalTransition, JobNotFound
 from .lifecycle import Action, plan
 from .models import (
     ACTIVE_STATUSES,
+    PROGRESS_COLUMNS,
     TERMINAL_STATUSES,
     Activity,
     Batch,
@@ -58,6 +59,7 @@ from .models import (
     JobTable,
     KeyValue,
     MessageBinding,
+    Progress,
 )
 
 jobs_t = JobTable.__table__  # type: ignore[attr-defined]
@@ -147,6 +149,15 @@ _CLAIM_ONE_SQLITE = (
 )
 _CLAIM_ONE_PG = _CLAIM_ONE_SQLITE.values(updated_at=func.clock_timestamp())
 
+# The progress columns as executemany parameters ("p_<column>"; see Progress.columns and _progress_params).
+_PROGRESS_PARAMS: dict[str, Any] = {column: bindparam(f"p_{column}") for column in PROGRESS_COLUMNS.values()}
+
+
+def _progress_params(progress: Progress | None) -> dict[str, Any]:
+    """Values for _PROGRESS_PARAMS (all None without progress)."""
+    return {f"p_{column}": value for column, value in (progress or Progress()).columns().items()}
+
+
 # The completion of many jobs in one executemany; fenced on the worker id and the running status.
 _COMPLETE_STMT = (
     update(jobs_t)
@@ -163,13 +174,7 @@ _COMPLETE_STMT = (
         updated_at=bindparam("b_now"),
         origin=bindparam("b_origin"),
         lease_until=None,
-        progress_current=bindparam("b_cur"),
-        progress_total=bindparam("b_tot"),
-        progress_message=bindparam("b_msg"),
-        stage_name=bindparam("b_sn"),
-        stage_index=bindparam("b_si"),
-        stage_count=bindparam("b_sc"),
-        weighted_percent=bindparam("b_wp"),
+        **_PROGRESS_PARAMS,
     )
 )
 
@@ -243,13 +248,7 @@ class ProgressWrite:
     """
 
     job_id: int
-    current: float | None
-    total: float | None
-    message: str | None
-    stage_name: str | None
-    stage_index: int | None
-    stage_count: int | None
-    weighted_percent: float | None
+    progress: Progress
     worker_id: str | None = None
 
 
@@ -265,7 +264,7 @@ class Outcome:
     checkpoint: Any = None
     has_checkpoint: bool = False
     note: str | None = None
-    progress: ProgressWrite | None = None
+    progress: Progress | None = None
 
 
 @dataclass(slots=True)
@@ -686,25 +685,19 @@ class JobStore:
         return res
 
     def _complete_many(self, conn: Connection, done: list[Outcome], now: datetime) -> set[int]:
-        params = []
-        for oc in done:
-            p = oc.progress
-            params.append(
-                {
-                    "b_id": oc.job_id,
-                    "b_worker": oc.worker_id,
-                    "b_result": oc.result,
-                    "b_cur": p.current if p else None,
-                    "b_tot": p.total if p else None,
-                    "b_msg": p.message if p else None,
-                    "b_sn": p.stage_name if p else None,
-                    "b_si": p.stage_index if p else None,
-                    "b_sc": p.stage_count if p else None,
-                    "b_wp": p.weighted_percent if p else None,
-                }
-            )
+        params = [
+            {
+                "b_id": oc.job_id,
+                "b_worker": oc.worker_id,
+                "b_result": oc.result,
+                "b_now": now,
+                "b_origin": self.origin,
+                **_progress_params(oc.progress),
+            }
+            for oc in done
+        ]
         stmt = _COMPLETE_STMT if self.db.is_sqlite else _COMPLETE_STMT_LEASED
-        result = conn.execute(stmt, [dict(p, b_now=now, b_origin=self.origin) for p in params])
+        result = conn.execute(stmt, params)
         ids = [oc.job_id for oc in done]
         if result.rowcount == len(ids):
             applied = set(ids)  # every fenced update hit its row
@@ -780,16 +773,7 @@ class JobStore:
         if oc.has_checkpoint:
             values["checkpoint"] = oc.checkpoint
         if oc.progress is not None:
-            p = oc.progress
-            values.update(
-                progress_current=p.current,
-                progress_total=p.total,
-                progress_message=p.message,
-                stage_name=p.stage_name,
-                stage_index=p.stage_index,
-                stage_count=p.stage_count,
-                weighted_percent=p.weighted_percent,
-            )
+            values.update(oc.progress.columns())
         row = conn.execute(update(jobs_t).where(fence).values(**values).returning(*jobs_t.c)).first()
         if row is None:
             return None
@@ -1094,17 +1078,7 @@ class JobStore:
 
     def _write_progress(self, writes: list[ProgressWrite]) -> None:
         now = self.db.now()
-        values: dict[str, Any] = {
-            "progress_current": bindparam("b_cur"),
-            "progress_total": bindparam("b_tot"),
-            "progress_message": bindparam("b_msg"),
-            "stage_name": bindparam("b_sn"),
-            "stage_index": bindparam("b_si"),
-            "stage_count": bindparam("b_sc"),
-            "weighted_percent": bindparam("b_wp"),
-            "updated_at": self._stamp(now),
-            "origin": self.origin,
-        }
+        values: dict[str, Any] = {**_PROGRESS_PARAMS, "updated_at": self._stamp(now), "origin": self.origin}
         stmt = (
             update(jobs_t)
             .where(
@@ -1132,13 +1106,7 @@ class JobStore:
                 "b_id": w.job_id,
                 "b_free": w.worker_id is None,
                 "b_worker": w.worker_id,
-                "b_cur": w.current,
-                "b_tot": w.total,
-                "b_msg": w.message,
-                "b_sn": w.stage_name,
-                "b_si": w.stage_index,
-                "b_sc": w.stage_count,
-                "b_wp": w.weighted_percent,
+                **_progress_params(w.progress),
             }
             for w in sorted(writes, key=lambda w: w.job_id)
         ]

@@ -29,10 +29,10 @@ from typing import Any
 
 from .context import JobContext, SyncJobContext
 from .errors import JobCancelled, JobInterrupt, JobPaused, LeaseLost
-from .models import Control, Job, JobStatus
+from .models import Control, Job, JobStatus, Progress
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry
-from .store import Handoff, JobStore, Outcome, ProgressWrite, RecoveryPolicy
+from .store import Handoff, JobStore, Outcome, RecoveryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -500,20 +500,9 @@ class Worker:
             else:
                 self.monitor.detach(job.id)
 
-    def _progress_of(self, job_id: int) -> ProgressWrite | None:
+    def _progress_of(self, job_id: int) -> Progress | None:
         st = self.monitor.live_state(job_id)
-        if st is None:
-            return None
-        return ProgressWrite(
-            job_id=job_id,
-            current=st.current,
-            total=st.total,
-            message=st.message[:2000] if st.message else st.message,
-            stage_name=st.stage_name,
-            stage_index=st.stage_index,
-            stage_count=len(st.stage_names) or None,
-            weighted_percent=st.weighted_percent(),
-        )
+        return None if st is None else st.snapshot()
 
     def _cancelled_task_outcome(self, job: Job, ctx: JobContext) -> Outcome | None:
         if ctx.control == Control.CANCEL:

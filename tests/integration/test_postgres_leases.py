@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 import core.db
 from core.db import Database, pg_connect_args
-from core.models import JobStatus, utcnow
+from core.models import JobStatus, Progress, utcnow
 from core.notify import PgNotifier
 from core.store import JobStore, NewJob, Outcome, ProgressWrite, jobs_t
 from tests.integration.pg_helpers import fresh_db, wait_for
@@ -46,7 +46,7 @@ def _expire(db: Database, job_id: int) -> None:
 
 
 def _progress(job_id: int, current: float, worker_id: str) -> ProgressWrite:
-    return ProgressWrite(job_id, current, 10, f"at {current}", None, None, None, None, worker_id=worker_id)
+    return ProgressWrite(job_id, Progress(current, 10, f"at {current}"), worker_id=worker_id)
 
 
 async def test_a_worker_that_lost_its_lease_writes_nothing(pg_url: str, dbs: list[Database]) -> None:
