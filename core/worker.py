@@ -36,6 +36,11 @@ from .store import Handoff, JobStore, Outcome, RecoveryPolicy
 
 log = logging.getLogger(__name__)
 
+#: Backoff after a wake-up whose claim found nothing (see Worker._claim_loop): 1 ms, doubling, at most 32 ms.
+LOST_CLAIM_BACKOFF = 0.001
+LOST_CLAIM_BACKOFF_MAX = 0.032
+
+
 def make_worker_id() -> str:
     """A worker id unique across hosts and processes."""
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -262,6 +267,8 @@ class Worker:
     # ---------------------------------------------------------------- loops
     async def _claim_loop(self) -> None:
         deep = False  # the last claim came back full: the queue is deep, so claim ahead
+        lost = 0  # wake-ups in a row whose claim found nothing: other workers took the work first
+        woken = False  # this claim follows a wake-up (not a poll timeout)
         while not self._stopping:
             try:
                 if not self._accepting:
@@ -290,6 +297,7 @@ class Worker:
                     self.worker_id, want, types=types, lease_seconds=self.lease_seconds
                 )
                 deep = len(jobs) == want
+                lost = 0 if jobs else lost + woken
                 if self.reap_expired:
                     # The lease was stamped after we sent the claim: counting from here is conservative.
                     for job in jobs:
@@ -301,14 +309,20 @@ class Worker:
                         self._ready.append(job)
                 if deep or self._ready:
                     continue
-                await self._idle_wait(types)
+                woken = await self._idle_wait(types)
+                if woken and lost:
+                    # One NOTIFY wakes every worker and one of them gets each job. A worker that keeps losing
+                    # that race waits a little before claiming: on few cores N-1 empty claims per job
+                    # cost more CPU than the work, and the jobs that arrive meanwhile come in one claim.
+                    await asyncio.sleep(min(LOST_CLAIM_BACKOFF_MAX, LOST_CLAIM_BACKOFF * 2 ** min(lost, 5)))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("claim failed; retrying")
                 await asyncio.sleep(self.poll_interval)
 
-    async def _idle_wait(self, types: list[str]) -> None:
+    async def _idle_wait(self, types: list[str]) -> bool:
+        """Wait for a wake-up, the next due job or the poll interval; returns whether woken."""
         timeout = self.poll_interval
         now = time.monotonic()
         # Look for delayed jobs at most once per poll interval, not on every idle moment.
@@ -321,11 +335,13 @@ class Worker:
             if timeout <= 0:
                 self._next_due = None
         if timeout <= 0:
-            return
+            return False
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel arriving as the event fires.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._wakeup.wait()
+                return True
+        return False
 
     async def _heartbeat_loop(self) -> None:
         interval = max(0.05, min(self.poll_interval, self.lease_seconds / 3))
