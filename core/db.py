@@ -116,8 +116,12 @@ def pg_connect_args(engine: Engine) -> tuple[list[Any], dict[str, Any]]:
 class Database:
     """An engine plus the executor that runs blocking database calls for the event loop."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, busy_timeout_ms: int = 10_000) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, *, busy_timeout_ms: int = 10_000, clock: Callable[[], datetime] = utcnow
+    ) -> None:
         self.url = normalize_url(url)
+        #: Our clock (an aware UTC datetime); tests pass a fake one to move time without sleeping.
+        self.clock = clock
         self.is_sqlite = is_sqlite_url(self.url)
         threads = 1 if self.is_sqlite else 4
         self.engine = make_engine(self.url, busy_timeout_ms=busy_timeout_ms, pool_size=threads + 2)
@@ -140,7 +144,7 @@ class Database:
         with the database server's clock (our clock plus a measured offset) keeps a worker whose host clock
         is off from reaping live jobs early or hiding its changes from other processes' polls.
         """
-        return utcnow() + self.clock_offset
+        return self.clock() + self.clock_offset
 
     def sync_clock(self, *, max_age: float | None = None) -> None:
         """Measure the offset of the database server's clock (PostgreSQL; blocking, one round trip).
@@ -156,9 +160,9 @@ class Database:
                     return
             self._clock_synced_at = mono
         with self.engine.connect() as conn:
-            before = utcnow()
+            before = self.clock()
             server = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
-            after = utcnow()
+            after = self.clock()
         # The server read its clock somewhere within the round trip; assume the middle of it.
         self.clock_offset = server - (before + (after - before) / 2)
 

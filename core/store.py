@@ -41,8 +41,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Row
 
+from .activity_log import ActivityLog
+from .adapter_state import AdapterState
+from .batches import BatchStore, BatchSummary, derive_batch_status
 from .db import Database
 from .errors import IllegalTransition, JobNotFound
 from .lifecycle import Action, plan
@@ -50,23 +52,13 @@ from .models import (
     ACTIVE_STATUSES,
     PROGRESS_COLUMNS,
     TERMINAL_STATUSES,
-    Activity,
-    Batch,
     Control,
     Job,
     JobKind,
     JobStatus,
-    JobTable,
-    KeyValue,
-    MessageBinding,
     Progress,
 )
-
-jobs_t = JobTable.__table__  # type: ignore[attr-defined]
-batches_t = Batch.__table__  # type: ignore[attr-defined]
-activity_t = Activity.__table__  # type: ignore[attr-defined]
-bindings_t = MessageBinding.__table__  # type: ignore[attr-defined]
-kv_t = KeyValue.__table__  # type: ignore[attr-defined]
+from .storebase import activity_t, batches_t, bindings_t, in_db, jobs_t, row_to_job
 
 S = JobStatus
 
@@ -186,11 +178,6 @@ _COMPLETE_STMT_LEASED = _COMPLETE_STMT.where(jobs_t.c.lease_until >= bindparam("
 RecoveryPolicy = Literal["pause", "requeue"]
 
 
-def row_to_job(row: Row[Any]) -> Job:
-    """Build a detached :class:`Job` from a Core result row."""
-    return Job(**dict(row._mapping))
-
-
 @dataclass(slots=True)
 class Handoff:
     """A free slot of a worker in the submitting process, offered to a job being submitted.
@@ -286,49 +273,6 @@ class ActionResult:
     requested: bool = False
 
 
-@dataclass(slots=True)
-class BatchSummary:
-    """Aggregate state of a batch, derived from its jobs."""
-
-    batch: Batch
-    total: int
-    counts: dict[str, int]
-    current_operation: str | None
-    errors: list[str]
-    current: float
-    status: JobStatus
-
-    @property
-    def completed(self) -> int:
-        """Jobs that completed."""
-        return self.counts.get(S.COMPLETED, 0)
-
-    @property
-    def failed(self) -> int:
-        """Jobs that failed."""
-        return self.counts.get(S.FAILED, 0)
-
-
-def derive_batch_status(counts: dict[str, int]) -> JobStatus:
-    """A batch's status from its jobs' statuses."""
-    total = sum(counts.values())
-    if total == 0:
-        return S.PENDING
-    if counts.get(S.RUNNING, 0):
-        return S.RUNNING
-    if counts.get(S.PENDING, 0):
-        # Some done and some waiting: the batch is under way.
-        done = sum(counts.get(s, 0) for s in TERMINAL_STATUSES)
-        return S.RUNNING if done or counts.get(S.PAUSED, 0) else S.PENDING
-    if counts.get(S.PAUSED, 0):
-        return S.PAUSED
-    if counts.get(S.FAILED, 0):
-        return S.FAILED
-    if counts.get(S.COMPLETED, 0):
-        return S.COMPLETED
-    return S.CANCELLED
-
-
 def _settle(fut: asyncio.Future[Any], result: Any = None, *, exc: BaseException | None = None) -> None:
     """Resolve a future unless its caller gave up on it (cancelled)."""
     if fut.done():
@@ -344,8 +288,12 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * math.pow(2, max(0, attempt - 1)))
 
 
-class JobStore:
-    """Durable storage of jobs and everything around them."""
+class JobStore(ActivityLog, BatchStore, AdapterState):
+    """Durable storage of jobs and everything around them.
+
+    This class holds the jobs and the queue (submit, claim, finish, actions, queries); its other parts
+    live in their own modules: :mod:`core.batches`, :mod:`core.activity_log`, :mod:`core.adapter_state`.
+    """
 
     def __init__(
         self,
@@ -587,20 +535,6 @@ class JobStore:
         conn.execute(_INSERT_ACTIVITY, notes)
         return out
 
-    async def create_batch(self, name: str, *, owner: str | None = None, room: str | None = None) -> Batch:
-        """Create an empty batch."""
-        return await self.db.run(self._create_batch, name, owner, room)
-
-    def _create_batch(self, name: str, owner: str | None, room: str | None) -> Batch:
-        now = self.db.now()
-        with self.db.engine.begin() as conn:
-            row = conn.execute(
-                insert(batches_t)
-                .values(name=name, owner=owner, room=room, created_at=now, updated_at=now)
-                .returning(*batches_t.c)
-            ).one()
-        return Batch(**dict(row._mapping))
-
     # ------------------------------------------------------------------ claim
     async def claim(
         self, worker_id: str, limit: int, *, types: Iterable[str] | None = None, lease_seconds: float = 30.0
@@ -638,11 +572,10 @@ class JobStore:
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id or 0))
         return jobs
 
-    async def next_run_at(self, types: Iterable[str] | None = None) -> datetime | None:
+    @in_db
+    def next_run_at(self, types: Iterable[str] | None = None) -> datetime | None:
         """The earliest run_at of a pending queued job (for the worker's idle wait)."""
-        return await self.db.run(self._next_run_at, list(types) if types else None)
-
-    def _next_run_at(self, types: list[str] | None) -> datetime | None:
+        types = list(types) if types else None
         cond = [jobs_t.c.status == S.PENDING, jobs_t.c.kind == JobKind.QUEUED]
         if types is not None:
             cond.append(jobs_t.c.type.in_(types))
@@ -784,14 +717,12 @@ class JobStore:
             self._log(conn, oc.job_id, level, note, None, now)
         return job
 
-    async def save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
+    @in_db
+    def save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
         """Persist a running job's checkpoint state.
 
         Returns the job's control value, or None when this worker lost the job (its lease).
         """
-        return await self.db.run(self._save_checkpoint, job_id, worker_id, state)
-
-    def _save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
         now = self.db.now()
         with self.db.engine.begin() as conn:
             return conn.execute(
@@ -801,15 +732,13 @@ class JobStore:
                 .returning(jobs_t.c.control)
             ).scalar()
 
-    async def heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
+    @in_db
+    def heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
         """Extend the leases of this worker's running jobs; return each job's control value.
 
         A job missing from the answer is no longer this worker's: recovered by someone else or, on
         PostgreSQL, its lease ran out (an expired lease is not revived: a reaper may be taking it over).
         """
-        return await self.db.run(self._heartbeat, worker_id, lease_seconds)
-
-    def _heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
         # Long-lived workers re-measure the clock offset now and then (clocks drift).
         self.db.sync_clock(max_age=CLOCK_RESYNC_SECONDS)
         now = self.db.now()
@@ -835,11 +764,9 @@ class JobStore:
             ).all()
         return {r[0]: r[1] for r in rows}
 
-    async def controls(self, job_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    @in_db
+    def controls(self, job_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
         """``{id: (status, control)}`` for the given jobs."""
-        return await self.db.run(self._controls, list(job_ids))
-
-    def _controls(self, job_ids: list[int]) -> dict[int, tuple[str, str]]:
         if not job_ids:
             return {}
         with self.db.engine.connect() as conn:
@@ -967,7 +894,7 @@ class JobStore:
 
     async def act_batch(self, batch_id: int, action: str, *, actor: str | None = None) -> list[ActionResult]:
         """Apply a user action to every job of a batch for which it is legal. Raises if none qualifies."""
-        ids = await self.db.run(self._batch_job_ids, batch_id)
+        ids = await self.batch_job_ids(batch_id)
         if not ids:
             raise JobNotFound(batch_id, "batch")
         results: list[ActionResult] = []
@@ -981,10 +908,6 @@ class JobStore:
             summary = await self.batch_summary(batch_id)
             raise IllegalTransition(batch_id, summary.status, Action(action).word, kind="Batch")
         return results
-
-    def _batch_job_ids(self, batch_id: int) -> list[int]:
-        with self.db.engine.connect() as conn:
-            return [r[0] for r in conn.execute(select(jobs_t.c.id).where(jobs_t.c.batch_id == batch_id))]
 
     # ---------------------------------------------------------- tracked jobs
     async def tracked_update(
@@ -1113,68 +1036,6 @@ class JobStore:
         with self.db.engine.begin() as conn:
             conn.execute(stmt, params)
 
-    # --------------------------------------------------------------- activity
-    async def log(self, job_id: int, level: str, message: str, context: dict[str, Any] | None = None) -> None:
-        """Append to a job's activity log, dropping the oldest entries beyond the cap."""
-        await self.db.run(self._log_tx, [(job_id, level, message, context)])
-
-    async def log_many(self, entries: Sequence[tuple[int, str, str, dict[str, Any] | None]]) -> None:
-        """Append several activity entries in one transaction."""
-        if entries:
-            await self.db.run(self._log_tx, list(entries))
-
-    def _log_tx(self, entries: list[tuple[int, str, str, dict[str, Any] | None]]) -> None:
-        now = self.db.now()
-        with self.db.engine.begin() as conn:
-            for job_id, level, message, context in entries:
-                self._log(conn, job_id, level, message, context, now, trim=False)
-            for job_id in {e[0] for e in entries}:
-                self._trim(conn, job_id)
-
-    def _log(
-        self,
-        conn: Connection,
-        job_id: int,
-        level: str,
-        message: str,
-        context: dict[str, Any] | None,
-        at: datetime,
-        *,
-        trim: bool = True,
-    ) -> None:
-        conn.execute(
-            insert(activity_t).values(
-                job_id=job_id, at=at, level=level, message=message[:2000], context=context
-            )
-        )
-        if trim:
-            self._trim(conn, job_id)
-
-    def _trim(self, conn: Connection, job_id: int) -> None:
-        cutoff = conn.execute(
-            select(activity_t.c.id)
-            .where(activity_t.c.job_id == job_id)
-            .order_by(activity_t.c.id.desc())
-            .offset(self.activity_limit)
-            .limit(1)
-        ).scalar()
-        if cutoff is not None:
-            conn.execute(delete(activity_t).where(activity_t.c.job_id == job_id, activity_t.c.id <= cutoff))
-
-    async def activity(self, job_id: int, limit: int = 20) -> list[Activity]:
-        """The newest ``limit`` activity entries of a job, oldest first."""
-        return await self.db.run(self._activity, job_id, limit)
-
-    def _activity(self, job_id: int, limit: int) -> list[Activity]:
-        with self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(activity_t)
-                .where(activity_t.c.job_id == job_id)
-                .order_by(activity_t.c.id.desc())
-                .limit(limit)
-            ).all()
-        return [Activity(**dict(r._mapping)) for r in reversed(rows)]
-
     # ---------------------------------------------------------------- queries
     async def get(self, job_id: int) -> Job:
         """One job; raises :class:`JobNotFound`."""
@@ -1188,18 +1049,17 @@ class JobStore:
             row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id)).first()
         return row_to_job(row) if row else None
 
-    async def get_many(self, job_ids: Sequence[int]) -> list[Job]:
+    @in_db
+    def get_many(self, job_ids: Sequence[int]) -> list[Job]:
         """The jobs with the given ids that exist."""
-        return await self.db.run(self._get_many, list(job_ids))
-
-    def _get_many(self, job_ids: list[int]) -> list[Job]:
         if not job_ids:
             return []
         with self.db.engine.connect() as conn:
             rows = conn.execute(select(jobs_t).where(jobs_t.c.id.in_(job_ids))).all()
         return [row_to_job(r) for r in rows]
 
-    async def list_jobs(
+    @in_db
+    def list_jobs(
         self,
         *,
         statuses: Iterable[str] | None = None,
@@ -1210,19 +1070,8 @@ class JobStore:
         newest_first: bool = True,
     ) -> list[Job]:
         """Jobs matching the filters."""
-        return await self.db.run(
-            self._list_jobs, list(statuses) if statuses else None, type, batch_id, room, limit, newest_first
-        )
-
-    def _list_jobs(
-        self,
-        statuses: list[str] | None,
-        type_: str | None,
-        batch_id: int | None,
-        room: str | None,
-        limit: int,
-        newest_first: bool,
-    ) -> list[Job]:
+        type_ = type
+        statuses = list(statuses) if statuses else None
         q = select(jobs_t)
         if statuses:
             q = q.where(jobs_t.c.status.in_(statuses))
@@ -1236,7 +1085,9 @@ class JobStore:
         with self.db.engine.connect() as conn:
             return [row_to_job(r) for r in conn.execute(q)]
 
-    async def changed_since(
+    @in_db
+
+    def changed_since(
         self,
         since: datetime,
         limit: int = 5000,
@@ -1250,11 +1101,6 @@ class JobStore:
         Rows come in ``(updated_at, id)`` order; ``after_id`` continues after the row ``(since, after_id)``
         (keyset paging: a full page is followed by the next one instead of being read again).
         """
-        return await self.db.run(self._changed_since, since, limit, others_only, after_id)
-
-    def _changed_since(
-        self, since: datetime, limit: int, others_only: bool, after_id: int | None
-    ) -> list[Job]:
         q = select(jobs_t).where(jobs_t.c.updated_at >= since)
         if after_id is not None:
             q = q.where(or_(jobs_t.c.updated_at > since, jobs_t.c.id > after_id))
@@ -1264,11 +1110,9 @@ class JobStore:
             rows = conn.execute(q.order_by(jobs_t.c.updated_at, jobs_t.c.id).limit(limit)).all()
         return [row_to_job(r) for r in rows]
 
-    async def stats(self) -> dict[str, Any]:
+    @in_db
+    def stats(self) -> dict[str, Any]:
         """Counts by status, plus totals."""
-        return await self.db.run(self._stats)
-
-    def _stats(self) -> dict[str, Any]:
         with self.db.engine.connect() as conn:
             rows = conn.execute(select(jobs_t.c.status, func.count()).group_by(jobs_t.c.status)).all()
             batches = conn.execute(select(func.count()).select_from(batches_t)).scalar() or 0
@@ -1276,11 +1120,9 @@ class JobStore:
         counts.update({r[0]: r[1] for r in rows})
         return {"counts": counts, "total": sum(counts.values()), "batches": batches}
 
-    async def cleanup(self, older_than_days: float) -> int:
+    @in_db
+    def cleanup(self, older_than_days: float) -> int:
         """Delete finished jobs (and their activity) that ended more than ``older_than_days`` ago."""
-        return await self.db.run(self._cleanup, older_than_days)
-
-    def _cleanup(self, older_than_days: float) -> int:
         cutoff = self.db.now() - timedelta(days=older_than_days)
         cond = and_(jobs_t.c.status.in_([str(s) for s in TERMINAL_STATUSES]), jobs_t.c.finished_at < cutoff)
         with self.db.engine.begin() as conn:
@@ -1308,195 +1150,6 @@ class JobStore:
             assert raw is not None
             raw.execute("VACUUM")
 
-    # ---------------------------------------------------------------- batches
-    async def get_batch(self, batch_id: int) -> Batch:
-        """One batch; raises :class:`JobNotFound`."""
-        b = await self.db.run(self._get_batch, batch_id)
-        if b is None:
-            raise JobNotFound(batch_id, "batch")
-        return b
-
-    def _get_batch(self, batch_id: int) -> Batch | None:
-        with self.db.engine.connect() as conn:
-            row = conn.execute(select(batches_t).where(batches_t.c.id == batch_id)).first()
-        return Batch(**dict(row._mapping)) if row else None
-
-    async def batch_summary(self, batch_id: int, *, error_limit: int = 5) -> BatchSummary:
-        """Aggregate progress of a batch, computed from its jobs."""
-        s = await self.db.run(self._batch_summary, batch_id, error_limit)
-        if s is None:
-            raise JobNotFound(batch_id, "batch")
-        return s
-
-    def _batch_summary(self, batch_id: int, error_limit: int) -> BatchSummary | None:
-        with self.db.engine.connect() as conn:
-            brow = conn.execute(select(batches_t).where(batches_t.c.id == batch_id)).first()
-            if brow is None:
-                return None
-            rows = conn.execute(
-                select(jobs_t.c.status, func.count())
-                .where(jobs_t.c.batch_id == batch_id)
-                .group_by(jobs_t.c.status)
-            ).all()
-            counts = {r[0]: r[1] for r in rows}
-            running = conn.execute(
-                select(jobs_t.c.id, jobs_t.c.type, jobs_t.c.name, jobs_t.c.progress_message)
-                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == S.RUNNING)
-                .order_by(jobs_t.c.updated_at.desc())
-                .limit(1)
-            ).first()
-            errs = conn.execute(
-                select(jobs_t.c.id, jobs_t.c.error)
-                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == S.FAILED)
-                .order_by(jobs_t.c.finished_at.desc())
-                .limit(error_limit)
-            ).all()
-            frac = conn.execute(
-                select(func.coalesce(func.sum(jobs_t.c.weighted_percent), 0.0)).where(
-                    jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_([S.RUNNING, S.PAUSED])
-                )
-            ).scalar()
-        total = sum(counts.values())
-        done = sum(counts.get(s, 0) for s in TERMINAL_STATUSES)
-        current_op = None
-        if running is not None:
-            label = running.name or running.type
-            current_op = f"#{running.id} {label}" + (
-                f": {running.progress_message}" if running.progress_message else ""
-            )
-        return BatchSummary(
-            batch=Batch(**dict(brow._mapping)),
-            total=total,
-            counts=counts,
-            current_operation=current_op,
-            errors=[f"#{r[0]}: {r[1]}" for r in errs],
-            current=done + float(frac or 0.0) / 100.0,
-            status=derive_batch_status(counts),
-        )
-
-    # --------------------------------------------------------------- bindings
-    async def get_binding(self, platform: str, target_kind: str, target_id: int) -> MessageBinding | None:
-        """The chat message bound to a job or batch on a platform, if any."""
-        return await self.db.run(self._get_binding, platform, target_kind, target_id)
-
-    def _get_binding(self, platform: str, target_kind: str, target_id: int) -> MessageBinding | None:
-        with self.db.engine.connect() as conn:
-            row = conn.execute(
-                select(bindings_t).where(
-                    bindings_t.c.platform == platform,
-                    bindings_t.c.target_kind == target_kind,
-                    bindings_t.c.target_id == target_id,
-                )
-            ).first()
-        return MessageBinding(**dict(row._mapping)) if row else None
-
-    async def find_binding_by_message(self, platform: str, message_id: str) -> MessageBinding | None:
-        """The binding whose chat message id is ``message_id`` (reactions and buttons use this)."""
-        return await self.db.run(self._find_binding_by_message, platform, message_id)
-
-    def _find_binding_by_message(self, platform: str, message_id: str) -> MessageBinding | None:
-        with self.db.engine.connect() as conn:
-            row = conn.execute(
-                select(bindings_t).where(
-                    bindings_t.c.platform == platform, bindings_t.c.message_id == message_id
-                )
-            ).first()
-        return MessageBinding(**dict(row._mapping)) if row else None
-
-    async def save_binding(
-        self,
-        platform: str,
-        target_kind: str,
-        target_id: int,
-        room: str,
-        message_id: str,
-        *,
-        pinned: bool | None = None,
-        finished: bool | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> MessageBinding:
-        """Create or update the binding of a job or batch to a chat message."""
-        return await self.db.run(
-            self._save_binding, platform, target_kind, target_id, room, message_id, pinned, finished, extra
-        )
-
-    def _save_binding(
-        self,
-        platform: str,
-        target_kind: str,
-        target_id: int,
-        room: str,
-        message_id: str,
-        pinned: bool | None,
-        finished: bool | None,
-        extra: dict[str, Any] | None,
-    ) -> MessageBinding:
-        now = self.db.now()
-        key = and_(
-            bindings_t.c.platform == platform,
-            bindings_t.c.target_kind == target_kind,
-            bindings_t.c.target_id == target_id,
-        )
-        values: dict[str, Any] = {"room": room, "message_id": message_id, "updated_at": now}
-        if pinned is not None:
-            values["pinned"] = pinned
-        if finished is not None:
-            values["finished"] = finished
-        if extra is not None:
-            values["extra"] = extra
-        with self.db.engine.begin() as conn:
-            row = conn.execute(
-                update(bindings_t).where(key).values(**values).returning(*bindings_t.c)
-            ).first()
-            if row is None:
-                values.setdefault("pinned", False)
-                values.setdefault("finished", False)
-                row = conn.execute(
-                    insert(bindings_t)
-                    .values(
-                        platform=platform,
-                        target_kind=target_kind,
-                        target_id=target_id,
-                        created_at=now,
-                        **values,
-                    )
-                    .returning(*bindings_t.c)
-                ).one()
-        return MessageBinding(**dict(row._mapping))
-
-    async def open_bindings(self, platform: str) -> list[MessageBinding]:
-        """Bindings of a platform whose message is not finished yet (pinned or still being edited)."""
-        return await self.db.run(self._open_bindings, platform)
-
-    def _open_bindings(self, platform: str) -> list[MessageBinding]:
-        with self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(bindings_t).where(
-                    bindings_t.c.platform == platform,
-                    or_(bindings_t.c.finished.is_(False), bindings_t.c.pinned.is_(True)),
-                )
-            ).all()
-        return [MessageBinding(**dict(r._mapping)) for r in rows]
-
-    # --------------------------------------------------------------------- kv
-    async def kv_get(self, key: str, default: Any = None) -> Any:
-        """Read a small persistent value (adapters keep sync tokens and device ids here)."""
-        return await self.db.run(self._kv_get, key, default)
-
-    def _kv_get(self, key: str, default: Any) -> Any:
-        with self.db.engine.connect() as conn:
-            row = conn.execute(select(kv_t.c.value).where(kv_t.c.key == key)).first()
-        return default if row is None else row[0]
-
-    async def kv_set(self, key: str, value: Any) -> None:
-        """Write a small persistent value."""
-        await self.db.run(self._kv_set, key, value)
-
-    def _kv_set(self, key: str, value: Any) -> None:
-        with self.db.engine.begin() as conn:
-            n = conn.execute(update(kv_t).where(kv_t.c.key == key).values(value=value)).rowcount
-            if not n:
-                conn.execute(insert(kv_t).values(key=key, value=value))
 
 
 __all__ = [
