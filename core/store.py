@@ -20,7 +20,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypedDict
 
@@ -34,7 +34,6 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
-    exists,
     func,
     insert,
     or_,
@@ -120,26 +119,12 @@ _INSERT_JOBS_PG = (
     .returning(*jobs_t.c, sort_by_parameter_order=True)
 )
 _INSERT_ACTIVITY = insert(activity_t)
-# The claim of one given job, for a worker slot offered at submit (see Handoff), unless another due pending
-# job of the same or a higher priority waits: the claim order (priority, run_at, id) would take that first.
-_WAITING = jobs_t.alias("waiting")
-_CLAIM_ONE_SQLITE = (
-    update(jobs_t)
-    .where(
-        jobs_t.c.id == bindparam("c_id"),
-        jobs_t.c.status == JobStatus.PENDING,
-        ~exists().where(
-            _WAITING.c.status == JobStatus.PENDING,
-            _WAITING.c.priority >= jobs_t.c.priority,
-            _WAITING.c.run_at <= bindparam("c_now"),
-            _WAITING.c.kind == JobKind.QUEUED,
-            _WAITING.c.id != jobs_t.c.id,
-        ),
-    )
-    .values(**_CLAIM_VALUES)
-    .returning(*jobs_t.c)
+# The top priority among due pending queued jobs: what a claim would take before a new job (see Handoff).
+_DUE_TOP_PRIORITY = select(func.max(jobs_t.c.priority)).where(
+    jobs_t.c.status == JobStatus.PENDING,
+    jobs_t.c.kind == JobKind.QUEUED,
+    jobs_t.c.run_at <= bindparam("d_now"),
 )
-_CLAIM_ONE_PG = _CLAIM_ONE_SQLITE.values(updated_at=func.clock_timestamp())
 
 # The progress columns as executemany parameters ("p_<column>"; see Progress.columns and _progress_params).
 _PROGRESS_PARAMS: dict[str, Any] = {column: bindparam(f"p_{column}") for column in PROGRESS_COLUMNS.values()}
@@ -182,8 +167,8 @@ RecoveryPolicy = Literal["pause", "requeue"]
 class Handoff:
     """A free slot of a worker in the submitting process, offered to a job being submitted.
 
-    The store claims the job for that worker in the insert's transaction (one commit instead of an insert
-    and a later claim) unless a due pending job would be claimed before it; see :meth:`JobStore.submit_many`.
+    The store inserts the job already claimed by that worker (no separate claim, one commit) unless a due
+    pending job would be claimed before it; see :meth:`JobStore.submit_many`.
     """
 
     worker_id: str
@@ -370,9 +355,9 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         Concurrent calls are group-committed: submissions that arrive while a transaction is in flight
         are written together in the next one, each caller still getting its own jobs back.
 
-        A job with a :class:`Handoff` is also claimed for that worker in the same transaction (the claimed
-        row goes to ``handoff.claimed``), unless a due pending job has its priority or a higher one: a
-        claim would take those first. The caller still gets the job as inserted, pending.
+        A job with a :class:`Handoff` is inserted claimed by that worker (the row goes to
+        ``handoff.claimed``), unless a due pending job has its priority or a higher one: a claim would
+        take those first. The caller still gets the job as submitted, pending.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Job]] = loop.create_future()
@@ -414,7 +399,9 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             if nj.handoff is not None:
                 nj.handoff.deliver(out[i] if out else None, nj.handoff.claimed if out else None)
         if out is not None:
-            self._announce_submitted(out)
+            # A job inserted claimed is no work for other workers.
+            claimed = [nj.handoff.claimed if nj.handoff else None for nj in jobs]
+            self._announce_submitted([c or j for c, j in zip(claimed, out, strict=True)])
             _settle(fut, out)
         else:
             _settle(fut, exc=exc)
@@ -449,39 +436,34 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             return []
         now = self.db.now()
         with self.db.engine.begin() as conn:
-            out = self._insert_jobs(conn, jobs, now, actor, actors)
-            claims = self._take_handoffs(conn, jobs, out, now)
-        for offer, job in claims:  # committed: now the claims are real
-            offer.claimed = job
+            handed = self._handoffs(conn, jobs, now)
+            rows = self._insert_jobs(conn, jobs, now, handed, actor, actors)
+        out = []
+        for nj, hand, row in zip(jobs, handed, rows, strict=True):
+            if hand and nj.handoff is not None:
+                nj.handoff.claimed = row  # committed: the claim is real
+                # The submitter sees the job as submitted; its claim happened in the same transaction.
+                row = replace(
+                    row, status=S.PENDING, attempts=0, worker_id=None, lease_until=None, started_at=None
+                )
+            out.append(row)
         return out
 
-    def _take_handoffs(
-        self, conn: Connection, jobs: list[NewJob], inserted: list[Job], now: datetime
-    ) -> list[tuple[Handoff, Job]]:
-        """Claim the new jobs offered a worker slot, unless a due pending job would be claimed before them."""
-        offered = [(nj, job) for nj, job in zip(jobs, inserted, strict=True) if nj.handoff is not None]
-        if not offered:
-            return []
-        claims: list[tuple[Handoff, Job]] = []
-        for nj, job in offered:
-            assert nj.handoff is not None
-            params = {
-                "c_id": job.id,
-                "c_now": now,
-                "c_worker": nj.handoff.worker_id,
-                "c_lease": now + timedelta(seconds=nj.handoff.lease_seconds),
-                "c_origin": self.origin,
-            }
-            row = conn.execute(_CLAIM_ONE_SQLITE if self.db.is_sqlite else _CLAIM_ONE_PG, params).first()
-            if row is not None:
-                claims.append((nj.handoff, row_to_job(row)))
-        return claims
+    def _handoffs(self, conn: Connection, jobs: list[NewJob], now: datetime) -> list[bool]:
+        """Which new jobs their offered worker slot takes: those no due pending job would precede."""
+        if not any(nj.handoff for nj in jobs):
+            return [False] * len(jobs)
+        # The claim order is priority, then run_at, then id: a new job due now comes after every due
+        # pending job of the same or a higher priority.
+        top = conn.execute(_DUE_TOP_PRIORITY, {"d_now": now}).scalar()
+        return [nj.handoff is not None and (top is None or nj.priority > top) for nj in jobs]
 
     def _insert_jobs(
         self,
         conn: Connection,
         jobs: list[NewJob],
         now: datetime,
+        handed: list[bool],
         actor: str | None,
         actors: list[str | None] | None,
     ) -> list[Job]:
@@ -507,9 +489,21 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
                 "updated_at": now,
                 "origin": self.origin,
                 "started_at": now if nj.status == S.RUNNING else None,
+                "worker_id": None,
+                "lease_until": None,
             }
             for nj in jobs
         ]
+        for row, nj, hand in zip(rows, jobs, handed, strict=True):
+            if hand and nj.handoff is not None:
+                # Inserted as its claim leaves a job (see _CLAIM_VALUES).
+                row.update(
+                    status=S.RUNNING,
+                    attempts=1,
+                    worker_id=nj.handoff.worker_id,
+                    lease_until=now + timedelta(seconds=nj.handoff.lease_seconds),
+                    started_at=now,
+                )
         # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
         if self.db.is_sqlite:
             result = conn.execute(_INSERT_JOBS, rows)
