@@ -215,7 +215,9 @@ class Worker:
         A job submitted while this worker idles would otherwise cost a second transaction (its claim) and
         a wake-up of the claim loop. None when no slot is free or jobs claimed ahead are waiting.
         """
-        if not self._accepting or self._ready or len(self.running) + self._offered >= self.concurrency:
+        if not self._tasks or not self._accepting or self._ready:
+            return None  # not started, stopping, or jobs claimed ahead wait for a slot
+        if len(self.running) + self._offered >= self.concurrency:
             return None
         self._offered += 1
         return Handoff(self.worker_id, self.lease_seconds, functools.partial(self._take, time.monotonic()))

@@ -568,3 +568,15 @@ async def test_lease_fencing_blocks_a_stale_worker(make_service: ServiceFactory)
     res = await svc.store.finish_many([Outcome(job.id or 0, "w-old", JobStatus.COMPLETED)])
     assert res.completed_ids == set() and res.changed == []
     assert (await svc.get(job.id or 0)).worker_id == "w-new"
+
+
+async def test_a_job_submitted_before_the_worker_starts_waits_for_it(make_service: ServiceFactory) -> None:
+    """Before start() the worker takes nothing; once started it runs what was submitted meanwhile."""
+    svc = await make_service(start=False)
+    await svc.store.init()
+    job = await svc.submit("demo.count", {"steps": 1, "delay_ms": 1})
+    stored = await svc.store.get(job.id or 0)
+    assert stored.status == JobStatus.PENDING and stored.worker_id is None
+    await svc.start()
+    done = await svc.wait_for(job.id or 0, timeout=10)
+    assert done.status == JobStatus.COMPLETED and done.attempts == 1
