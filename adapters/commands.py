@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import IllegalTransition, JobNotFound, PayloadError, ProgressbotError, UnknownJobType
+from core.lifecycle import Action
 from core.models import Job, JobStatus
 from core.quota import active_jobs_of
+from core.refs import parse_batch_id, parse_job_id
 from core.registry import RUN_PERMISSIONS
 from core.service import ProgressService
 from core.text import clip as clip_marked
@@ -27,7 +29,7 @@ from .render import clip, defuse_mentions, render_line, render_plain
 
 log = logging.getLogger(__name__)
 
-CONTROL_ACTIONS = ("pause", "resume", "cancel", "retry")
+CONTROL_ACTIONS = tuple(Action)
 LIST_FILTERS = {
     "active": [JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED],
     "running": [JobStatus.RUNNING],
@@ -38,12 +40,7 @@ LIST_FILTERS = {
     "cancelled": [JobStatus.CANCELLED],
     "all": None,
 }
-# ASCII digits only: "１２" (full-width) or "١٢" (Arabic-Indic) are not ids, though int() would take them.
-_ID_RE = re.compile(r"^#?(d?\d{1,12})$", re.IGNORECASE | re.ASCII)
-_BATCH_ID_RE = re.compile(r"^#?b(\d{1,12})$", re.IGNORECASE | re.ASCII)
 MAX_COMMAND_LENGTH = 8000
-#: The largest job or batch id: ids are INTEGER columns, 32-bit on PostgreSQL. A larger number names no job.
-MAX_ID = 2**31 - 1
 #: The longest reply text the router produces unless its caller asks for less (Matrix' 64 KiB event limit
 #: leaves room for far more; this keeps a reply readable and within every platform's limit but Discord's,
 #: whose adapter passes 2,000).
@@ -77,23 +74,6 @@ class Reply:
     ok: bool = True
     job: Job | None = None
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_job_id(raw: str) -> int | str | None:
-    """``12``, ``#12`` -> 12; ``d3`` -> "d3" (a direct job); anything else -> None."""
-    m = _ID_RE.match(raw.strip())
-    if not m:
-        return None
-    val = m.group(1).lower()
-    if val.startswith("d"):
-        return val
-    return int(val) if int(val) <= MAX_ID else None
-
-
-def parse_batch_id(raw: str) -> int | None:
-    """``b3`` or ``#b3`` -> 3."""
-    m = _BATCH_ID_RE.match(raw.strip())
-    return int(m.group(1)) if m and int(m.group(1)) <= MAX_ID else None
 
 
 def parse_json_object(text: str) -> dict[str, Any]:

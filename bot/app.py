@@ -13,6 +13,7 @@ from adapters.commands import CommandRouter
 from core.builtin import register_builtins
 from core.cron import CronScheduler, ScheduleEntry
 from core.models import TERMINAL_STATUSES
+from core.packaging import require_extra
 from core.registry import HandlerRegistry, default_registry
 from core.service import ProgressService, ServiceConfig
 
@@ -75,12 +76,14 @@ def build_adapters(
     adapters: list[ChatAdapter] = []
     auth = settings.auth
     if settings.matrix.enabled:
+        require_extra("matrix", "The Matrix adapter")
         from adapters.matrix import MatrixAdapter, MatrixConfig
 
         m = settings.matrix
         router = CommandRouter(service, prefix=m.command_prefix, **auth.router_options())
         adapters.append(MatrixAdapter(service, router, MatrixConfig.from_settings(m)))
     if settings.discord.enabled:
+        require_extra("discord", "The Discord adapter")
         from adapters.discord import DiscordAdapter, DiscordConfig
 
         # Discord refuses messages over 2,000 characters.

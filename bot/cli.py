@@ -17,8 +17,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from adapters.commands import parse_job_id, parse_json_object, parse_run_args
+from adapters.commands import parse_json_object, parse_run_args
 from core.errors import ProgressbotError
+from core.lifecycle import Action
+from core.packaging import shadowing, shadowing_message
+from core.refs import parse_job_id
 from core.salvage import db_reason, db_trouble
 from core.serialize import job_to_dict
 from core.service import submit_option_problems
@@ -331,7 +334,7 @@ def _control(action: str) -> Callable[..., None]:
     return command
 
 
-for _action in ("pause", "resume", "cancel", "retry"):
+for _action in Action:
     app.command(name=_action)(_control(_action))
 
 from . import cli_http  # noqa: E402,F401
@@ -376,6 +379,9 @@ def mcp(
 
 def main() -> None:
     """Entry point of the ``progressbot`` script."""
+    shadowed = shadowing()
+    if shadowed:
+        err.print(shadowing_message(shadowed), markup=False, soft_wrap=True)
     bad = undecodable_argument(sys.argv[1:])
     if bad is not None:
         err.print(f"arguments: argument {bad + 1} is not valid UTF-8", markup=False)

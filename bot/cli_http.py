@@ -24,7 +24,7 @@ import typer
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.text import Text
 
-from adapters.commands import parse_batch_id, parse_job_id
+from core.refs import parse_batch_id, parse_job_id
 
 from .cli import ConfigOpt, JsonOpt, app, err, fail, settings_or_exit
 from .client import DEFAULT_URL, TOKEN_ENV, URL_ENV, JobCancelledError, ProgressApiError, ProgressClient

@@ -44,7 +44,6 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.commands import MAX_ID, parse_batch_id, parse_job_id
 from core.errors import (
     IllegalTransition,
     JobNotFound,
@@ -54,8 +53,10 @@ from core.errors import (
     UnknownJobType,
 )
 from core.events import EventFilter, JobProgressEvent, make_filter
+from core.lifecycle import Action
 from core.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Control, Job, JobStatus
 from core.monitor import JobView
+from core.refs import MAX_ID, parse_batch_id, parse_job_id
 from core.salvage import db_trouble
 from core.serialize import job_to_dict
 from core.service import JobRequest, ProgressService
@@ -65,6 +66,9 @@ from core.text import MAX_DEPTH, MAX_MESSAGE, clean_json, clean_text, json_depth
 from .settings import HttpSettings, Settings
 from .web import WEB_AUTH
 from .web import install as install_web
+
+#: The action segment of the job and batch action routes: pause|resume|cancel|retry.
+_ACTIONS = "|".join(Action)
 
 log = logging.getLogger(__name__)
 
@@ -414,10 +418,10 @@ class HttpApi:
         r.add_post("/v1/jobs/{id}/log", self.log_entry)
         r.add_post("/v1/jobs/{id}/complete", self.complete)
         r.add_post("/v1/jobs/{id}/fail", self.fail)
-        r.add_post("/v1/jobs/{id}/{action:pause|resume|cancel|retry}", self.job_action)
+        r.add_post(f"/v1/jobs/{{id}}/{{action:{_ACTIONS}}}", self.job_action)
         r.add_post("/v1/batches", self.create_batch)
         r.add_get("/v1/batches/{id}", self.get_batch)
-        r.add_post("/v1/batches/{id}/{action:pause|resume|cancel|retry}", self.batch_action)
+        r.add_post(f"/v1/batches/{{id}}/{{action:{_ACTIONS}}}", self.batch_action)
         r.add_get("/v1/events", self.events)
         if self.app_settings is not None and self.app_settings.mcp.http:
             mount_mcp(app, self.service, self.app_settings, self._host)

@@ -1,50 +1,52 @@
 """progressbot's engine: durable jobs, the worker, progress monitoring and events.
 
-It imports no chat library and no HTTP library; adapters and the bot build on its public API.
+It imports no chat library and no HTTP library; adapters and the bot build on it. This package exports
+what a handler author and an application embedding the engine use, with the types its methods return::
+
+    from core import JobContext, handler
+
+    @handler("site-build", payload=SiteBuild)
+    async def build(ctx: JobContext, data: SiteBuild) -> dict[str, int]: ...
+
+Everything else lives in the submodules and may change.
 """
 
-from .context import JobContext, ProgressState, SyncJobContext
-from .errors import (
-    IllegalTransition,
-    JobCancelled,
-    JobNotFound,
-    JobPaused,
-    PayloadError,
-    ProgressbotError,
-    UnknownJobType,
-)
-from .events import EventBus, JobProgressEvent, Subscription
-from .models import Activity, Batch, Job, JobKind, JobStatus, MessageBinding
-from .monitor import JobProgressMonitor
-from .registry import HandlerRegistry, default_registry, handler
-from .service import DirectRun, JobRequest, ProgressService, ServiceConfig
+from .context import JobContext, SyncJobContext
+from .errors import IllegalTransition, JobNotFound, PayloadError, ProgressbotError, UnknownJobType
+from .events import JobProgressEvent
+from .lifecycle import Action
+from .models import Activity, Batch, Control, Job, JobKind, JobStatus, Progress
+from .monitor import JobView
+from .refs import JobRef
+from .registry import HandlerRegistry, handler
+from .service import JobRequest, ProgressService, ServiceConfig
+from .store import ActionResult, BatchSummary, JobFilters
 
 __all__ = [
+    "Action",
+    "ActionResult",
     "Activity",
     "Batch",
-    "DirectRun",
-    "EventBus",
+    "BatchSummary",
+    "Control",
     "HandlerRegistry",
     "IllegalTransition",
     "Job",
-    "JobCancelled",
     "JobContext",
+    "JobFilters",
     "JobKind",
     "JobNotFound",
-    "JobPaused",
     "JobProgressEvent",
-    "JobProgressMonitor",
+    "JobRef",
     "JobRequest",
     "JobStatus",
-    "MessageBinding",
+    "JobView",
     "PayloadError",
+    "Progress",
     "ProgressService",
-    "ProgressState",
     "ProgressbotError",
     "ServiceConfig",
-    "Subscription",
     "SyncJobContext",
     "UnknownJobType",
-    "default_registry",
     "handler",
 ]

@@ -7,17 +7,18 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
-from .models import Control
+from .models import MAX_PROGRESS_MESSAGE, Control, Progress
 from .text import MAX_MESSAGE, clean_json, clean_name, clean_text
 
 StageSpec = Sequence[tuple[str, float] | str]
 
-_CONTROL_RANK = {Control.RUN: 0, "shutdown": 1, Control.PAUSE: 2, Control.CANCEL: 3, "lease-lost": 4}
+
+def _rank(control: str) -> int:
+    return Control(control).rank if control in Control._value2member_map_ else 0
 
 
 class ProgressState:
@@ -113,6 +114,21 @@ class ProgressState:
         assert self.total is not None
         return max(0.0, min(100.0, 100.0 * self.current / self.total))
 
+    def snapshot(self) -> Progress:
+        """The progress now, as a value to store or send (the message clipped to what is stored)."""
+        message = self.message
+        if message is not None and len(message) > MAX_PROGRESS_MESSAGE:
+            message = message[:MAX_PROGRESS_MESSAGE]
+        return Progress(
+            current=self.current,
+            total=self.total,
+            message=message,
+            stage_name=self.stage_name,
+            stage_index=self.stage_index,
+            stage_count=len(self.stage_names) or None,
+            weighted_percent=self.weighted_percent(),
+        )
+
     def weighted_percent(self) -> float | None:
         """Overall percent, weighting each declared stage; None when nothing can be said."""
         frac = self.percentage()
@@ -205,7 +221,7 @@ class JobContext:
         self.room = room
         self.progress = state
         self._backend = backend
-        #: "run", "pause", "cancel" or "shutdown": what has been asked of this job. Set by the worker.
+        #: What has been asked of this job (a :class:`~core.models.Control` value). Set by the worker.
         self.control: str = Control.RUN
         #: Set whenever ``control`` changes, so waiters wake up.
         self.control_changed = asyncio.Event()
@@ -253,7 +269,7 @@ class JobContext:
         so a stale "run" read from the DB never undoes a pause or a shutdown; ``force`` allows resuming."""
         if control == self.control:
             return
-        if not force and _CONTROL_RANK.get(control, 0) < _CONTROL_RANK.get(self.control, 0):
+        if not force and _rank(control) < _rank(self.control):
             return
         self.control = control
         self.control_changed.set()
@@ -335,11 +351,6 @@ class SyncJobContext:
     def save(self, state: Any) -> None:
         """Save ``state`` durably without stopping here. Blocks the thread."""
         asyncio.run_coroutine_threadsafe(self._ctx.save(state), self._loop).result()
-
-
-def monotonic() -> float:
-    """The clock used for throttling and ETAs."""
-    return time.monotonic()
 
 
 __all__ = ["ContextBackend", "JobContext", "ProgressState", "StageScope", "SyncJobContext"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .models import Control
 from .text import clean_text
 
 
@@ -21,7 +22,7 @@ class JobNotFound(ProgressbotError, LookupError):
 class IllegalTransition(ProgressbotError):
     """The requested lifecycle change is not allowed from the job's current status."""
 
-    def __init__(self, job_id: int, status: str, action: str, kind: str = "Job") -> None:
+    def __init__(self, job_id: int | str, status: str, action: str, kind: str = "Job") -> None:
         self.job_id = job_id
         self.status = status
         self.action = action
@@ -77,18 +78,18 @@ class JobPaused(JobInterrupt):
     """The job was asked to pause; the worker marks it paused."""
 
     def __init__(self) -> None:
-        super().__init__("pause")
+        super().__init__(Control.PAUSE)
 
 
 class JobCancelled(JobInterrupt):
     """The job was asked to cancel; the worker marks it cancelled."""
 
     def __init__(self) -> None:
-        super().__init__("cancel")
+        super().__init__(Control.CANCEL)
 
 
 class LeaseLost(JobInterrupt):
     """This worker no longer owns the job (its lease expired and another process recovered it)."""
 
     def __init__(self) -> None:
-        super().__init__("lease-lost")
+        super().__init__(Control.LEASE_LOST)

@@ -31,7 +31,7 @@ def next_seq() -> int:
 
 @dataclass(slots=True)
 class JobProgressEvent:
-    """The state of one job or batch at one moment (seed 002's shape, extended)."""
+    """The state of one job or batch at one moment: what the HTTP stream and the chat adapters receive."""
 
     id: int | str
     type: str  # "job" or "batch"
@@ -87,7 +87,7 @@ class JobProgressEvent:
         return self.weighted_percent if self.weighted_percent is not None else self.percentage
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire shape (camelCase, as in the spec and seed 002)."""
+        """The wire shape (camelCase keys), as the HTTP API documents it."""
         d: dict[str, Any] = {
             "id": self.id,
             "type": self.type,

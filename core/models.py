@@ -37,7 +37,8 @@ ACTIVE_STATUSES = frozenset({JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAU
 
 
 class JobKind(StrEnum):
-    """Where a job comes from (see the spec: queued, direct, tracked)."""
+    """How a job runs: queued (a worker runs its handler), tracked (an outside program reports it) or
+    direct (run at once in this process, in memory only)."""
 
     QUEUED = "queued"
     TRACKED = "tracked"
@@ -45,11 +46,62 @@ class JobKind(StrEnum):
 
 
 class Control(StrEnum):
-    """What has been asked of a running job; delivered through the DB so other processes see it."""
+    """What has been asked of a running job.
+
+    ``run``, ``pause`` and ``cancel`` are stored in the job's row, so other processes see them. ``shutdown``
+    (this process stops gracefully) and ``lease-lost`` (another process may run the job now) are set by the
+    worker on the running job's context only, never stored. During a run requests only escalate, in the
+    order listed (see :attr:`rank`).
+    """
 
     RUN = "run"
+    SHUTDOWN = "shutdown"
     PAUSE = "pause"
     CANCEL = "cancel"
+    LEASE_LOST = "lease-lost"
+
+    @property
+    def rank(self) -> int:
+        """The escalation order: a request never replaces a stronger one during a run."""
+        return list(Control).index(self)
+
+
+#: The job row's column for each :class:`Progress` field.
+PROGRESS_COLUMNS: dict[str, str] = {
+    "current": "progress_current",
+    "total": "progress_total",
+    "message": "progress_message",
+    "stage_name": "stage_name",
+    "stage_index": "stage_index",
+    "stage_count": "stage_count",
+    "weighted_percent": "weighted_percent",
+}
+
+#: Progress messages longer than this are clipped before they are stored.
+MAX_PROGRESS_MESSAGE = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A job's progress at one moment, as reported, stored in its row and sent in its events."""
+
+    current: float | None = None
+    total: float | None = None
+    message: str | None = None
+    stage_name: str | None = None
+    stage_index: int | None = None
+    stage_count: int | None = None
+    #: Overall percent, weighting the declared stages.
+    weighted_percent: float | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """The job row's progress columns with these values."""
+        return {column: getattr(self, name) for name, column in PROGRESS_COLUMNS.items()}
+
+    @classmethod
+    def of(cls, row: Any) -> Progress:
+        """The progress held in a job row (anything with the row's progress attributes)."""
+        return cls(**{name: getattr(row, column) for name, column in PROGRESS_COLUMNS.items()})
 
 
 class JobTable(SQLModel, table=True):

@@ -165,7 +165,6 @@ class JobProgressMonitor:
         self._unsaved: set[int] = set()
         self._last_emit: dict[Key, float] = {}
         self._last_status: dict[Key, str] = {}
-        self._last_seq: dict[Key, int] = {}
         self._batch_dirty: set[int] = set()
         self._batch_urgent: set[int] = set()
         self._batch_last: dict[int, BatchSummary] = {}
@@ -276,7 +275,6 @@ class JobProgressMonitor:
         self._dirty.discard(key)
         self._last_emit[key] = self.clock()
         self._last_status[key] = view.status
-        self._last_seq[key] = ev.seq
         if view.persisted and isinstance(view.id, int) and view.id in self._live:
             self._unsaved.add(view.id)
         self.events_emitted += 1
@@ -412,17 +410,7 @@ class JobProgressMonitor:
                 continue
             view = self._views.get(("job", jid))
             writes.append(
-                ProgressWrite(
-                    job_id=jid,
-                    current=st.current,
-                    total=st.total,
-                    message=st.message[:2000] if st.message else st.message,
-                    stage_name=st.stage_name,
-                    stage_index=st.stage_index,
-                    stage_count=len(st.stage_names) or None,
-                    weighted_percent=st.weighted_percent(),
-                    worker_id=view.worker_id if view is not None else None,
-                )
+                ProgressWrite(jid, st.snapshot(), worker_id=view.worker_id if view is not None else None)
             )
         self._unsaved.clear()
         if writes:
@@ -519,7 +507,6 @@ class JobProgressMonitor:
         ev.status_changed = self._last_status.get(key) != ev.status
         self._last_status[key] = ev.status
         self._last_emit[key] = self.clock()
-        self._last_seq[key] = ev.seq
         self._batch_last[bid] = summary
         self.events_emitted += 1
         self.bus.publish(ev)
@@ -564,16 +551,11 @@ class JobProgressMonitor:
             if view.status in TERMINAL_STATUSES and view.id not in self._live:
                 del self._views[key]
                 self._last_status.pop(key, None)
-                self._last_seq.pop(key, None)
                 self._last_emit.pop(key, None)
             if len(self._views) <= 10_000:
                 break
 
     # --------------------------------------------------------------- queries
-    def last_seq(self, kind: str, ident: int | str) -> int | None:
-        """The seq of the last event emitted for a job or batch."""
-        return self._last_seq.get((kind, ident))
-
     def current_event(self, job: Job | JobView) -> JobProgressEvent:
         """An event with the job's current state (for snapshots and stream starts); not published."""
         view = job if isinstance(job, JobView) else JobView.from_job(job)
@@ -582,10 +564,3 @@ class JobProgressMonitor:
             view = known
         return self.build_job_event(view)
 
-    def running_views(self) -> list[JobView]:
-        """Jobs known to be running, with their live progress folded in."""
-        out = []
-        for key, view in self._views.items():
-            if key[0] == "job" and view.status == JobStatus.RUNNING:
-                out.append(view)
-        return out

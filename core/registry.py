@@ -6,10 +6,11 @@ import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args, overload
 
 from pydantic import BaseModel, ValidationError
 
+from .context import JobContext, SyncJobContext
 from .errors import PayloadError, UnknownJobType
 from .text import MAX_DEPTH, clean_json, json_depth_exceeds
 
@@ -22,7 +23,17 @@ RUN_PERMISSIONS: tuple[str, ...] = get_args(RunPermission)
 #: Payloads larger than this (as JSON) are refused, so a chat command or API call cannot bloat the DB.
 MAX_PAYLOAD_BYTES = 64 * 1024
 
+#: A handler as stored: ``async def h(ctx: JobContext, data)``, or ``def h(ctx: SyncJobContext, data)`` (run
+#: in a thread). ``data`` is an instance of the payload model, or the payload dict when there is none.
 HandlerFn = Callable[..., Any]
+
+M = TypeVar("M", bound=BaseModel)
+Ctx = TypeVar("Ctx", JobContext, SyncJobContext)
+R = TypeVar("R")
+#: What the decorators return for a payload model ``M``: the function unchanged, its type checked against
+#: the model (a handler declaring another payload type is a type error).
+Decorator = Callable[[Callable[[Ctx, M], R]], Callable[[Ctx, M], R]]
+F = TypeVar("F", bound=HandlerFn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +100,30 @@ class HandlerRegistry:
         self._handlers[name] = spec
         return spec
 
+    @overload
+    def handler(
+        self,
+        name: str,
+        *,
+        payload: type[M],
+        description: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        run_by: RunPermission = "runners",
+    ) -> Decorator[Ctx, M, R]: ...
+
+    @overload
+    def handler(
+        self,
+        name: str,
+        *,
+        payload: None = None,
+        description: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        run_by: RunPermission = "runners",
+    ) -> Callable[[F], F]: ...
+
     def handler(
         self,
         name: str,
@@ -99,7 +134,7 @@ class HandlerRegistry:
         timeout: float | None = None,
         run_by: RunPermission = "runners",
     ) -> Callable[[HandlerFn], HandlerFn]:
-        """Decorator form of :meth:`register`."""
+        """Decorator form of :meth:`register`; returns the function unchanged (its type too)."""
 
         def deco(fn: HandlerFn) -> HandlerFn:
             self.register(
@@ -171,6 +206,30 @@ class HandlerRegistry:
 default_registry = HandlerRegistry()
 
 
+@overload
+def handler(
+    name: str,
+    *,
+    payload: type[M],
+    description: str | None = None,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+    run_by: RunPermission = "runners",
+) -> Decorator[Ctx, M, R]: ...
+
+
+@overload
+def handler(
+    name: str,
+    *,
+    payload: None = None,
+    description: str | None = None,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+    run_by: RunPermission = "runners",
+) -> Callable[[F], F]: ...
+
+
 def handler(
     name: str,
     *,
@@ -181,7 +240,7 @@ def handler(
     run_by: RunPermission = "runners",
 ) -> Callable[[HandlerFn], HandlerFn]:
     """Register a handler in the default registry: ``@handler("site-build", payload=SiteBuild)``."""
-    return default_registry.handler(
+    return default_registry.handler(  # type: ignore[call-overload,misc]  # the overloads above type callers
         name,
         payload=payload,
         description=description,

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy import exc as sa_exc
 
-from .models import JobStatus
+from .models import JobStatus, Progress
 from .store import FinishResult, JobStore, Outcome, ProgressWrite
 from .text import MAX_ERROR, clean_text, storable_number
 
@@ -136,13 +136,13 @@ def _degrade_outcome(oc: Outcome, exc: BaseException) -> Outcome:
     )
 
 
-def storable_progress(pw: ProgressWrite) -> ProgressWrite:
-    """``pw`` with NaN, infinities and out-of-range numbers (a handler's ``report()``) made unknown."""
-    nums = (pw.current, pw.total, pw.weighted_percent)
+def storable_progress(progress: Progress) -> Progress:
+    """``progress`` with NaN, infinities and out-of-range numbers (a handler's ``report()``) made unknown."""
+    nums = (progress.current, progress.total, progress.weighted_percent)
     clean = tuple(storable_number(n) for n in nums)
     if all(a is b for a, b in zip(clean, nums, strict=True)):
-        return pw  # the usual case: nothing to replace, nothing to copy
-    return dataclasses.replace(pw, current=clean[0], total=clean[1], weighted_percent=clean[2])
+        return progress  # the usual case: nothing to replace, nothing to copy
+    return dataclasses.replace(progress, current=clean[0], total=clean[1], weighted_percent=clean[2])
 
 
 async def finish_isolating(store: JobStore, outcomes: list[Outcome]) -> FinishResult:
@@ -162,12 +162,13 @@ async def finish_isolating(store: JobStore, outcomes: list[Outcome]) -> FinishRe
 
 
 def _degrade_progress(pw: ProgressWrite, exc: BaseException) -> ProgressWrite:
-    return dataclasses.replace(pw, message=f"progress could not be stored: {describe_error(exc)}")
+    message = f"progress could not be stored: {describe_error(exc)}"
+    return dataclasses.replace(pw, progress=dataclasses.replace(pw.progress, message=message))
 
 
 async def write_progress_isolating(store: JobStore, writes: list[ProgressWrite]) -> None:
     """:meth:`JobStore.write_progress`, isolating a row that cannot be stored."""
-    writes = [storable_progress(w) for w in writes]
+    writes = [dataclasses.replace(w, progress=storable_progress(w.progress)) for w in writes]
     await write_isolating(writes, store.write_progress, _degrade_progress, "progress writes")
 
 

@@ -11,18 +11,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from .context import JobContext, SyncJobContext
 from .db import Database, pg_connect_args
 from .errors import IllegalTransition, JobCancelled, JobInterrupt, JobNotFound, NotTracked, PayloadError
 from .events import EventBus, EventFilter, JobProgressEvent, Subscription, make_filter
-from .lifecycle import ACTION_WORD
+from .lifecycle import Action, plan
 from .models import TERMINAL_STATUSES, Activity, Batch, Control, Job, JobKind, JobStatus, utcnow
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry, default_registry
 from .salvage import describe_error
-from .store import ActionResult, BatchSummary, JobStore, NewJob, RecoveryPolicy
+from .store import ActionResult, BatchSummary, JobFilters, JobStore, NewJob, RecoveryPolicy
 from .text import MAX_ERROR, MAX_MESSAGE, clean_name, clean_optional, clean_result, clean_text
 from .worker import Worker, make_worker_id
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("pause", "resume", "cancel", "retry")
 
 #: Bounds of the submit options, the same for every entry point (HTTP, CLI, chat, Python).
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
@@ -201,7 +200,6 @@ class ProgressService:
         self._direct_backend = _DirectBackend(self)
         self._started = False
         self.recovered: list[Job] = []
-        self._wakers: list[Callable[[], None]] = []
         #: LISTEN/NOTIFY (PostgreSQL with ``config.notify``), created by :meth:`start`.
         self.notifier: PgNotifier | None = None
 
@@ -261,15 +259,9 @@ class ProgressService:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def add_waker(self, fn: Callable[[], None]) -> None:
-        """Call ``fn`` after each submit (the PostgreSQL backend sends NOTIFY from here)."""
-        self._wakers.append(fn)
-
     def _wake(self, run_at_delay: float | None = None) -> None:
         if self.worker is not None:
             self.worker.wake(run_at_delay)
-        for fn in self._wakers:
-            fn()
 
     # ---------------------------------------------------------------- submit
     def _new_job(
@@ -344,9 +336,13 @@ class ProgressService:
             owner=owner,
             room=room,
         )
+        if self.worker is not None and nj.run_at is None:
+            # Due now: a free slot of our worker claims it in the insert's transaction (see Handoff).
+            nj.handoff = self.worker.offer_slot()
         job = await self.store.submit(nj, actor=owner)
-        self.monitor.job_changed(job)
-        self._wake((job.run_at - utcnow()).total_seconds())
+        if nj.handoff is None or nj.handoff.claimed is None:  # (a handed-over job was announced already)
+            self.monitor.job_changed(job)
+            self._wake((job.run_at - utcnow()).total_seconds())
         return job
 
     async def submit_batch(
@@ -548,7 +544,8 @@ class ProgressService:
             raise NotTracked(job_id)
         st = self.monitor.live_state(job_id)
         view = self.monitor.view(job_id)
-        if st is None or view is None:
+        # A live state held by a worker is a queued job running here: the row decides (it is not tracked).
+        if st is None or view is None or view.worker_id is not None:
             job = await self.store.get(job_id)
             if job.kind != JobKind.TRACKED:
                 raise NotTracked(job_id)
@@ -596,8 +593,10 @@ class ProgressService:
     # ---------------------------------------------------------- user actions
     async def act(self, job_id: int | str, action: str, *, actor: str | None = None) -> ActionResult:
         """Pause, resume, cancel or retry a job. Raises JobNotFound / IllegalTransition with readable text."""
-        if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}")
+        try:
+            action = Action(action)
+        except ValueError:
+            raise ValueError(f"unknown action {action!r}") from None
         if isinstance(job_id, str) and job_id.startswith("d"):
             return self._act_direct(job_id, action, actor)
         jid = int(job_id)
@@ -605,25 +604,25 @@ class ProgressService:
         if res.requested and self.worker is not None:
             self.worker.request_control(jid, str(res.job.control))
         self.monitor.job_changed(res.job, force=not res.requested)
-        if action in ("resume", "retry"):
+        if res.job.status == JobStatus.PENDING:
             self._wake()
         return res
 
     async def pause(self, job_id: int | str, *, actor: str | None = None) -> ActionResult:
         """Pause a job (a running one pauses at its next checkpoint)."""
-        return await self.act(job_id, "pause", actor=actor)
+        return await self.act(job_id, Action.PAUSE, actor=actor)
 
     async def resume(self, job_id: int | str, *, actor: str | None = None) -> ActionResult:
         """Resume a paused job from its last checkpoint."""
-        return await self.act(job_id, "resume", actor=actor)
+        return await self.act(job_id, Action.RESUME, actor=actor)
 
     async def cancel(self, job_id: int | str, *, actor: str | None = None) -> ActionResult:
         """Cancel a job (a running one stops at its next checkpoint, or is forced after a grace period)."""
-        return await self.act(job_id, "cancel", actor=actor)
+        return await self.act(job_id, Action.CANCEL, actor=actor)
 
     async def retry(self, job_id: int | str, *, actor: str | None = None) -> ActionResult:
         """Run a failed or cancelled job again, from the start."""
-        return await self.act(job_id, "retry", actor=actor)
+        return await self.act(job_id, Action.RETRY, actor=actor)
 
     async def act_batch(self, batch_id: int, action: str, *, actor: str | None = None) -> list[ActionResult]:
         """Apply an action to every job of a batch for which it is legal."""
@@ -640,23 +639,10 @@ class ProgressService:
         if run is None:
             raise JobNotFound(job_id)
         view = run.view
-        if action == "retry":
-            raise IllegalTransition(0, f"a direct job ({view.status})", "retried") from None
-        status = JobStatus(view.status)
-        allowed = {
-            "pause": {JobStatus.RUNNING},
-            "resume": {JobStatus.PAUSED},
-            "cancel": {JobStatus.RUNNING, JobStatus.PAUSED},
-        }[action]
-        if status not in allowed or (action == "pause" and run.ctx.control == Control.PAUSE):
-            exc = IllegalTransition(0, str(status), ACTION_WORD[action])
-            exc.args = (f"Job #{job_id} is {status}; it can't be {ACTION_WORD[action]}",)
-            raise exc
+        effect = plan(job_id, action, JobKind.DIRECT, view.status, str(run.ctx.control))
         view.control_by = actor
-        run.ctx.set_control(
-            {"pause": Control.PAUSE, "resume": Control.RUN, "cancel": Control.CANCEL}[action], force=True
-        )
-        if action == "cancel" and run.task is not None:
+        run.ctx.set_control(effect.control, force=True)
+        if effect.control == Control.CANCEL and run.task is not None:
             asyncio.get_running_loop().call_later(self.config.cancel_grace, run.task.cancel)
         job = Job(
             id=None, type=view.type, status=view.status, name=view.name, owner=view.owner, room=view.room
@@ -688,8 +674,8 @@ class ProgressService:
             )
         return await self.store.get(int(job_id))
 
-    async def list_jobs(self, **filters: Any) -> list[Job]:
-        """Jobs matching filters (see :meth:`JobStore.list_jobs`)."""
+    async def list_jobs(self, **filters: Unpack[JobFilters]) -> list[Job]:
+        """Jobs matching the filters (see :meth:`JobStore.list_jobs`)."""
         return await self.store.list_jobs(**filters)
 
     async def activity(self, job_id: int, limit: int = 20) -> list[Activity]:

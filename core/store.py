@@ -20,9 +20,9 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from sqlalchemy import (
     JSON,
@@ -32,38 +32,32 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
     or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.engine import Row
 
+from .activity_log import ActivityLog
+from .adapter_state import AdapterState
+from .batches import BatchStore, BatchSummary, derive_batch_status
 from .db import Database
 from .errors import IllegalTransition, JobNotFound
-from .lifecycle import check_action
+from .lifecycle import Action, plan
 from .models import (
     ACTIVE_STATUSES,
+    PROGRESS_COLUMNS,
     TERMINAL_STATUSES,
-    Activity,
-    Batch,
     Control,
     Job,
     JobKind,
     JobStatus,
-    JobTable,
-    KeyValue,
-    MessageBinding,
+    Progress,
 )
-
-jobs_t = JobTable.__table__  # type: ignore[attr-defined]
-batches_t = Batch.__table__  # type: ignore[attr-defined]
-activity_t = Activity.__table__  # type: ignore[attr-defined]
-bindings_t = MessageBinding.__table__  # type: ignore[attr-defined]
-kv_t = KeyValue.__table__  # type: ignore[attr-defined]
+from .storebase import activity_t, batches_t, bindings_t, in_db, jobs_t, row_to_job
 
 S = JobStatus
 
@@ -92,7 +86,9 @@ _CLAIM_PICK = (
 _CLAIM_VALUES = {
     "status": JobStatus.RUNNING,
     "control": Control.RUN,
-    "attempts": jobs_t.c.attempts + 1,
+    # A claim starts the first try or continues the current one (a resume, a shutdown's requeue); only a
+    # try that ended without success (a failure, a timeout, a lost worker) moves to the next attempt.
+    "attempts": case((jobs_t.c.attempts < 1, 1), else_=jobs_t.c.attempts),
     "worker_id": bindparam("c_worker"),
     "lease_until": bindparam("c_lease"),
     "started_at": func.coalesce(jobs_t.c.started_at, bindparam("c_now")),
@@ -123,6 +119,21 @@ _INSERT_JOBS_PG = (
     .returning(*jobs_t.c, sort_by_parameter_order=True)
 )
 _INSERT_ACTIVITY = insert(activity_t)
+# The top priority among due pending queued jobs: what a claim would take before a new job (see Handoff).
+_DUE_TOP_PRIORITY = select(func.max(jobs_t.c.priority)).where(
+    jobs_t.c.status == JobStatus.PENDING,
+    jobs_t.c.kind == JobKind.QUEUED,
+    jobs_t.c.run_at <= bindparam("d_now"),
+)
+
+# The progress columns as executemany parameters ("p_<column>"; see Progress.columns and _progress_params).
+_PROGRESS_PARAMS: dict[str, Any] = {column: bindparam(f"p_{column}") for column in PROGRESS_COLUMNS.values()}
+
+
+def _progress_params(progress: Progress | None) -> dict[str, Any]:
+    """Values for _PROGRESS_PARAMS (all None without progress)."""
+    return {f"p_{column}": value for column, value in (progress or Progress()).columns().items()}
+
 
 # The completion of many jobs in one executemany; fenced on the worker id and the running status.
 _COMPLETE_STMT = (
@@ -140,13 +151,7 @@ _COMPLETE_STMT = (
         updated_at=bindparam("b_now"),
         origin=bindparam("b_origin"),
         lease_until=None,
-        progress_current=bindparam("b_cur"),
-        progress_total=bindparam("b_tot"),
-        progress_message=bindparam("b_msg"),
-        stage_name=bindparam("b_sn"),
-        stage_index=bindparam("b_si"),
-        stage_count=bindparam("b_sc"),
-        weighted_percent=bindparam("b_wp"),
+        **_PROGRESS_PARAMS,
     )
 )
 
@@ -158,9 +163,21 @@ _COMPLETE_STMT_LEASED = _COMPLETE_STMT.where(jobs_t.c.lease_until >= bindparam("
 RecoveryPolicy = Literal["pause", "requeue"]
 
 
-def row_to_job(row: Row[Any]) -> Job:
-    """Build a detached :class:`Job` from a Core result row."""
-    return Job(**dict(row._mapping))
+@dataclass(slots=True)
+class Handoff:
+    """A free slot of a worker in the submitting process, offered to a job being submitted.
+
+    The store inserts the job already claimed by that worker (no separate claim, one commit) unless a due
+    pending job would be claimed before it; see :meth:`JobStore.submit_many`.
+    """
+
+    worker_id: str
+    lease_seconds: float
+    #: Called once on the event loop after the insert, before the submitter resumes (even if it gave up):
+    #: ``deliver(inserted, claimed)``; ``claimed`` is None when the slot was not taken or the insert failed.
+    deliver: Callable[[Job | None, Job | None], None]
+    #: The job as claimed for the worker, once the transaction that took the offer committed.
+    claimed: Job | None = None
 
 
 @dataclass(slots=True)
@@ -180,6 +197,19 @@ class NewJob:
     batch_id: int | None = None
     status: str = JobStatus.PENDING
     progress_total: float | None = None
+    #: Insert it claimed by this worker when nothing due is waiting before it (a queued job due now).
+    handoff: Handoff | None = None
+
+
+class JobFilters(TypedDict, total=False):
+    """The filters of :meth:`JobStore.list_jobs` (all optional)."""
+
+    statuses: Iterable[str] | None
+    type: str | None
+    batch_id: int | None
+    room: str | None
+    limit: int
+    newest_first: bool
 
 
 @dataclass(slots=True)
@@ -190,13 +220,7 @@ class ProgressWrite:
     """
 
     job_id: int
-    current: float | None
-    total: float | None
-    message: str | None
-    stage_name: str | None
-    stage_index: int | None
-    stage_count: int | None
-    weighted_percent: float | None
+    progress: Progress
     worker_id: str | None = None
 
 
@@ -212,7 +236,7 @@ class Outcome:
     checkpoint: Any = None
     has_checkpoint: bool = False
     note: str | None = None
-    progress: ProgressWrite | None = None
+    progress: Progress | None = None
 
 
 @dataclass(slots=True)
@@ -234,49 +258,6 @@ class ActionResult:
     requested: bool = False
 
 
-@dataclass(slots=True)
-class BatchSummary:
-    """Aggregate state of a batch, derived from its jobs."""
-
-    batch: Batch
-    total: int
-    counts: dict[str, int]
-    current_operation: str | None
-    errors: list[str]
-    current: float
-    status: JobStatus
-
-    @property
-    def completed(self) -> int:
-        """Jobs that completed."""
-        return self.counts.get(S.COMPLETED, 0)
-
-    @property
-    def failed(self) -> int:
-        """Jobs that failed."""
-        return self.counts.get(S.FAILED, 0)
-
-
-def derive_batch_status(counts: dict[str, int]) -> JobStatus:
-    """A batch's status from its jobs' statuses."""
-    total = sum(counts.values())
-    if total == 0:
-        return S.PENDING
-    if counts.get(S.RUNNING, 0):
-        return S.RUNNING
-    if counts.get(S.PENDING, 0):
-        # Some done and some waiting: the batch is under way.
-        done = sum(counts.get(s, 0) for s in TERMINAL_STATUSES)
-        return S.RUNNING if done or counts.get(S.PAUSED, 0) else S.PENDING
-    if counts.get(S.PAUSED, 0):
-        return S.PAUSED
-    if counts.get(S.FAILED, 0):
-        return S.FAILED
-    if counts.get(S.COMPLETED, 0):
-        return S.COMPLETED
-    return S.CANCELLED
-
-
 def _settle(fut: asyncio.Future[Any], result: Any = None, *, exc: BaseException | None = None) -> None:
     """Resolve a future unless its caller gave up on it (cancelled)."""
     if fut.done():
@@ -292,8 +273,12 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * math.pow(2, max(0, attempt - 1)))
 
 
-class JobStore:
-    """Durable storage of jobs and everything around them."""
+class JobStore(ActivityLog, BatchStore, AdapterState):
+    """Durable storage of jobs and everything around them.
+
+    This class holds the jobs and the queue (submit, claim, finish, actions, queries); its other parts
+    live in their own modules: :mod:`core.batches`, :mod:`core.activity_log`, :mod:`core.adapter_state`.
+    """
 
     def __init__(
         self,
@@ -369,6 +354,10 @@ class JobStore:
 
         Concurrent calls are group-committed: submissions that arrive while a transaction is in flight
         are written together in the next one, each caller still getting its own jobs back.
+
+        A job with a :class:`Handoff` is inserted claimed by that worker (the row goes to
+        ``handoff.claimed``), unless a due pending job has its priority or a higher one: a claim would
+        take those first. The caller still gets the job as submitted, pending.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Job]] = loop.create_future()
@@ -384,21 +373,38 @@ class JobStore:
                 results = await self.db.run(self._submit_groups, [(g[0], g[1]) for g in groups])
             except Exception as exc:
                 if len(groups) == 1:
-                    _settle(groups[0][2], exc=exc)
+                    self._answer_submit(groups[0][0], groups[0][2], None, exc)
                     continue
                 # Isolate the bad submission: write each group in its own transaction.
                 for jobs, actor, fut in groups:
                     try:
                         out = await self.db.run(self._submit_many, jobs, actor)
                     except Exception as exc2:
-                        _settle(fut, exc=exc2)
+                        self._answer_submit(jobs, fut, None, exc2)
                     else:
-                        self._announce_submitted(out)
-                        _settle(fut, out)
+                        self._answer_submit(jobs, fut, out)
                 continue
-            for (_, _, fut), out in zip(groups, results, strict=True):
-                self._announce_submitted(out)
-                _settle(fut, out)
+            for (jobs, _, fut), out in zip(groups, results, strict=True):
+                self._answer_submit(jobs, fut, out)
+
+    def _answer_submit(
+        self,
+        jobs: list[NewJob],
+        fut: asyncio.Future[list[Job]],
+        out: list[Job] | None,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Hand claimed jobs to their worker first (even if the submitter gave up), then answer it."""
+        for i, nj in enumerate(jobs):
+            if nj.handoff is not None:
+                nj.handoff.deliver(out[i] if out else None, nj.handoff.claimed if out else None)
+        if out is not None:
+            # A job inserted claimed is no work for other workers.
+            claimed = [nj.handoff.claimed if nj.handoff else None for nj in jobs]
+            self._announce_submitted([c or j for c, j in zip(claimed, out, strict=True)])
+            _settle(fut, out)
+        else:
+            _settle(fut, exc=exc)
 
     def _announce_submitted(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -429,6 +435,38 @@ class JobStore:
         if not jobs:
             return []
         now = self.db.now()
+        with self.db.engine.begin() as conn:
+            handed = self._handoffs(conn, jobs, now)
+            rows = self._insert_jobs(conn, jobs, now, handed, actor, actors)
+        out = []
+        for nj, hand, row in zip(jobs, handed, rows, strict=True):
+            if hand and nj.handoff is not None:
+                nj.handoff.claimed = row  # committed: the claim is real
+                # The submitter sees the job as submitted; its claim happened in the same transaction.
+                row = replace(
+                    row, status=S.PENDING, attempts=0, worker_id=None, lease_until=None, started_at=None
+                )
+            out.append(row)
+        return out
+
+    def _handoffs(self, conn: Connection, jobs: list[NewJob], now: datetime) -> list[bool]:
+        """Which new jobs their offered worker slot takes: those no due pending job would precede."""
+        if not any(nj.handoff for nj in jobs):
+            return [False] * len(jobs)
+        # The claim order is priority, then run_at, then id: a new job due now comes after every due
+        # pending job of the same or a higher priority.
+        top = conn.execute(_DUE_TOP_PRIORITY, {"d_now": now}).scalar()
+        return [nj.handoff is not None and (top is None or nj.priority > top) for nj in jobs]
+
+    def _insert_jobs(
+        self,
+        conn: Connection,
+        jobs: list[NewJob],
+        now: datetime,
+        handed: list[bool],
+        actor: str | None,
+        actors: list[str | None] | None,
+    ) -> list[Job]:
         rows = [
             {
                 "type": nj.type,
@@ -451,48 +489,45 @@ class JobStore:
                 "updated_at": now,
                 "origin": self.origin,
                 "started_at": now if nj.status == S.RUNNING else None,
+                "worker_id": None,
+                "lease_until": None,
             }
             for nj in jobs
         ]
-        with self.db.engine.begin() as conn:
-            # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
-            if self.db.is_sqlite:
-                result = conn.execute(_INSERT_JOBS, rows)
-            else:
-                for r in rows:
-                    del r["updated_at"]
-                result = conn.execute(_INSERT_JOBS_PG, rows)
-            out = [row_to_job(r) for r in result]
-            notes = []
-            for idx, (nj, job) in enumerate(zip(jobs, out, strict=True)):
-                who = (actors[idx] if actors is not None else actor) or nj.owner
-                what = "tracking started" if nj.kind == JobKind.TRACKED else "submitted"
-                notes.append(
-                    {
-                        "job_id": job.id,
-                        "at": now,
-                        "level": "info",
-                        "message": what + (f" by {who}" if who else ""),
-                        "context": None,
-                    }
+        for row, nj, hand in zip(rows, jobs, handed, strict=True):
+            if hand and nj.handoff is not None:
+                # Inserted as its claim leaves a job (see _CLAIM_VALUES).
+                row.update(
+                    status=S.RUNNING,
+                    attempts=1,
+                    worker_id=nj.handoff.worker_id,
+                    lease_until=now + timedelta(seconds=nj.handoff.lease_seconds),
+                    started_at=now,
                 )
-            # No trim here: a new job has one entry; the batched log path enforces the cap.
-            conn.execute(_INSERT_ACTIVITY, notes)
+        # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
+        if self.db.is_sqlite:
+            result = conn.execute(_INSERT_JOBS, rows)
+        else:
+            for r in rows:
+                del r["updated_at"]
+            result = conn.execute(_INSERT_JOBS_PG, rows)
+        out = [row_to_job(r) for r in result]
+        notes = []
+        for idx, (nj, job) in enumerate(zip(jobs, out, strict=True)):
+            who = (actors[idx] if actors is not None else actor) or nj.owner
+            what = "tracking started" if nj.kind == JobKind.TRACKED else "submitted"
+            notes.append(
+                {
+                    "job_id": job.id,
+                    "at": now,
+                    "level": "info",
+                    "message": what + (f" by {who}" if who else ""),
+                    "context": None,
+                }
+            )
+        # No trim here: a new job has one entry; the batched log path enforces the cap.
+        conn.execute(_INSERT_ACTIVITY, notes)
         return out
-
-    async def create_batch(self, name: str, *, owner: str | None = None, room: str | None = None) -> Batch:
-        """Create an empty batch."""
-        return await self.db.run(self._create_batch, name, owner, room)
-
-    def _create_batch(self, name: str, owner: str | None, room: str | None) -> Batch:
-        now = self.db.now()
-        with self.db.engine.begin() as conn:
-            row = conn.execute(
-                insert(batches_t)
-                .values(name=name, owner=owner, room=room, created_at=now, updated_at=now)
-                .returning(*batches_t.c)
-            ).one()
-        return Batch(**dict(row._mapping))
 
     # ------------------------------------------------------------------ claim
     async def claim(
@@ -531,11 +566,10 @@ class JobStore:
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id or 0))
         return jobs
 
-    async def next_run_at(self, types: Iterable[str] | None = None) -> datetime | None:
+    @in_db
+    def next_run_at(self, types: Iterable[str] | None = None) -> datetime | None:
         """The earliest run_at of a pending queued job (for the worker's idle wait)."""
-        return await self.db.run(self._next_run_at, list(types) if types else None)
-
-    def _next_run_at(self, types: list[str] | None) -> datetime | None:
+        types = list(types) if types else None
         cond = [jobs_t.c.status == S.PENDING, jobs_t.c.kind == JobKind.QUEUED]
         if types is not None:
             cond.append(jobs_t.c.type.in_(types))
@@ -578,25 +612,19 @@ class JobStore:
         return res
 
     def _complete_many(self, conn: Connection, done: list[Outcome], now: datetime) -> set[int]:
-        params = []
-        for oc in done:
-            p = oc.progress
-            params.append(
-                {
-                    "b_id": oc.job_id,
-                    "b_worker": oc.worker_id,
-                    "b_result": oc.result,
-                    "b_cur": p.current if p else None,
-                    "b_tot": p.total if p else None,
-                    "b_msg": p.message if p else None,
-                    "b_sn": p.stage_name if p else None,
-                    "b_si": p.stage_index if p else None,
-                    "b_sc": p.stage_count if p else None,
-                    "b_wp": p.weighted_percent if p else None,
-                }
-            )
+        params = [
+            {
+                "b_id": oc.job_id,
+                "b_worker": oc.worker_id,
+                "b_result": oc.result,
+                "b_now": now,
+                "b_origin": self.origin,
+                **_progress_params(oc.progress),
+            }
+            for oc in done
+        ]
         stmt = _COMPLETE_STMT if self.db.is_sqlite else _COMPLETE_STMT_LEASED
-        result = conn.execute(stmt, [dict(p, b_now=now, b_origin=self.origin) for p in params])
+        result = conn.execute(stmt, params)
         ids = [oc.job_id for oc in done]
         if result.rowcount == len(ids):
             applied = set(ids)  # every fenced update hit its row
@@ -612,7 +640,7 @@ class JobStore:
             }
         if applied:
             conn.execute(
-                insert(activity_t),
+                _INSERT_ACTIVITY,
                 [
                     {"job_id": i, "at": now, "level": "info", "message": "completed", "context": None}
                     for i in applied
@@ -651,7 +679,11 @@ class JobStore:
             if attempts < max_attempts:
                 delay = backoff_delay(attempts, self.retry_backoff, self.retry_backoff_max)
                 values.update(
-                    status=S.PENDING, error=oc.error, run_at=now + timedelta(seconds=delay), worker_id=None
+                    status=S.PENDING,
+                    error=oc.error,
+                    run_at=now + timedelta(seconds=delay),
+                    worker_id=None,
+                    attempts=attempts + 1,  # the next claim runs the next attempt
                 )
                 note = f"failed (attempt {attempts}/{max_attempts}): {oc.error}; retrying in {delay:g}s"
             else:
@@ -668,16 +700,7 @@ class JobStore:
         if oc.has_checkpoint:
             values["checkpoint"] = oc.checkpoint
         if oc.progress is not None:
-            p = oc.progress
-            values.update(
-                progress_current=p.current,
-                progress_total=p.total,
-                progress_message=p.message,
-                stage_name=p.stage_name,
-                stage_index=p.stage_index,
-                stage_count=p.stage_count,
-                weighted_percent=p.weighted_percent,
-            )
+            values.update(oc.progress.columns())
         row = conn.execute(update(jobs_t).where(fence).values(**values).returning(*jobs_t.c)).first()
         if row is None:
             return None
@@ -688,14 +711,12 @@ class JobStore:
             self._log(conn, oc.job_id, level, note, None, now)
         return job
 
-    async def save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
+    @in_db
+    def save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
         """Persist a running job's checkpoint state.
 
         Returns the job's control value, or None when this worker lost the job (its lease).
         """
-        return await self.db.run(self._save_checkpoint, job_id, worker_id, state)
-
-    def _save_checkpoint(self, job_id: int, worker_id: str, state: Any) -> str | None:
         now = self.db.now()
         with self.db.engine.begin() as conn:
             return conn.execute(
@@ -705,15 +726,13 @@ class JobStore:
                 .returning(jobs_t.c.control)
             ).scalar()
 
-    async def heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
+    @in_db
+    def heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
         """Extend the leases of this worker's running jobs; return each job's control value.
 
         A job missing from the answer is no longer this worker's: recovered by someone else or, on
         PostgreSQL, its lease ran out (an expired lease is not revived: a reaper may be taking it over).
         """
-        return await self.db.run(self._heartbeat, worker_id, lease_seconds)
-
-    def _heartbeat(self, worker_id: str, lease_seconds: float) -> dict[int, str]:
         # Long-lived workers re-measure the clock offset now and then (clocks drift).
         self.db.sync_clock(max_age=CLOCK_RESYNC_SECONDS)
         now = self.db.now()
@@ -739,11 +758,9 @@ class JobStore:
             ).all()
         return {r[0]: r[1] for r in rows}
 
-    async def controls(self, job_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    @in_db
+    def controls(self, job_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
         """``{id: (status, control)}`` for the given jobs."""
-        return await self.db.run(self._controls, list(job_ids))
-
-    def _controls(self, job_ids: list[int]) -> dict[int, tuple[str, str]]:
         if not job_ids:
             return {}
         with self.db.engine.connect() as conn:
@@ -798,6 +815,8 @@ class JobStore:
                     control=Control.RUN,
                     worker_id=None,
                     lease_until=None,
+                    # The try ended with its worker, without an outcome: what runs next is a new attempt.
+                    attempts=jobs_t.c.attempts + 1,
                     updated_at=self._stamp(now),
                     origin=self.origin,
                     **values,
@@ -833,47 +852,24 @@ class JobStore:
                 raise JobNotFound(job_id)
             job = row_to_job(row)
             status = S(job.status)
-            check_action(job_id, status, action)
-            by = f" by {actor}" if actor else ""
-            tracked = job.kind == JobKind.TRACKED
+            effect = plan(job_id, action, job.kind, status, job.control)
             values: dict[str, Any] = {
                 "updated_at": self._stamp(now),
                 "origin": self.origin,
                 "control_by": actor,
+                "control": effect.control,
             }
-            requested = False
             if status != S.RUNNING:
                 # The row is no longer a worker's; other processes' monitors must see this change.
                 values["worker_id"] = None
-            if action == "pause":
-                if status == S.RUNNING and not tracked:
-                    if job.control == Control.PAUSE:
-                        raise IllegalTransition(job_id, "already pausing", "paused again")
-                    values["control"] = Control.PAUSE
-                    requested, note = True, f"pause requested{by}"
-                else:
-                    values.update(status=S.PAUSED, control=Control.PAUSE if tracked else Control.RUN)
-                    note = f"paused{by}"
-            elif action == "resume":
-                if tracked:
-                    values.update(status=S.RUNNING, control=Control.RUN)
-                else:
-                    values.update(status=S.PENDING, control=Control.RUN, run_at=now)
-                note = f"resumed{by}"
-            elif action == "cancel":
-                if status == S.RUNNING and not tracked:
-                    values["control"] = Control.CANCEL
-                    requested, note = True, f"cancel requested{by}"
-                else:
-                    values.update(status=S.CANCELLED, control=Control.CANCEL, finished_at=now, worker_id=None)
-                    note = f"cancelled{by}"
-            elif action == "retry":
-                if tracked:
-                    raise IllegalTransition(job_id, f"a tracked {status} job", "retried")
+            if effect.status is not None:
+                values["status"] = effect.status
+            if effect.finishes:
+                values.update(finished_at=now, worker_id=None)
+            if effect.requeues:
+                values["run_at"] = now
+            if effect.fresh_run:
                 values.update(
-                    status=S.PENDING,
-                    control=Control.RUN,
-                    run_at=now,
                     attempts=0,
                     error=None,
                     result=None,
@@ -884,18 +880,15 @@ class JobStore:
                     weighted_percent=None,
                     interrupted=False,
                 )
-                note = f"retried{by}"
-            else:  # pragma: no cover - check_action rejects unknown actions first
-                raise ValueError(action)
             new = conn.execute(
                 update(jobs_t).where(jobs_t.c.id == job_id).values(**values).returning(*jobs_t.c)
             ).one()
-            self._log(conn, job_id, "info", note, None, now)
-        return ActionResult(job=row_to_job(new), action=action, requested=requested)
+            self._log(conn, job_id, "info", effect.note + (f" by {actor}" if actor else ""), None, now)
+        return ActionResult(job=row_to_job(new), action=action, requested=effect.requested)
 
     async def act_batch(self, batch_id: int, action: str, *, actor: str | None = None) -> list[ActionResult]:
         """Apply a user action to every job of a batch for which it is legal. Raises if none qualifies."""
-        ids = await self.db.run(self._batch_job_ids, batch_id)
+        ids = await self.batch_job_ids(batch_id)
         if not ids:
             raise JobNotFound(batch_id, "batch")
         results: list[ActionResult] = []
@@ -907,14 +900,8 @@ class JobStore:
                 last_error = exc
         if not results and last_error is not None:
             summary = await self.batch_summary(batch_id)
-            from .lifecycle import ACTION_WORD
-
-            raise IllegalTransition(batch_id, summary.status, ACTION_WORD[action], kind="Batch")
+            raise IllegalTransition(batch_id, summary.status, Action(action).word, kind="Batch")
         return results
-
-    def _batch_job_ids(self, batch_id: int) -> list[int]:
-        with self.db.engine.connect() as conn:
-            return [r[0] for r in conn.execute(select(jobs_t.c.id).where(jobs_t.c.batch_id == batch_id))]
 
     # ---------------------------------------------------------- tracked jobs
     async def tracked_update(
@@ -1008,17 +995,7 @@ class JobStore:
 
     def _write_progress(self, writes: list[ProgressWrite]) -> None:
         now = self.db.now()
-        values: dict[str, Any] = {
-            "progress_current": bindparam("b_cur"),
-            "progress_total": bindparam("b_tot"),
-            "progress_message": bindparam("b_msg"),
-            "stage_name": bindparam("b_sn"),
-            "stage_index": bindparam("b_si"),
-            "stage_count": bindparam("b_sc"),
-            "weighted_percent": bindparam("b_wp"),
-            "updated_at": self._stamp(now),
-            "origin": self.origin,
-        }
+        values: dict[str, Any] = {**_PROGRESS_PARAMS, "updated_at": self._stamp(now), "origin": self.origin}
         stmt = (
             update(jobs_t)
             .where(
@@ -1046,80 +1023,12 @@ class JobStore:
                 "b_id": w.job_id,
                 "b_free": w.worker_id is None,
                 "b_worker": w.worker_id,
-                "b_cur": w.current,
-                "b_tot": w.total,
-                "b_msg": w.message,
-                "b_sn": w.stage_name,
-                "b_si": w.stage_index,
-                "b_sc": w.stage_count,
-                "b_wp": w.weighted_percent,
+                **_progress_params(w.progress),
             }
             for w in sorted(writes, key=lambda w: w.job_id)
         ]
         with self.db.engine.begin() as conn:
             conn.execute(stmt, params)
-
-    # --------------------------------------------------------------- activity
-    async def log(self, job_id: int, level: str, message: str, context: dict[str, Any] | None = None) -> None:
-        """Append to a job's activity log, dropping the oldest entries beyond the cap."""
-        await self.db.run(self._log_tx, [(job_id, level, message, context)])
-
-    async def log_many(self, entries: Sequence[tuple[int, str, str, dict[str, Any] | None]]) -> None:
-        """Append several activity entries in one transaction."""
-        if entries:
-            await self.db.run(self._log_tx, list(entries))
-
-    def _log_tx(self, entries: list[tuple[int, str, str, dict[str, Any] | None]]) -> None:
-        now = self.db.now()
-        with self.db.engine.begin() as conn:
-            for job_id, level, message, context in entries:
-                self._log(conn, job_id, level, message, context, now, trim=False)
-            for job_id in {e[0] for e in entries}:
-                self._trim(conn, job_id)
-
-    def _log(
-        self,
-        conn: Connection,
-        job_id: int,
-        level: str,
-        message: str,
-        context: dict[str, Any] | None,
-        at: datetime,
-        *,
-        trim: bool = True,
-    ) -> None:
-        conn.execute(
-            insert(activity_t).values(
-                job_id=job_id, at=at, level=level, message=message[:2000], context=context
-            )
-        )
-        if trim:
-            self._trim(conn, job_id)
-
-    def _trim(self, conn: Connection, job_id: int) -> None:
-        cutoff = conn.execute(
-            select(activity_t.c.id)
-            .where(activity_t.c.job_id == job_id)
-            .order_by(activity_t.c.id.desc())
-            .offset(self.activity_limit)
-            .limit(1)
-        ).scalar()
-        if cutoff is not None:
-            conn.execute(delete(activity_t).where(activity_t.c.job_id == job_id, activity_t.c.id <= cutoff))
-
-    async def activity(self, job_id: int, limit: int = 20) -> list[Activity]:
-        """The newest ``limit`` activity entries of a job, oldest first."""
-        return await self.db.run(self._activity, job_id, limit)
-
-    def _activity(self, job_id: int, limit: int) -> list[Activity]:
-        with self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(activity_t)
-                .where(activity_t.c.job_id == job_id)
-                .order_by(activity_t.c.id.desc())
-                .limit(limit)
-            ).all()
-        return [Activity(**dict(r._mapping)) for r in reversed(rows)]
 
     # ---------------------------------------------------------------- queries
     async def get(self, job_id: int) -> Job:
@@ -1134,18 +1043,17 @@ class JobStore:
             row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id)).first()
         return row_to_job(row) if row else None
 
-    async def get_many(self, job_ids: Sequence[int]) -> list[Job]:
+    @in_db
+    def get_many(self, job_ids: Sequence[int]) -> list[Job]:
         """The jobs with the given ids that exist."""
-        return await self.db.run(self._get_many, list(job_ids))
-
-    def _get_many(self, job_ids: list[int]) -> list[Job]:
         if not job_ids:
             return []
         with self.db.engine.connect() as conn:
             rows = conn.execute(select(jobs_t).where(jobs_t.c.id.in_(job_ids))).all()
         return [row_to_job(r) for r in rows]
 
-    async def list_jobs(
+    @in_db
+    def list_jobs(
         self,
         *,
         statuses: Iterable[str] | None = None,
@@ -1156,19 +1064,8 @@ class JobStore:
         newest_first: bool = True,
     ) -> list[Job]:
         """Jobs matching the filters."""
-        return await self.db.run(
-            self._list_jobs, list(statuses) if statuses else None, type, batch_id, room, limit, newest_first
-        )
-
-    def _list_jobs(
-        self,
-        statuses: list[str] | None,
-        type_: str | None,
-        batch_id: int | None,
-        room: str | None,
-        limit: int,
-        newest_first: bool,
-    ) -> list[Job]:
+        type_ = type
+        statuses = list(statuses) if statuses else None
         q = select(jobs_t)
         if statuses:
             q = q.where(jobs_t.c.status.in_(statuses))
@@ -1182,7 +1079,9 @@ class JobStore:
         with self.db.engine.connect() as conn:
             return [row_to_job(r) for r in conn.execute(q)]
 
-    async def changed_since(
+    @in_db
+
+    def changed_since(
         self,
         since: datetime,
         limit: int = 5000,
@@ -1196,11 +1095,6 @@ class JobStore:
         Rows come in ``(updated_at, id)`` order; ``after_id`` continues after the row ``(since, after_id)``
         (keyset paging: a full page is followed by the next one instead of being read again).
         """
-        return await self.db.run(self._changed_since, since, limit, others_only, after_id)
-
-    def _changed_since(
-        self, since: datetime, limit: int, others_only: bool, after_id: int | None
-    ) -> list[Job]:
         q = select(jobs_t).where(jobs_t.c.updated_at >= since)
         if after_id is not None:
             q = q.where(or_(jobs_t.c.updated_at > since, jobs_t.c.id > after_id))
@@ -1210,11 +1104,9 @@ class JobStore:
             rows = conn.execute(q.order_by(jobs_t.c.updated_at, jobs_t.c.id).limit(limit)).all()
         return [row_to_job(r) for r in rows]
 
-    async def stats(self) -> dict[str, Any]:
+    @in_db
+    def stats(self) -> dict[str, Any]:
         """Counts by status, plus totals."""
-        return await self.db.run(self._stats)
-
-    def _stats(self) -> dict[str, Any]:
         with self.db.engine.connect() as conn:
             rows = conn.execute(select(jobs_t.c.status, func.count()).group_by(jobs_t.c.status)).all()
             batches = conn.execute(select(func.count()).select_from(batches_t)).scalar() or 0
@@ -1222,11 +1114,9 @@ class JobStore:
         counts.update({r[0]: r[1] for r in rows})
         return {"counts": counts, "total": sum(counts.values()), "batches": batches}
 
-    async def cleanup(self, older_than_days: float) -> int:
+    @in_db
+    def cleanup(self, older_than_days: float) -> int:
         """Delete finished jobs (and their activity) that ended more than ``older_than_days`` ago."""
-        return await self.db.run(self._cleanup, older_than_days)
-
-    def _cleanup(self, older_than_days: float) -> int:
         cutoff = self.db.now() - timedelta(days=older_than_days)
         cond = and_(jobs_t.c.status.in_([str(s) for s in TERMINAL_STATUSES]), jobs_t.c.finished_at < cutoff)
         with self.db.engine.begin() as conn:
@@ -1254,209 +1144,14 @@ class JobStore:
             assert raw is not None
             raw.execute("VACUUM")
 
-    # ---------------------------------------------------------------- batches
-    async def get_batch(self, batch_id: int) -> Batch:
-        """One batch; raises :class:`JobNotFound`."""
-        b = await self.db.run(self._get_batch, batch_id)
-        if b is None:
-            raise JobNotFound(batch_id, "batch")
-        return b
-
-    def _get_batch(self, batch_id: int) -> Batch | None:
-        with self.db.engine.connect() as conn:
-            row = conn.execute(select(batches_t).where(batches_t.c.id == batch_id)).first()
-        return Batch(**dict(row._mapping)) if row else None
-
-    async def batch_summary(self, batch_id: int, *, error_limit: int = 5) -> BatchSummary:
-        """Aggregate progress of a batch, computed from its jobs."""
-        s = await self.db.run(self._batch_summary, batch_id, error_limit)
-        if s is None:
-            raise JobNotFound(batch_id, "batch")
-        return s
-
-    def _batch_summary(self, batch_id: int, error_limit: int) -> BatchSummary | None:
-        with self.db.engine.connect() as conn:
-            brow = conn.execute(select(batches_t).where(batches_t.c.id == batch_id)).first()
-            if brow is None:
-                return None
-            rows = conn.execute(
-                select(jobs_t.c.status, func.count())
-                .where(jobs_t.c.batch_id == batch_id)
-                .group_by(jobs_t.c.status)
-            ).all()
-            counts = {r[0]: r[1] for r in rows}
-            running = conn.execute(
-                select(jobs_t.c.id, jobs_t.c.type, jobs_t.c.name, jobs_t.c.progress_message)
-                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == S.RUNNING)
-                .order_by(jobs_t.c.updated_at.desc())
-                .limit(1)
-            ).first()
-            errs = conn.execute(
-                select(jobs_t.c.id, jobs_t.c.error)
-                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == S.FAILED)
-                .order_by(jobs_t.c.finished_at.desc())
-                .limit(error_limit)
-            ).all()
-            frac = conn.execute(
-                select(func.coalesce(func.sum(jobs_t.c.weighted_percent), 0.0)).where(
-                    jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_([S.RUNNING, S.PAUSED])
-                )
-            ).scalar()
-        total = sum(counts.values())
-        done = sum(counts.get(s, 0) for s in TERMINAL_STATUSES)
-        current_op = None
-        if running is not None:
-            label = running.name or running.type
-            current_op = f"#{running.id} {label}" + (
-                f": {running.progress_message}" if running.progress_message else ""
-            )
-        return BatchSummary(
-            batch=Batch(**dict(brow._mapping)),
-            total=total,
-            counts=counts,
-            current_operation=current_op,
-            errors=[f"#{r[0]}: {r[1]}" for r in errs],
-            current=done + float(frac or 0.0) / 100.0,
-            status=derive_batch_status(counts),
-        )
-
-    # --------------------------------------------------------------- bindings
-    async def get_binding(self, platform: str, target_kind: str, target_id: int) -> MessageBinding | None:
-        """The chat message bound to a job or batch on a platform, if any."""
-        return await self.db.run(self._get_binding, platform, target_kind, target_id)
-
-    def _get_binding(self, platform: str, target_kind: str, target_id: int) -> MessageBinding | None:
-        with self.db.engine.connect() as conn:
-            row = conn.execute(
-                select(bindings_t).where(
-                    bindings_t.c.platform == platform,
-                    bindings_t.c.target_kind == target_kind,
-                    bindings_t.c.target_id == target_id,
-                )
-            ).first()
-        return MessageBinding(**dict(row._mapping)) if row else None
-
-    async def find_binding_by_message(self, platform: str, message_id: str) -> MessageBinding | None:
-        """The binding whose chat message id is ``message_id`` (reactions and buttons use this)."""
-        return await self.db.run(self._find_binding_by_message, platform, message_id)
-
-    def _find_binding_by_message(self, platform: str, message_id: str) -> MessageBinding | None:
-        with self.db.engine.connect() as conn:
-            row = conn.execute(
-                select(bindings_t).where(
-                    bindings_t.c.platform == platform, bindings_t.c.message_id == message_id
-                )
-            ).first()
-        return MessageBinding(**dict(row._mapping)) if row else None
-
-    async def save_binding(
-        self,
-        platform: str,
-        target_kind: str,
-        target_id: int,
-        room: str,
-        message_id: str,
-        *,
-        pinned: bool | None = None,
-        finished: bool | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> MessageBinding:
-        """Create or update the binding of a job or batch to a chat message."""
-        return await self.db.run(
-            self._save_binding, platform, target_kind, target_id, room, message_id, pinned, finished, extra
-        )
-
-    def _save_binding(
-        self,
-        platform: str,
-        target_kind: str,
-        target_id: int,
-        room: str,
-        message_id: str,
-        pinned: bool | None,
-        finished: bool | None,
-        extra: dict[str, Any] | None,
-    ) -> MessageBinding:
-        now = self.db.now()
-        key = and_(
-            bindings_t.c.platform == platform,
-            bindings_t.c.target_kind == target_kind,
-            bindings_t.c.target_id == target_id,
-        )
-        values: dict[str, Any] = {"room": room, "message_id": message_id, "updated_at": now}
-        if pinned is not None:
-            values["pinned"] = pinned
-        if finished is not None:
-            values["finished"] = finished
-        if extra is not None:
-            values["extra"] = extra
-        with self.db.engine.begin() as conn:
-            row = conn.execute(
-                update(bindings_t).where(key).values(**values).returning(*bindings_t.c)
-            ).first()
-            if row is None:
-                values.setdefault("pinned", False)
-                values.setdefault("finished", False)
-                row = conn.execute(
-                    insert(bindings_t)
-                    .values(
-                        platform=platform,
-                        target_kind=target_kind,
-                        target_id=target_id,
-                        created_at=now,
-                        **values,
-                    )
-                    .returning(*bindings_t.c)
-                ).one()
-        return MessageBinding(**dict(row._mapping))
-
-    async def open_bindings(self, platform: str) -> list[MessageBinding]:
-        """Bindings of a platform whose message is not finished yet (pinned or still being edited)."""
-        return await self.db.run(self._open_bindings, platform)
-
-    def _open_bindings(self, platform: str) -> list[MessageBinding]:
-        with self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(bindings_t).where(
-                    bindings_t.c.platform == platform,
-                    or_(bindings_t.c.finished.is_(False), bindings_t.c.pinned.is_(True)),
-                )
-            ).all()
-        return [MessageBinding(**dict(r._mapping)) for r in rows]
-
-    # --------------------------------------------------------------------- kv
-    async def kv_get(self, key: str, default: Any = None) -> Any:
-        """Read a small persistent value (adapters keep sync tokens and device ids here)."""
-        return await self.db.run(self._kv_get, key, default)
-
-    def _kv_get(self, key: str, default: Any) -> Any:
-        with self.db.engine.connect() as conn:
-            row = conn.execute(select(kv_t.c.value).where(kv_t.c.key == key)).first()
-        return default if row is None else row[0]
-
-    async def kv_set(self, key: str, value: Any) -> None:
-        """Write a small persistent value."""
-        await self.db.run(self._kv_set, key, value)
-
-    def _kv_set(self, key: str, value: Any) -> None:
-        with self.db.engine.begin() as conn:
-            n = conn.execute(update(kv_t).where(kv_t.c.key == key).values(value=value)).rowcount
-            if not n:
-                conn.execute(insert(kv_t).values(key=key, value=value))
-
-    async def ping(self) -> bool:
-        """Whether the database answers."""
-        return await self.db.run(self._ping)
-
-    def _ping(self) -> bool:
-        with self.db.engine.connect() as conn:
-            return conn.execute(text("SELECT 1")).scalar() == 1
 
 
 __all__ = [
     "ACTIVE_STATUSES",
     "ActionResult",
     "BatchSummary",
+    "Handoff",
+    "JobFilters",
     "JobStore",
     "NewJob",
     "Outcome",

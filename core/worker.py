@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -28,16 +29,18 @@ from typing import Any
 
 from .context import JobContext, SyncJobContext
 from .errors import JobCancelled, JobInterrupt, JobPaused, LeaseLost
-from .models import Control, Job, JobStatus
+from .models import Control, Job, JobStatus, Progress
 from .monitor import JobProgressMonitor, JobView
 from .registry import HandlerRegistry
 from .salvage import describe_error, finish_isolating, log_failure
-from .store import JobStore, Outcome, ProgressWrite, RecoveryPolicy
+from .store import Handoff, JobStore, Outcome, RecoveryPolicy
 from .text import clean_result
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN = "shutdown"
+#: Backoff after a wake-up whose claim found nothing (see Worker._claim_loop): 1 ms, doubling, at most 32 ms.
+LOST_CLAIM_BACKOFF = 0.001
+LOST_CLAIM_BACKOFF_MAX = 0.032
 
 
 def make_worker_id() -> str:
@@ -90,8 +93,8 @@ def raise_for_control(ctx: JobContext) -> None:
         raise JobCancelled()
     if ctx.control == Control.PAUSE:
         raise JobPaused()
-    if ctx.control == SHUTDOWN:
-        raise JobInterrupt(SHUTDOWN)
+    if ctx.control == Control.SHUTDOWN:
+        raise JobInterrupt(Control.SHUTDOWN)
 
 
 class Worker:
@@ -143,6 +146,8 @@ class Worker:
         self._next_due_check = 0.0
         self._stopping = False
         self._accepting = True
+        #: Slots offered to jobs being submitted in this process (see :meth:`offer_slot`).
+        self._offered = 0
         self.completed_count = 0
 
     # ------------------------------------------------------------ lifecycle
@@ -177,7 +182,7 @@ class Worker:
             self._deadlines.pop(job.id or 0, None)
         self._ready.clear()
         for rj in list(self.running.values()):
-            rj.ctx.set_control(SHUTDOWN)
+            rj.ctx.set_control(Control.SHUTDOWN)
         tasks = [rj.task for rj in self.running.values() if rj.task is not None]
         if tasks:
             _, still = await asyncio.wait(tasks, timeout=grace)
@@ -206,6 +211,41 @@ class Worker:
                 self._next_due = due
         self._wakeup.set()
 
+    def offer_slot(self) -> Handoff | None:
+        """Offer a free slot to a job this process is submitting (see :class:`~core.store.Handoff`).
+
+        A job submitted while this worker idles would otherwise cost a second transaction (its claim) and
+        a wake-up of the claim loop. None when no slot is free or jobs claimed ahead are waiting.
+        """
+        if not self._tasks or not self._accepting or self._ready:
+            return None  # not started, stopping, or jobs claimed ahead wait for a slot
+        if len(self.running) + self._offered >= self.concurrency:
+            return None
+        self._offered += 1
+        return Handoff(self.worker_id, self.lease_seconds, functools.partial(self._take, time.monotonic()))
+
+    def _take(self, offered_at: float, inserted: Job | None, claimed: Job | None) -> None:
+        """The store's answer to an offer: start the job it claimed for this worker, or free the slot.
+
+        ``offered_at`` (monotonic, before the claim) starts the local lease deadline, like a claim's.
+        """
+        self._offered -= 1
+        if claimed is None or inserted is None:
+            self._slot_freed.set()
+            return
+        # Its pending state first (the submitter announces nothing when its job was handed over).
+        self.monitor.job_changed(inserted)
+        if self.reap_expired:
+            self._deadlines[claimed.id or 0] = offered_at + self.lease_seconds
+        if not self._accepting:
+            # Stopping meanwhile: back to the queue, like the jobs claimed ahead (see stop).
+            self._outcomes.append(
+                (Outcome(job_id=claimed.id or 0, worker_id=self.worker_id, status=JobStatus.PENDING), None)
+            )
+            self._outcome_ready.set()
+            return
+        self._start_job(claimed)
+
     def wake_controls(self) -> None:
         """Read the running jobs' controls now instead of at the next heartbeat (a pause or cancel was
         requested from another process)."""
@@ -231,11 +271,13 @@ class Worker:
     # ---------------------------------------------------------------- loops
     async def _claim_loop(self) -> None:
         deep = False  # the last claim came back full: the queue is deep, so claim ahead
+        lost = 0  # wake-ups in a row whose claim found nothing: other workers took the work first
+        woken = False  # this claim follows a wake-up (not a poll timeout)
         while not self._stopping:
             try:
                 if not self._accepting:
                     await asyncio.sleep(3600)
-                free = self.concurrency - len(self.running)
+                free = self.concurrency - len(self.running) - self._offered
                 if free <= 0:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
@@ -259,6 +301,7 @@ class Worker:
                     self.worker_id, want, types=types, lease_seconds=self.lease_seconds
                 )
                 deep = len(jobs) == want
+                lost = 0 if jobs else lost + woken
                 if self.reap_expired:
                     # The lease was stamped after we sent the claim: counting from here is conservative.
                     for job in jobs:
@@ -270,14 +313,20 @@ class Worker:
                         self._ready.append(job)
                 if deep or self._ready:
                     continue
-                await self._idle_wait(types)
+                woken = await self._idle_wait(types)
+                if woken and lost:
+                    # One NOTIFY wakes every worker and one of them gets each job. A worker that keeps losing
+                    # that race waits a little before claiming: on few cores N-1 empty claims per job
+                    # cost more CPU than the work, and the jobs that arrive meanwhile come in one claim.
+                    await asyncio.sleep(min(LOST_CLAIM_BACKOFF_MAX, LOST_CLAIM_BACKOFF * 2 ** min(lost, 5)))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log_failure(log, "claim failed; retrying", exc)
                 await asyncio.sleep(self.poll_interval)
 
-    async def _idle_wait(self, types: list[str]) -> None:
+    async def _idle_wait(self, types: list[str]) -> bool:
+        """Wait for a wake-up, the next due job or the poll interval; returns whether woken."""
         timeout = self.poll_interval
         now = time.monotonic()
         # Look for delayed jobs at most once per poll interval, not on every idle moment.
@@ -290,11 +339,13 @@ class Worker:
             if timeout <= 0:
                 self._next_due = None
         if timeout <= 0:
-            return
+            return False
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel arriving as the event fires.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._wakeup.wait()
+                return True
+        return False
 
     async def _heartbeat_loop(self) -> None:
         interval = max(0.05, min(self.poll_interval, self.lease_seconds / 3))
@@ -353,7 +404,7 @@ class Worker:
 
     def _lose(self, rj: RunningJob) -> None:
         if rj.task is not None and not rj.task.done():
-            rj.ctx.set_control("lease-lost")
+            rj.ctx.set_control(Control.LEASE_LOST)
             rj.task.cancel()
 
     async def _finish_loop(self) -> None:
@@ -438,7 +489,7 @@ class Worker:
         except LeaseLost:
             outcome = None
         except JobInterrupt as exc:
-            if exc.action == SHUTDOWN:
+            if exc.action == Control.SHUTDOWN:
                 outcome = self._outcome(
                     job, JobStatus.PENDING, note="stopped by shutdown; continues from its checkpoint"
                 )
@@ -446,7 +497,8 @@ class Worker:
                 outcome = None
         except asyncio.CancelledError:
             outcome = self._cancelled_task_outcome(job, ctx)
-            if outcome is None and not self._stopping and ctx.control not in (Control.CANCEL, SHUTDOWN):
+            stopped = ctx.control in (Control.CANCEL, Control.SHUTDOWN)
+            if outcome is None and not self._stopping and not stopped:
                 raise
         except TimeoutError:
             outcome = self._outcome(job, JobStatus.FAILED, error=f"timed out after {job.timeout or 0:g}s")
@@ -469,25 +521,14 @@ class Worker:
             else:
                 self.monitor.detach(job.id)
 
-    def _progress_of(self, job_id: int) -> ProgressWrite | None:
+    def _progress_of(self, job_id: int) -> Progress | None:
         st = self.monitor.live_state(job_id)
-        if st is None:
-            return None
-        return ProgressWrite(
-            job_id=job_id,
-            current=st.current,
-            total=st.total,
-            message=st.message[:2000] if st.message else st.message,
-            stage_name=st.stage_name,
-            stage_index=st.stage_index,
-            stage_count=len(st.stage_names) or None,
-            weighted_percent=st.weighted_percent(),
-        )
+        return None if st is None else st.snapshot()
 
     def _cancelled_task_outcome(self, job: Job, ctx: JobContext) -> Outcome | None:
         if ctx.control == Control.CANCEL:
             return self._outcome(job, JobStatus.CANCELLED)
-        if ctx.control == SHUTDOWN or not self._accepting:
+        if ctx.control == Control.SHUTDOWN or not self._accepting:
             return self._outcome(
                 job, JobStatus.PENDING, note="stopped by shutdown; continues from its checkpoint"
             )

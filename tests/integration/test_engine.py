@@ -15,9 +15,9 @@ from pydantic import BaseModel
 from core.context import JobContext, SyncJobContext
 from core.db import Database
 from core.errors import IllegalTransition, JobNotFound, PayloadError, UnknownJobType
-from core.models import JobStatus, utcnow
+from core.models import Job, JobStatus, utcnow
 from core.registry import HandlerRegistry
-from core.store import JobStore, NewJob
+from core.store import Handoff, JobStore, NewJob
 from tests.conftest import ServiceFactory, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -112,6 +112,38 @@ async def test_atomic_claim_with_eight_claimers(db_url: str) -> None:
             db.close()
 
 
+async def test_a_job_handed_to_a_free_slot_never_jumps_the_queue(db_url: str) -> None:
+    """A submit offered a worker's free slot is claimed in its own transaction only when no due pending job
+    would be claimed before it; otherwise it waits its turn."""
+    db = Database(db_url)
+    store = JobStore(db)
+    answers: list[tuple[int | None, int | None]] = []
+
+    def answer(inserted: Job | None, claimed: Job | None) -> None:
+        answers.append((inserted and inserted.id, claimed and claimed.id))
+
+    def offer() -> Handoff:
+        return Handoff("w1", 30.0, answer)
+
+    try:
+        await store.init()
+        [alone] = await store.submit_many([NewJob(type="t", handoff=offer())])
+        assert alone.status == JobStatus.PENDING  # the submitter sees the job as inserted
+        assert answers == [(alone.id, alone.id)]
+        claimed = await store.get(alone.id or 0)
+        assert claimed.status == JobStatus.RUNNING and claimed.worker_id == "w1" and claimed.attempts == 1
+
+        [waiting] = await store.submit_many([NewJob(type="t", priority=5)])
+        [behind] = await store.submit_many([NewJob(type="t", priority=5, handoff=offer())])
+        assert answers[-1] == (behind.id, None)  # same priority, later: the waiting job goes first
+        [ahead] = await store.submit_many([NewJob(type="t", priority=9, handoff=offer())])
+        assert answers[-1] == (ahead.id, ahead.id)  # a higher priority would be claimed first anyway
+        # The one left behind is claimed by the ordinary path, in the ordinary order.
+        assert [j.id for j in await store.claim("w2", 5)] == [waiting.id, behind.id]
+    finally:
+        db.close()
+
+
 async def test_priority_then_run_at_order(make_service: ServiceFactory) -> None:
     reg = HandlerRegistry()
     order: list[str] = []
@@ -202,6 +234,56 @@ async def test_pause_resume_continues_from_checkpoint(make_service: ServiceFacto
     done = await svc.wait_for(jid, timeout=15)
     assert done.status == JobStatus.COMPLETED
     assert done.result == {"steps": 12, "executions": 12}  # no step ran twice
+
+
+async def test_pause_and_resume_do_not_use_up_attempts(make_service: ServiceFactory) -> None:
+    """pause -> resume -> fail with max_attempts=2: the failure is retried once, as if no pause happened."""
+    reg = HandlerRegistry()
+    attempts_seen: list[int] = []
+
+    @reg.handler("pause_then_fail")
+    async def pause_then_fail(ctx: JobContext, data: dict[str, Any]) -> None:
+        attempts_seen.append(ctx.attempt)
+        if not (ctx.checkpoint_state or {}).get("paused_once"):
+            while True:  # runs until the pause below takes effect at a checkpoint
+                await ctx.checkpoint({"paused_once": True})
+                await asyncio.sleep(0.01)
+        raise RuntimeError("boom")
+
+    svc = await make_service(reg, retry_backoff=0.05)
+    job = await svc.submit("pause_then_fail", {}, max_attempts=2)
+    jid = job.id
+    assert jid is not None
+    await wait_until(lambda: _async_true(bool(attempts_seen)))
+    await svc.pause(jid, actor="@alice")
+    paused = await svc.wait_for(jid, lambda j: j.status == JobStatus.PAUSED, timeout=10)
+    assert paused.attempts == 1
+    await svc.resume(jid, actor="@alice")
+    done = await svc.wait_for(jid, timeout=15)
+    assert done.status == JobStatus.FAILED and done.error == "RuntimeError: boom"
+    # The run before the pause and the run after it are one attempt; the failure was retried once.
+    assert attempts_seen == [1, 1, 2] and done.attempts == 2
+    msgs = [a.message for a in await svc.activity(jid, limit=50)]
+    assert any(m.startswith("failed (attempt 1/2): RuntimeError: boom; retrying in") for m in msgs), msgs
+    assert msgs[-1] == "failed: RuntimeError: boom"
+
+
+async def test_explicit_retry_starts_a_fresh_run(make_service: ServiceFactory) -> None:
+    """A user's retry after a final failure starts again at attempt 1 with all attempts available."""
+    svc = await make_service()
+    job = await svc.submit("demo.count", {"steps": 2, "delay_ms": 1, "fail_at": 1}, max_attempts=2)
+    jid = job.id
+    assert jid is not None
+    failed = await svc.wait_for(jid, timeout=15)
+    assert failed.status == JobStatus.FAILED and failed.attempts == 2
+    res = await svc.retry(jid, actor="@alice")
+    assert res.job.status == JobStatus.PENDING and res.job.attempts == 0
+    again = await svc.wait_for(jid, timeout=15)
+    assert again.status == JobStatus.FAILED and again.attempts == 2
+
+
+async def _async_true(value: bool) -> bool:
+    return value
 
 
 async def _progress_at_least(svc: Any, jid: int, n: int) -> bool:
@@ -486,3 +568,15 @@ async def test_lease_fencing_blocks_a_stale_worker(make_service: ServiceFactory)
     res = await svc.store.finish_many([Outcome(job.id or 0, "w-old", JobStatus.COMPLETED)])
     assert res.completed_ids == set() and res.changed == []
     assert (await svc.get(job.id or 0)).worker_id == "w-new"
+
+
+async def test_a_job_submitted_before_the_worker_starts_waits_for_it(make_service: ServiceFactory) -> None:
+    """Before start() the worker takes nothing; once started it runs what was submitted meanwhile."""
+    svc = await make_service(start=False)
+    await svc.store.init()
+    job = await svc.submit("demo.count", {"steps": 1, "delay_ms": 1})
+    stored = await svc.store.get(job.id or 0)
+    assert stored.status == JobStatus.PENDING and stored.worker_id is None
+    await svc.start()
+    done = await svc.wait_for(job.id or 0, timeout=10)
+    assert done.status == JobStatus.COMPLETED and done.attempts == 1

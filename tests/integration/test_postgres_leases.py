@@ -12,9 +12,8 @@ import psycopg
 import pytest
 from sqlalchemy import update
 
-import core.db
 from core.db import Database, pg_connect_args
-from core.models import JobStatus, utcnow
+from core.models import JobStatus, Progress, utcnow
 from core.notify import PgNotifier
 from core.store import JobStore, NewJob, Outcome, ProgressWrite, jobs_t
 from tests.integration.pg_helpers import fresh_db, wait_for
@@ -46,7 +45,7 @@ def _expire(db: Database, job_id: int) -> None:
 
 
 def _progress(job_id: int, current: float, worker_id: str) -> ProgressWrite:
-    return ProgressWrite(job_id, current, 10, f"at {current}", None, None, None, None, worker_id=worker_id)
+    return ProgressWrite(job_id, Progress(current, 10, f"at {current}"), worker_id=worker_id)
 
 
 async def test_a_worker_that_lost_its_lease_writes_nothing(pg_url: str, dbs: list[Database]) -> None:
@@ -130,15 +129,14 @@ async def test_schema_creation_is_safe_when_processes_start_at_once(pg_url: str,
 
 
 async def test_a_host_with_a_skewed_clock_keeps_its_leases(
-    pg_url: str, dbs: list[Database], monkeypatch: pytest.MonkeyPatch
+    pg_url: str, dbs: list[Database]
 ) -> None:
     normal = JobStore(Database(pg_url))
     dbs.append(normal.db)
     await normal.init()
     await normal.submit(NewJob(type="t"))
     # A worker host whose clock is an hour behind: its lease would look long expired to everyone else.
-    monkeypatch.setattr(core.db, "utcnow", lambda: utcnow() - timedelta(hours=1))
-    skewed = JobStore(Database(pg_url))
+    skewed = JobStore(Database(pg_url, clock=lambda: utcnow() - timedelta(hours=1)))
     dbs.append(skewed.db)
     await skewed.init()  # measures the offset to the database's clock
     assert skewed.db.clock_offset > timedelta(minutes=59)
