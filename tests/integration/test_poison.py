@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from core.context import JobContext
-from core.models import JobStatus
+from core.models import JobStatus, Progress
 from core.registry import HandlerRegistry
 from core.salvage import finish_isolating, write_progress_isolating
 from core.store import NewJob, Outcome, ProgressWrite
@@ -130,9 +130,9 @@ async def test_one_unstorable_row_does_not_take_the_batch_down(make_service: Ser
     await write_progress_isolating(
         store,
         [
-            ProgressWrite(a, 1, 4, "fine", None, None, None, 25.0, worker_id="w1"),
-            ProgressWrite(b, 2, 4, "bad \udcff", None, None, None, 50.0, worker_id="w1"),
-            ProgressWrite(c, float("nan"), 10**30, "odd numbers", None, None, None, None, worker_id="w1"),
+            ProgressWrite(a, Progress(1, 4, "fine", weighted_percent=25.0), worker_id="w1"),
+            ProgressWrite(b, Progress(2, 4, "bad \udcff", weighted_percent=50.0), worker_id="w1"),
+            ProgressWrite(c, Progress(float("nan"), 10**30, "odd numbers"), worker_id="w1"),
         ],
     )
     assert (await store.get(a)).progress_message == "fine"
@@ -171,7 +171,7 @@ async def test_surrogates_from_clients_and_in_the_database(make_server: ServerFa
     assert stream.status == 200
 
     t1 = (await srv.post("/v1/jobs", {"name": "tracked one"}))["id"]
-    before = svc.monitor.last_seq("job", t1) or 0
+    before = svc.current_event(await svc.store.get(t1)).seq
     # The JSON escape "\udcff" decodes to a lone surrogate.
     status, data = await srv.call(
         "POST",
