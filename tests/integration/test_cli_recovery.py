@@ -67,7 +67,9 @@ def start_service(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
 
 def test_kill9_recovery_pauses_then_resume_completes(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
-    steps = 30
+    # Long enough (15 s) that the jobs are still running when the kill comes, however slow each CLI call
+    # is on a loaded machine (one `status` call has taken 1.7 s under load).
+    steps = 150
     ids = [
         json.loads(cli(cfg, "submit", "demo.count", f"steps={steps}", "delay_ms=100", "--json").stdout)["id"]
         for _ in range(3)
@@ -100,7 +102,7 @@ def test_kill9_recovery_pauses_then_resume_completes(tmp_path: Path) -> None:
             lambda: (lambda s: s if all(d["status"] == "completed" for d in s.values()) else None)(
                 {i: status(cfg, i) for i in ids}
             ),
-            timeout=60,
+            timeout=120,
         )
         for d in done.values():
             # No step lost; at most the one interrupted step ran again.
