@@ -93,8 +93,9 @@ class MatrixSettings(_Section):
     pin: bool = True
     react: bool = True
     #: Edits per second per room before Synapse pushes back (the scheduler also honours retry_after_ms).
-    edit_rate: float = Field(0.5, gt=0)
-    edit_burst: int = Field(8, ge=1)
+    edit_rate: float = Field(10.0, gt=0)
+    edit_burst: int = Field(10, ge=1)
+    answer_reserve: int = Field(1, ge=0)
 
     @property
     def enabled(self) -> bool:
