@@ -17,9 +17,10 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   value). A ``reserve`` of tokens is kept for :data:`Priority.ANSWER`: other classes are granted only
   while more than ``reserve`` tokens are left, so a person's command is answered at once whenever the
   server allows one more event.
-* **No starvation.** A waiter's class improves by one step for every ``aging`` seconds it has waited,
-  down to :data:`Priority.STATUS` (aged work never competes with a person's answer). Pins and
-  reactions therefore still arrive while progress edits are always waiting.
+* **No starvation.** While lower classes wait, every ``share``-th turn goes to the lower-class caller
+  that has waited longest (but never ahead of a person's answer). Pins and reactions
+  therefore still arrive while progress edits are always waiting, and they take at most one turn in
+  ``share`` from the classes above them.
 * **Fairness.** Within the same effective class, the lane (room) served longest ago goes first; within
   a lane, the oldest waiter. A caller that comes back after its call queues behind the others, so
   messages of one room are served round-robin.
@@ -142,7 +143,7 @@ class Outbox:
         rate: float,
         burst: float,
         reserve: int = 1,
-        aging: float = 15.0,
+        share: int = 5,
         max_in_flight: int = 4,
         min_rate: float = 0.02,
         probe_after: float = 300.0,
@@ -154,8 +155,8 @@ class Outbox:
             raise ValueError("rate must be a positive, finite number of events per second")
         if not (burst >= 1 and math.isfinite(burst)):
             raise ValueError("burst must be at least 1")
-        if max_in_flight < 1 or aging <= 0 or not 0 < min_rate <= rate or probe_after <= 0:
-            raise ValueError("need max_in_flight >= 1, aging > 0, 0 < min_rate <= rate, probe_after > 0")
+        if max_in_flight < 1 or share < 2 or not 0 < min_rate <= rate or probe_after <= 0:
+            raise ValueError("need max_in_flight >= 1, share >= 2, 0 < min_rate <= rate, probe_after > 0")
         self.name = name
         self.max_rate = float(rate)
         #: The rate in use: ``max_rate`` until two 429s showed the server's real rate.
@@ -163,7 +164,9 @@ class Outbox:
         self.burst = float(burst)
         # A reserve of the whole burst would starve everyone but people.
         self.reserve = max(0, min(int(reserve), int(burst) - 1))
-        self.aging = aging
+        self.share = share
+        #: Turns given by strict priority while lower classes waited, since the last shared turn.
+        self._strict_turns = 0
         self.max_in_flight = max_in_flight
         self.min_rate = float(min_rate)
         self.probe_after = probe_after
@@ -173,7 +176,7 @@ class Outbox:
         self._bucket_time = clock()  # tokens were exact at this instant (in the future after a 429)
         self.paused_until = -math.inf
         self._waiters: list[_Waiter] = []
-        self._lane_served: dict[Hashable, float] = {}
+        self._lane_served: dict[Hashable, int] = {}
         self._order = itertools.count()
         self._in_flight = 0
         self._wake = asyncio.Event()
@@ -314,20 +317,22 @@ class Outbox:
             self.rate = min(self.max_rate, self.rate * 1.2)
             log.info("outbox %s: no 429 for a while; trying %.3f events/s", self.name, self.rate)
 
-    def _rank(self, w: _Waiter, now: float) -> int:
-        if w.priority <= Priority.STATUS:
-            return w.priority
-        aged = int((now - w.since) / self.aging)
-        return max(int(Priority.STATUS), w.priority - aged)
-
     def _pick(self, now: float) -> _Waiter | None:
-        best: _Waiter | None = None
-        best_key: tuple[float, float, int] | None = None
-        for w in self._waiters:
-            key = (self._rank(w, now), self._lane_served.get(w.lane, -math.inf), w.order)
-            if best_key is None or key < best_key:
-                best, best_key = w, key
-        return best
+        """The highest class waiting, within it the lane served longest ago; but every ``share``-th
+        turn, while lower classes wait too, the lower-class waiter that has waited longest.
+
+        A person's answer is never passed over for the share.
+        """
+        if not self._waiters:
+            return None
+        top = min(w.priority for w in self._waiters)
+        lower_waiting = any(w.priority != top for w in self._waiters)
+        if top != Priority.ANSWER and lower_waiting and self._strict_turns >= self.share - 1:
+            return min((w for w in self._waiters if w.priority != top), key=lambda w: (w.since, w.order))
+        return min(
+            (w for w in self._waiters if w.priority == top),
+            key=lambda w: (self._lane_served.get(w.lane, -1), w.order),
+        )
 
     def _wait_for_budget(self, w: _Waiter, now: float) -> float:
         """Seconds until ``w`` may be granted (0 = now)."""
@@ -359,10 +364,15 @@ class Outbox:
                 await self._wait_or_wake(wait)
                 continue
             self._maybe_probe(now)
+            if any(x.priority > w.priority for x in self._waiters):
+                self._strict_turns += 1
+            elif w.priority > min(x.priority for x in self._waiters):
+                self._strict_turns = 0  # the shared turn
             self._waiters.remove(w)
             self.tokens -= 1
             self._in_flight += 1
-            self._lane_served[w.lane] = now
+            # A turn number, not a time: several turns at one instant (a burst) still alternate lanes.
+            self._lane_served[w.lane] = self.stats.granted
             self.stats.granted += 1
             name = Priority(w.priority).name.lower()
             self.stats.by_priority[name] = self.stats.by_priority.get(name, 0) + 1

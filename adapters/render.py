@@ -111,7 +111,9 @@ def outcome_text(ev: JobProgressEvent) -> str:
             return "paused (interrupted by restart)"
         return f"paused by {ev.control_by}" if ev.control_by else "paused"
     if st == "running" and ev.control in ("pause", "cancel"):
-        return f"running ({ev.control} requested)"
+        # The acknowledgement of a person's command: the message says who asked.
+        by = f" by {ev.control_by}" if ev.control_by else ""
+        return f"running ({ev.control} requested{by})"
     if st == "pending" and ev.retry_count and ev.error:
         return f"pending (retry {ev.retry_count} after: {clip(ev.error, 120)})"
     return st

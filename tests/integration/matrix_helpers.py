@@ -177,14 +177,23 @@ def relates(ev: Event) -> dict[str, Any]:
 
 
 def progress_messages(events: list[Event], bot: str) -> list[Event]:
-    """The bot's progress notices: originals (not edits, not replies)."""
+    """The bot's progress notices: originals (not edits), and not replies, except to a ``!run``.
+
+    The answer to ``!run`` is the job's progress message, posted as a reply to the command.
+    """
+    by_id = {e.get("event_id"): e for e in events}
+
+    def answers_run(e: Event) -> bool:
+        target = by_id.get((relates(e).get("m.in_reply_to") or {}).get("event_id"))
+        return target is not None and str(content_of(target).get("body", "")).lstrip().startswith("!run")
+
     return [
         e
         for e in events
         if e.get("sender") == bot
         and e.get("type") == "m.room.message"
         and content_of(e).get("msgtype") == "m.notice"
-        and not relates(e)
+        and (not relates(e) or answers_run(e))
     ]
 
 
