@@ -185,7 +185,9 @@ def progress_messages(events: list[Event], bot: str) -> list[Event]:
 
     def answers_run(e: Event) -> bool:
         target = by_id.get((relates(e).get("m.in_reply_to") or {}).get("event_id"))
-        return target is not None and str(content_of(target).get("body", "")).lstrip().startswith("!run")
+        if target is None or not str(content_of(target).get("body", "")).lstrip().startswith("!run"):
+            return False
+        return status_word(str(content_of(e).get("body", ""))) is not None  # not a refusal
 
     return [
         e

@@ -7,7 +7,6 @@ about rate limits; see test_matrix_ratelimit.py for Synapse's default limits).
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -294,10 +293,9 @@ async def test_routing_default_room_foreign_rooms_and_batches(world: World, room
     # The CLI job and the batch: two messages; the foreign job and the batch's jobs have none.
     assert len(messages) == 2, [body(m) for m in messages]
     assert "3/3 done" in current_text(alice.room(room), beid)
-    # A job without a Matrix owner still gets its completion reply, without a mention.
-    cli_reply = await alice.wait_for(lambda: replies_to(alice.room(room), eid), 20, "the CLI job's reply")
-    assert content_of(cli_reply[0])["m.mentions"] == {}
-    assert re.search(rf"#{cli_job.id} demo.count completed", body(cli_reply[0]))
+    # A job without a Matrix owner gets no completion reply: it would mention nobody (the final
+    # state is on its message). The batch's reply came after the CLI job ended, so none is coming.
+    assert not replies_to(alice.room(room), eid)
 
 
 async def test_no_power_to_pin_logs_once_and_carries_on(
@@ -308,7 +306,8 @@ async def test_no_power_to_pin_logs_once_and_carries_on(
     room = await world.new_room(bot_power=0)
     h = await bots(world.config(room))
     for _ in range(2):
-        job = await h.svc.submit("demo.count", {"steps": 2, "delay_ms": 50}, owner=alice.user_id, room=room)
+        # Long enough to be pinned while it runs (a job that ends first is never pinned at all).
+        job = await h.svc.submit("demo.count", {"steps": 10, "delay_ms": 100}, owner=alice.user_id, room=room)
         eid = await job_message(world, room, job.id or 0)
         await wait_status(world, room, eid, "completed")
     assert not pin_history(alice.room(room))
