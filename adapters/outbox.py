@@ -294,7 +294,12 @@ class Outbox:
         self._refill(now)
         resume = now + retry_after
         # The server's bucket is full now; at ``resume`` it takes exactly one more event.
-        if self._last_full is not None and resume - self._last_full > 1 / self.max_rate:
+        # Calls in flight together may all be refused at once: those say nothing new about the rate.
+        if (
+            self._accepted_since_full
+            and self._last_full is not None
+            and resume - self._last_full > 1 / self.max_rate
+        ):
             # A little under what the server showed: timing jitter must not turn into 429s.
             shown = 0.97 * self._accepted_since_full / (resume - self._last_full)
             new = min(self.max_rate, max(self.min_rate, shown))

@@ -51,14 +51,13 @@ from adapters.discord import DiscordAdapter, DiscordConfig
 from adapters.matrix import MatrixAdapter, MatrixConfig
 from core.builtin import register_builtins
 from core.db import Database
-from core.events import JobProgressEvent
 from core.registry import HandlerRegistry
 from core.service import ProgressService, ServiceConfig
 from tests.fake_discord import FakeDiscordServer, running_fake_discord
+from tests.integration.delivery_helpers import History
 from tests.integration.matrix_helpers import UserClient, content_of, relates, status_word
 from tests.servers.synapse import SynapseServer
 
-_COUNT = re.compile(r"\((\d+)/\d+\)")
 SAMPLE_EVERY = 0.5
 #: Synapse's default rc_message for one account.
 SYNAPSE_BURST, SYNAPSE_RATE = 10, 0.2
@@ -110,39 +109,6 @@ HEADER = (
     f"{'platform':<8}{'jobs':>4} {'span':>7} {'rep p50':>7} {'rep p95':>7} {'n':>3}   "
     f" {'stale':>7} {'p95':>7} {'max':>7} {'ev/job':>6} {'429s':>5} {'allow.':>7} {'finals':>7} breakdown"
 )
-
-
-class History:
-    """Every state each job went through (monotonic time, status, step), from the service's bus."""
-
-    def __init__(self) -> None:
-        self.states: dict[int, list[tuple[float, str, int | None]]] = {}
-        self.terminal: set[int] = set()
-
-    def __call__(self, ev: JobProgressEvent) -> None:
-        if ev.type != "job" or not isinstance(ev.id, int):
-            return
-        cur = int(ev.current) if ev.current is not None else None
-        hist = self.states.setdefault(ev.id, [])
-        if not hist or hist[-1][1:] != (ev.status, cur):
-            hist.append((time.monotonic(), ev.status, cur))
-        if ev.terminal:
-            self.terminal.add(ev.id)
-
-    def staleness(self, job: int, shown: str | None, submitted: float, now: float) -> float:
-        """How long the shown text has been out of date (0 when it shows the newest state)."""
-        hist = self.states.get(job) or []
-        if shown is None:
-            return now - submitted
-        m = _COUNT.search(shown)
-        key = (status_word(shown), int(m.group(1)) if m else None)
-        idx = max((i for i, h in enumerate(hist) if h[1:] == key), default=None)
-        if idx is None:
-            # Not a state we recorded (e.g. the very first render before the listener saw it).
-            return now - (hist[0][0] if hist else submitted)
-        if idx == len(hist) - 1:
-            return 0.0
-        return now - hist[idx + 1][0]
 
 
 async def sample_until(

@@ -585,7 +585,7 @@ async def test_a_batch_has_one_message_and_its_jobs_none(
         await server.wait_for(lambda: len(replies_to(server, msg.id)) == 1, 10)
         final = server.message(msg.id)
         assert (
-            final.content.startswith(f"✅ **Batch #{bid}** nightly — completed")
+            final.content.startswith(f"✅ **batch #{bid}** nightly — completed")
             and "2/2 done" in final.content
         )
         assert len(progress_messages(server)) == 1 and not final.pinned and final.components == []

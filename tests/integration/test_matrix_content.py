@@ -8,8 +8,6 @@ import pytest
 from nio import RoomSendError, RoomSendResponse
 
 from adapters.matrix import MatrixConfig
-from adapters.matrix.transport import MatrixRequestError, check
-from adapters.outbox import PermanentError, RateLimited
 from adapters.matrix.content import (
     edit_content,
     finish_reply,
@@ -18,6 +16,8 @@ from adapters.matrix.content import (
     reaction_action,
     text_reply,
 )
+from adapters.matrix.transport import MatrixRequestError, check
+from adapters.outbox import PermanentError, RateLimited
 from bot.settings import MatrixSettings
 from core.events import JobProgressEvent, next_seq
 

@@ -43,11 +43,15 @@ class LeakyServer:
         self.accepted.append((now, what))
 
 
-async def one_call(outbox: Outbox, server: LeakyServer, prio: Priority, lane: Hashable, what: str) -> float:
-    """Wait for a turn and make one call, retrying after 429s; returns when it was accepted."""
+async def one_call(
+    outbox: Outbox, server: LeakyServer, prio: Priority, lane: Hashable, what: str, latency: float = 0.0
+) -> float:
+    """Wait for a turn and make one call (taking ``latency``), retrying after 429s; returns when accepted."""
     while True:
         try:
             async with outbox.slot(prio, lane):
+                if latency:
+                    await server.clock.sleep(latency)
                 server.call(what)
                 return server.clock.now
         except RateLimited:
@@ -65,10 +69,12 @@ def make(clock: VirtualClock, **kw: float) -> Outbox:
     return Outbox("test", clock=clock, sleep=clock.sleep, **values)  # type: ignore[arg-type]
 
 
-async def busy(outbox: Outbox, server: LeakyServer, prio: Priority, lane: Hashable, what: str) -> None:
+async def busy(
+    outbox: Outbox, server: LeakyServer, prio: Priority, lane: Hashable, what: str, latency: float = 0.0
+) -> None:
     """A caller that always has another call of ``prio`` waiting (like a busy job's progress edits)."""
     while True:
-        await one_call(outbox, server, prio, lane, what)
+        await one_call(outbox, server, prio, lane, what, latency)
 
 
 async def test_every_call_counts_and_the_server_limit_is_never_hit(clock: VirtualClock) -> None:
@@ -184,6 +190,25 @@ async def test_learns_the_server_rate_from_429s_and_does_not_collapse(clock: Vir
     await outbox.aclose()
     assert len(server.refused) == learned_429s  # steady state: no more 429s
     assert len(server.accepted) - before >= 0.9 * 0.2 * 240  # and at least 90% of the allowance
+
+
+async def test_calls_refused_together_do_not_collapse_the_rate(clock: VirtualClock) -> None:
+    """Four calls in flight refused at once are one observation, not a rate of zero."""
+    server = LeakyServer(clock)
+    outbox = make(clock, rate=10, burst=10)
+    tasks = [
+        asyncio.create_task(busy(outbox, server, Priority.PROGRESS, "room", f"m{i}", latency=0.2))
+        for i in range(8)
+    ]
+    await clock.advance(300)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await outbox.aclose()
+    assert outbox.rate >= 0.9 * 0.2 * 0.97
+    assert len(server.accepted) >= 0.85 * (10 + 0.2 * 300)
+    late = [t for t in server.refused if t > 60]
+    assert late == []
 
 
 async def test_a_429_pauses_only_its_scope(clock: VirtualClock) -> None:
