@@ -427,7 +427,8 @@ class ProgressDriver:
 
     async def _attempt(self, rec: Record, lane: str, step: _Step) -> bool:
         """Wait for the scope's turn, decide again (newest state), make the call. True if one was made."""
-        async with self.transport.outbox(rec.room).slot(step.priority, rec.room) as slot:
+        current = (lambda: self._content_priority(rec, step.priority)) if lane == "content" else None
+        async with self.transport.outbox(rec.room).slot(step.priority, rec.room, current=current) as slot:
             now = self._next(rec, lane)
             if now is None or now.call is None:
                 slot.unused()
@@ -444,6 +445,17 @@ class ProgressDriver:
                     raise PermanentError(str(exc)) from exc
                 raise
         return True
+
+    @staticmethod
+    def _content_priority(rec: Record, default: Priority) -> int:
+        """The class of the content lane's next call now (pure: no bookkeeping, unlike ``_next``)."""
+        ev = rec.desired
+        if rec.message_id is None:
+            return Priority.NEW
+        if ev.seq > rec.shown_seq:
+            changed = (ev.status, ev.control) != rec.shown_state or ev.terminal
+            return Priority.STATUS if changed else Priority.PROGRESS
+        return default
 
     def _next(self, rec: Record, lane: str) -> _Step | None:
         return self._content_step(rec) if lane == "content" else self._cosmetic_step(rec)

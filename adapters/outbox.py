@@ -113,11 +113,23 @@ class OutboxStats:
 
 @dataclass(slots=True, eq=False)
 class _Waiter:
-    priority: int
+    base: int
     lane: Hashable
     since: float
     order: int
     future: asyncio.Future[None]
+    #: The caller's class *now*: a waiting progress edit becomes a status change when the job pauses.
+    current: Callable[[], int] | None = None
+
+    @property
+    def priority(self) -> int:
+        """The class this waiter competes in at this moment."""
+        if self.current is None:
+            return self.base
+        try:
+            return int(self.current())
+        except Exception:
+            return self.base
 
 
 class Slot:
@@ -190,16 +202,25 @@ class Outbox:
 
     # ------------------------------------------------------------------ public API
     @contextlib.asynccontextmanager
-    async def slot(self, priority: Priority | int, lane: Hashable = None) -> AsyncIterator[Slot]:
+    async def slot(
+        self, priority: Priority | int, lane: Hashable = None, *, current: Callable[[], int] | None = None
+    ) -> AsyncIterator[Slot]:
         """Wait for this scope's next event for a call of class ``priority`` in ``lane``.
 
+        ``current`` (optional) tells the caller's class at any moment while it waits, so a waiting
+        call whose content became more urgent (latest wins) is served as what it is now.
         Inside the ``async with``, make one call. Raising :class:`RateLimited` from it pauses the
         scope (and propagates); any other exception counts as a failure (and propagates).
         """
         if self._closed:
             raise RuntimeError(f"outbox {self.name} is closed")
         waiter = _Waiter(
-            int(priority), lane, self._clock(), next(self._order), asyncio.get_running_loop().create_future()
+            int(priority),
+            lane,
+            self._clock(),
+            next(self._order),
+            asyncio.get_running_loop().create_future(),
+            current,
         )
         self._waiters.append(waiter)
         self._ensure_worker()
@@ -322,22 +343,26 @@ class Outbox:
             self.rate = min(self.max_rate, self.rate * 1.2)
             log.info("outbox %s: no 429 for a while; trying %.3f events/s", self.name, self.rate)
 
-    def _pick(self, now: float) -> _Waiter | None:
+    def _pick(self, now: float) -> tuple[_Waiter, int] | None:
         """The highest class waiting, within it the lane served longest ago; but every ``share``-th
         turn, while lower classes wait too, the lower-class waiter that has waited longest.
 
-        A person's answer is never passed over for the share.
+        A person's answer is never passed over for the share. Also returns how to change the count
+        of strict turns when this waiter is granted.
         """
         if not self._waiters:
             return None
-        top = min(w.priority for w in self._waiters)
-        lower_waiting = any(w.priority != top for w in self._waiters)
-        if top != Priority.ANSWER and lower_waiting and self._strict_turns >= self.share - 1:
-            return min((w for w in self._waiters if w.priority != top), key=lambda w: (w.since, w.order))
-        return min(
-            (w for w in self._waiters if w.priority == top),
+        prio = {id(w): w.priority for w in self._waiters}
+        top = min(prio.values())
+        lower = [w for w in self._waiters if prio[id(w)] != top]
+        if top != Priority.ANSWER and lower and self._strict_turns >= self.share - 1:
+            # The shared turn (the counter restarts when it is granted).
+            return min(lower, key=lambda w: (w.since, w.order)), -self._strict_turns
+        best = min(
+            (w for w in self._waiters if prio[id(w)] == top),
             key=lambda w: (self._lane_served.get(w.lane, -1), w.order),
         )
+        return best, 1 if lower else 0
 
     def _wait_for_budget(self, w: _Waiter, now: float) -> float:
         """Seconds until ``w`` may be granted (0 = now)."""
@@ -361,25 +386,23 @@ class Outbox:
                 await self._wake.wait()
                 continue
             now = self._clock()
-            w = self._pick(now)
-            assert w is not None
+            picked = self._pick(now)
+            assert picked is not None
+            w, turns = picked
             wait = self._wait_for_budget(w, now)
             if wait > 0:
                 # A new waiter (maybe a person) or a finished call may change the decision: wake early.
                 await self._wait_or_wake(wait)
                 continue
             self._maybe_probe(now)
-            if any(x.priority > w.priority for x in self._waiters):
-                self._strict_turns += 1
-            elif w.priority > min(x.priority for x in self._waiters):
-                self._strict_turns = 0  # the shared turn
+            self._strict_turns += turns
             self._waiters.remove(w)
             self.tokens -= 1
             self._in_flight += 1
             # A turn number, not a time: several turns at one instant (a burst) still alternate lanes.
             self._lane_served[w.lane] = self.stats.granted
             self.stats.granted += 1
-            name = Priority(w.priority).name.lower()
+            name = Priority(min(max(w.priority, 0), 4)).name.lower()
             self.stats.by_priority[name] = self.stats.by_priority.get(name, 0) + 1
             w.future.set_result(None)
 

@@ -284,3 +284,28 @@ def test_invariants_hold_for_any_traffic(calls: list[tuple[float, Priority, str]
                 assert end - start <= 2 / 0.2 + 1e-6
 
     asyncio.run(scenario())
+
+
+async def test_a_waiting_edit_that_becomes_a_status_change_is_served_as_one(clock: VirtualClock) -> None:
+    """Latest wins for the class too: a progress edit waiting in line is promoted when the job pauses."""
+    server = LeakyServer(clock)
+    outbox = make(clock)
+    tasks = [asyncio.create_task(busy(outbox, server, Priority.PROGRESS, "room", f"m{i}")) for i in range(6)]
+    await clock.advance(60)
+    now_class = {"v": int(Priority.PROGRESS)}
+
+    async def paused_job() -> float:
+        async with outbox.slot(Priority.PROGRESS, "room", current=lambda: now_class["v"]):
+            server.call("pause")
+            return clock.now
+
+    waiting = asyncio.create_task(paused_job())
+    await clock.advance(1)
+    now_class["v"] = int(Priority.STATUS)  # the job paused while its edit waited
+    changed = clock.now
+    await clock.run_until(waiting.done)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await outbox.aclose()
+    assert waiting.result() - changed <= 2 / 0.2  # the next event, not the end of the line (6 x 5 s)
