@@ -446,16 +446,27 @@ class ProgressDriver:
                 raise
         return True
 
-    @staticmethod
-    def _content_priority(rec: Record, default: Priority) -> int:
+    def _content_priority(self, rec: Record, default: Priority) -> int:
         """The class of the content lane's next call now (pure: no bookkeeping, unlike ``_next``)."""
         ev = rec.desired
         if rec.message_id is None:
-            return Priority.NEW
+            # The answer to a person's ``!run`` is this post.
+            return Priority.ANSWER if self._origins.get((rec.room, ev.owner or "")) else Priority.NEW
         if ev.seq > rec.shown_seq:
-            changed = (ev.status, ev.control) != rec.shown_state or ev.terminal
-            return Priority.STATUS if changed else Priority.PROGRESS
+            return self._edit_priority(rec, ev)
         return default
+
+    @staticmethod
+    def _edit_priority(rec: Record, ev: JobProgressEvent) -> Priority:
+        """A person's pause / resume / cancel is acknowledged by this edit: it answers them.
+
+        Other status changes (and the final state) come next; routine progress after that.
+        """
+        shown = rec.shown_state or ("", None)
+        if (ev.status, ev.control) == shown and not ev.terminal:
+            return Priority.PROGRESS
+        acted = ev.control != shown[1] or ev.status in ("paused", "cancelled") or shown[0] == "paused"
+        return Priority.ANSWER if acted and ev.control_by else Priority.STATUS
 
     def _next(self, rec: Record, lane: str) -> _Step | None:
         return self._content_step(rec) if lane == "content" else self._cosmetic_step(rec)
@@ -466,16 +477,16 @@ class ProgressDriver:
         if rec.dead:
             return None
         if rec.message_id is None:
-            return _Step("post", Priority.NEW, lambda: self._post(rec, ev))
+            return _Step(
+                "post", Priority(self._content_priority(rec, Priority.NEW)), lambda: self._post(rec, ev)
+            )
         if ev.seq > rec.shown_seq:
             content = t.render(ev)
             if content.text == rec.shown_text:
                 self.stats.unchanged += 1
                 rec.shown_seq = ev.seq
                 return _Step("unchanged", Priority.PROGRESS, None)
-            state = (ev.status, ev.control)
-            prio = Priority.STATUS if state != rec.shown_state or ev.terminal else Priority.PROGRESS
-            return _Step("edit", prio, lambda: self._edit(rec, ev, content))
+            return _Step("edit", self._edit_priority(rec, ev), lambda: self._edit(rec, ev, content))
         if not ev.terminal and rec.finished:
             # Retried after its end: the message is live again, and a new end gets a new reply.
             rec.finished = rec.replied = False

@@ -24,6 +24,9 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
 * **Fairness.** Within the same effective class, the lane (room) served longest ago goes first; within
   a lane, the oldest waiter. A caller that comes back after its call queues behind the others, so
   messages of one room are served round-robin.
+* **One at a time on the refill.** Up to ``max_in_flight`` calls run at once while the burst lasts;
+  on the refill (and after a 429 until the rate is measured), one at a time, so a wrong guess of the
+  server's budget costs one 429, not several.
 * **A 429 pauses only the scope.** :class:`RateLimited` from the call pauses this outbox for
   ``retry_after``; at its end the server allows one more event, and the bucket refills from there.
   Other scopes (other outboxes) never wait for it.
@@ -155,7 +158,7 @@ class Outbox:
         rate: float,
         burst: float,
         reserve: int = 1,
-        share: int = 5,
+        share: int = 8,
         max_in_flight: int = 4,
         min_rate: float = 0.02,
         probe_after: float = 300.0,
@@ -198,6 +201,8 @@ class Outbox:
         self._last_full: float | None = None
         self._accepted_since_full = 0
         self._last_probe = -math.inf
+        #: A rate was measured: until then, after a first 429, the bucket is a guess (one call at a time).
+        self._learned = False
         self.stats = OutboxStats()
 
     # ------------------------------------------------------------------ public API
@@ -327,6 +332,7 @@ class Outbox:
             if abs(new - self.rate) > 1e-6:
                 log.info("outbox %s: the server allows about %.3f events/s; using that", self.name, new)
             self.rate = new
+            self._learned = True
         self._last_full = resume
         self._accepted_since_full = 0
         self.paused_until = max(self.paused_until, resume)
@@ -382,10 +388,15 @@ class Outbox:
             if not self._waiters:
                 await self._wake.wait()
                 continue
-            if self._in_flight >= self.max_in_flight:
+            now = self._clock()
+            self._refill(now)
+            # Several calls at once only while the burst lasts; on the refill, one at a time. So when
+            # the server's bucket is smaller than we think, one call learns it, not max_in_flight calls.
+            learning = self._last_full is not None and not self._learned
+            limit = self.max_in_flight if self.tokens >= 2 and not learning else 1
+            if self._in_flight >= limit:
                 await self._wake.wait()
                 continue
-            now = self._clock()
             picked = self._pick(now)
             assert picked is not None
             w, turns = picked

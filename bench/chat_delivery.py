@@ -85,6 +85,8 @@ class Result:
     hits_429: int = 0
     allowance_used: float = 0.0
     finals: int = 0
+    #: Granted events by class (from the outbox), where the platform has one.
+    classes: dict[str, int] = field(default_factory=dict)
 
     def row(self) -> str:
         """One line of the table."""
@@ -296,6 +298,8 @@ async def _matrix_measure(
     allowed = SYNAPSE_BURST + SYNAPSE_RATE * span
     result.allowance_used = sum(result.events.values()) / allowed
     result.hits_429 = matrix_429s(adapter)
+    if adapter.transport is not None:
+        result.classes = dict(adapter.transport.account.stats.by_priority)
 
 
 # ---------------------------------------------------------------------------------------------- Discord
@@ -458,6 +462,9 @@ async def main_async(args: argparse.Namespace) -> None:
     print(HEADER)
     for r in results:
         print(r.row())
+    for r in results:
+        if r.classes:
+            print(f"{r.platform} {r.jobs} jobs, events by class: {r.classes}")
     print(
         "goals: reply p95 <= 5.5 s (Matrix), <= 1 s (Discord); 4 jobs on Matrix stale mean <= 15 s; "
         ">= 80% of the allowance used while anything waits"
