@@ -433,6 +433,7 @@ class ProgressDriver:
             if now is None or now.call is None:
                 slot.unused()
                 return False
+            log.debug("%s: %s %s (%s)", self.platform, now.name, rec.tag, Priority(slot.priority).name)
             try:
                 await now.call()
             except (RateLimited, PermanentError):
@@ -465,7 +466,9 @@ class ProgressDriver:
         shown = rec.shown_state or ("", None)
         if (ev.status, ev.control) == shown and not ev.terminal:
             return Priority.PROGRESS
-        acted = ev.control != shown[1] or ev.status in ("paused", "cancelled") or shown[0] == "paused"
+        # Only the outcome answers the person ("paused by alice"); "pause requested" is a status change
+        # that the outcome usually overtakes while it waits (latest wins), saving an event.
+        acted = ev.status != shown[0] and (ev.status in ("paused", "cancelled") or shown[0] == "paused")
         return Priority.ANSWER if acted and ev.control_by else Priority.STATUS
 
     def _next(self, rec: Record, lane: str) -> _Step | None:

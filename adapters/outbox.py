@@ -17,6 +17,9 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   value). A ``reserve`` of tokens is kept for :data:`Priority.ANSWER`: other classes are granted only
   while more than ``reserve`` tokens are left, so a person's command is answered at once whenever the
   server allows one more event.
+* **Cosmetics wait for a full half.** Outside their shared turns (and when nothing else waits), pins
+  and reactions are granted only while at least half the burst is left, so they never spend the
+  tokens that the next status changes and edits need.
 * **No starvation.** While lower classes wait, every ``share``-th turn goes to the lower-class caller
   that has waited longest (but never ahead of a person's answer). Pins and reactions
   therefore still arrive while progress edits are always waiting, and they take at most one turn in
@@ -158,7 +161,7 @@ class Outbox:
         rate: float,
         burst: float,
         reserve: int = 1,
-        share: int = 8,
+        share: int = 6,
         max_in_flight: int = 4,
         min_rate: float = 0.02,
         probe_after: float = 300.0,
@@ -370,12 +373,15 @@ class Outbox:
         )
         return best, 1 if lower else 0
 
-    def _wait_for_budget(self, w: _Waiter, now: float) -> float:
+    def _wait_for_budget(self, w: _Waiter, now: float, shared: bool = False) -> float:
         """Seconds until ``w`` may be granted (0 = now)."""
         if self.paused_until > now + _EPS:
             return self.paused_until - now
         self._refill(now)
         need = 1.0 if w.priority == Priority.ANSWER else 1.0 + self.reserve
+        if w.priority >= Priority.COSMETIC and not shared:
+            # Cosmetics do not drain the burst: the second half is kept for the edits to come.
+            need = max(need, self.burst / 2)
         if self.tokens >= need - _EPS:
             return 0.0
         start = max(now, self._bucket_time)
@@ -400,7 +406,8 @@ class Outbox:
             picked = self._pick(now)
             assert picked is not None
             w, turns = picked
-            wait = self._wait_for_budget(w, now)
+            only_cosmetic = all(x.priority >= Priority.COSMETIC for x in self._waiters)
+            wait = self._wait_for_budget(w, now, shared=turns < 0 or only_cosmetic)
             if wait > 0:
                 # A new waiter (maybe a person) or a finished call may change the decision: wake early.
                 await self._wait_or_wake(wait)

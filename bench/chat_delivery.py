@@ -146,8 +146,11 @@ def make_service(tmp: str, concurrency: int) -> ProgressService:
 
 
 def matrix_429s(adapter: MatrixAdapter) -> int:
-    """The 429s the adapter got (its transport counts them)."""
-    return adapter.transport.rate_limited if adapter.transport is not None else 0
+    """The 429s the adapter got (its transport counts them; before the outbox, its stats did)."""
+    transport = getattr(adapter, "transport", None)
+    if transport is None:
+        return int(getattr(adapter.stats, "rate_limited", 0))
+    return int(transport.rate_limited)
 
 
 # ---------------------------------------------------------------------------------------------- Matrix
@@ -234,10 +237,10 @@ async def _matrix_measure(
         return _matrix_shown(alice.room(room), bot_id).get(jid)
 
     async def commands() -> None:
-        # A person asks every 8 s; every third ask is bob trying to pause alice's job (a refusal).
+        # A person asks every 15 s; every third ask is bob trying to pause alice's job (a refusal).
         k = 0
         while True:
-            await asyncio.sleep(8.0)
+            await asyncio.sleep(15.0)
             user, cmd = (bob, "pause") if k % 3 == 2 else (alice, "status")
             k += 1
             eid = await user.send_text(room, f"!{cmd} {ids[k % n]}")
@@ -298,8 +301,9 @@ async def _matrix_measure(
     allowed = SYNAPSE_BURST + SYNAPSE_RATE * span
     result.allowance_used = sum(result.events.values()) / allowed
     result.hits_429 = matrix_429s(adapter)
-    if adapter.transport is not None:
-        result.classes = dict(adapter.transport.account.stats.by_priority)
+    transport = getattr(adapter, "transport", None)
+    if transport is not None:
+        result.classes = dict(transport.account.stats.by_priority)
 
 
 # ---------------------------------------------------------------------------------------------- Discord
