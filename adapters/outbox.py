@@ -33,7 +33,8 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
 * **A 429 pauses only the scope.** :class:`RateLimited` from the call pauses this outbox for
   ``retry_after``; at its end the server allows one more event, and the bucket refills from there.
   Other scopes (other outboxes) never wait for it.
-* **Use the whole allowance, learn the real rate.** Two 429s bracket the events the server accepted
+* **Use the whole allowance, learn the real rate.** It starts at ``start_rate`` and doubles after each
+  burst's worth of calls that the server took while others waited (slow start). Two 429s bracket the events the server accepted
   between them: both mean "the server's bucket is full", so ``accepted / time between the two resume
   instants`` is the server's sustained rate. The outbox continues at that rate (never above ``rate``,
   never below ``min_rate``): it does not halve on every 429, so it cannot collapse far below what the
@@ -160,6 +161,7 @@ class Outbox:
         *,
         rate: float,
         burst: float,
+        start_rate: float | None = None,
         reserve: int = 1,
         share: int = 6,
         max_in_flight: int = 4,
@@ -168,7 +170,8 @@ class Outbox:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        """A scope allowing ``rate`` events/s after a ``burst``; ``reserve`` tokens are kept for people."""
+        """A scope allowing at most ``rate`` events/s after a ``burst``; ``reserve`` tokens are kept for
+        people. ``start_rate`` (default ``rate``) is the first guess, doubled while the server takes it."""
         if not (rate > 0 and math.isfinite(rate)):
             raise ValueError("rate must be a positive, finite number of events per second")
         if not (burst >= 1 and math.isfinite(burst)):
@@ -177,8 +180,10 @@ class Outbox:
             raise ValueError("need max_in_flight >= 1, share >= 2, 0 < min_rate <= rate, probe_after > 0")
         self.name = name
         self.max_rate = float(rate)
-        #: The rate in use: ``max_rate`` until two 429s showed the server's real rate.
-        self.rate = float(rate)
+        #: The rate in use: ``start_rate``, doubled (slow start) until a 429, then what the server showed.
+        self.rate = min(self.max_rate, float(start_rate or rate))
+        #: Calls accepted at the current rate while callers were waiting for tokens (slow start).
+        self._saturated_ok = 0
         self.burst = float(burst)
         # A reserve of the whole burst would starve everyone but people.
         self.reserve = max(0, min(int(reserve), int(burst) - 1))
@@ -260,6 +265,7 @@ class Outbox:
             else:
                 self.stats.sent += 1
                 self._accepted_since_full += 1
+                self._slow_start()
         finally:
             self._in_flight -= 1
             self._wake.set()
@@ -342,6 +348,18 @@ class Outbox:
         self.tokens = 1.0
         self._bucket_time = max(self._bucket_time, self.paused_until)
         log.info("outbox %s: rate limited; paused for %.2fs", self.name, retry_after)
+
+    def _slow_start(self) -> None:
+        """A burst's worth of calls at the current rate, all accepted while others waited: the server
+        allows more than we guessed. Double (until the first 429; from then on, the measured rate)."""
+        if self._last_full is not None or self.rate >= self.max_rate:
+            return
+        if self._waiters and self.tokens < 1 + self.reserve:
+            self._saturated_ok += 1
+        if self._saturated_ok >= self.burst:
+            self._saturated_ok = 0
+            self.rate = min(self.max_rate, self.rate * 2)
+            log.info("outbox %s: no 429 at this pace; trying %.3f events/s", self.name, self.rate)
 
     def _maybe_probe(self, now: float) -> None:
         """Busy and no 429 for a long time below the ceiling: the limit may have been lifted, try more."""

@@ -139,6 +139,7 @@ async def measure(
         react=False,
         reply_on_finish=False,
         edit_rate=1000,
+        start_rate=1000,
         edit_burst=1000,
         max_in_flight=args.in_flight,
     )

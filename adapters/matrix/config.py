@@ -37,6 +37,9 @@ class MatrixConfig:
     #: bracket the events it accepted), so a default ``rc_message`` (0.2/s) is found without tuning.
     edit_rate: float = 10.0
     edit_burst: int = 10
+    #: The first guess of the account's rate: Synapse's default ``rc_message`` (0.2/s). It doubles while
+    #: the homeserver takes it (a lifted limit), up to ``edit_rate``.
+    start_rate: float = 0.2
     #: Events kept in reserve for answers to people, so a command is answered at once.
     answer_reserve: int = 1
     #: Calls that may be in flight at once for the account (always one per message and lane).

@@ -139,6 +139,7 @@ class MatrixTransport:
             f"matrix:{config.user_id}",
             rate=config.edit_rate,
             burst=config.edit_burst,
+            start_rate=config.start_rate,
             reserve=config.answer_reserve,
             max_in_flight=max(1, config.max_in_flight),
         )

@@ -359,6 +359,8 @@ class World:
             "user_id": self.bot_id,
             "access_token": self.bot_token,
             "rooms": [room],
+            # The module lifts the bot's limit (as an admin would), and says so: no slow start.
+            "start_rate": 10.0,
             "reconnect_min": 0.2,
             "reconnect_max": 2.0,
             "stop_grace": 5.0,

@@ -52,7 +52,9 @@ def progress_key(text: str) -> tuple[int, int]:
 
 async def limited_bot(world: World, bots: Any, bot: Any, rooms: list[str]) -> Any:
     """A bot on its own account (``bot``, at Synapse's default rc_message), serving ``rooms``."""
-    cfg = world.config(rooms[0], user_id=bot.user_id, access_token=None, password=bot.password, rooms=rooms)
+    cfg = world.config(
+        rooms[0], user_id=bot.user_id, access_token=None, password=bot.password, rooms=rooms, start_rate=0.2
+    )
     return await bots(cfg, concurrency=8, db=f"{bot.user_id[1:].split(':')[0]}.db")
 
 
@@ -106,9 +108,11 @@ async def test_four_busy_jobs_in_one_room_at_default_limits(world: World, bots: 
     assert f"paused by {alice.user_id}" in (shown(world, room, bot, ids[1]) or "")
     assert not replies_to(alice.room(room), pause_cmd)  # acknowledged on the message, no extra reply
 
-    # Running jobs never show a state more than 25 s old (sampled for 30 s).
+    # Running jobs never show a state more than 25 s old (sampled for 40 s, once the three commands
+    # above, each one event of the account's 0.2/s, have gone out).
+    await asyncio.sleep(10)
     worst, where = 0.0, ""
-    for _ in range(30):
+    for _ in range(40):
         await asyncio.sleep(1)
         now = time.monotonic()
         for j in ids:

@@ -309,3 +309,33 @@ async def test_a_waiting_edit_that_becomes_a_status_change_is_served_as_one(cloc
     await asyncio.gather(*tasks, return_exceptions=True)
     await outbox.aclose()
     assert waiting.result() - changed <= 2 / 0.2  # the next event, not the end of the line (6 x 5 s)
+
+
+async def test_slow_start_finds_a_lifted_limit_and_costs_little_on_a_default_one(clock: VirtualClock) -> None:
+    """Starting at Synapse's default guess: on a roomier server the rate doubles up to the ceiling;
+    on a default server it costs at most two 429s to learn, then none."""
+    roomy = LeakyServer(clock, rate=5, burst=10)
+    fast = Outbox("roomy", rate=10, burst=10, start_rate=0.2, clock=clock, sleep=clock.sleep)
+    tasks = [asyncio.create_task(busy(fast, roomy, Priority.PROGRESS, "r", f"m{i}")) for i in range(4)]
+    await clock.advance(200)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await fast.aclose()
+    assert fast.rate >= 4.5 * 0.97
+    late = sum(1 for t, _ in roomy.accepted if t > 150)
+    assert late >= 0.8 * 5 * 50
+
+    default = LeakyServer(clock)
+    slow = Outbox("default", rate=10, burst=10, start_rate=0.2, clock=clock, sleep=clock.sleep)
+    start = clock.now
+    tasks = [asyncio.create_task(busy(slow, default, Priority.PROGRESS, "r", f"m{i}")) for i in range(4)]
+    await clock.advance(600)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await slow.aclose()
+    assert len([t for t in default.refused if t < start + 300]) <= 2
+    # Later, one probe for a lifted limit every ``probe_after`` (300 s) at most.
+    assert len(default.refused) <= 2 + 600 // 300
+    assert len(default.accepted) >= 0.9 * (10 + 0.2 * (clock.now - start))
