@@ -247,7 +247,11 @@ class ProgressDriver:
         else:
             if rec.desired.seq > rec.shown_seq:
                 self.stats.coalesced += 1
+            changed = (ev.status, ev.control) != (rec.desired.status, rec.desired.control)
             rec.desired = ev
+            if changed:
+                # A waiting edit may have just become a status change: let the outbox decide again.
+                self.transport.outbox(rec.room).nudge()
         self._kick(rec)
         return True
 

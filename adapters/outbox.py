@@ -292,6 +292,10 @@ class Outbox:
             self.tokens = min(self.tokens, float(remaining))
         self._wake.set()
 
+    def nudge(self) -> None:
+        """A waiter's class may have changed (its content did): decide again now."""
+        self._wake.set()
+
     @property
     def waiting(self) -> int:
         """Callers waiting for an event."""
