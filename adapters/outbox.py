@@ -33,13 +33,13 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
 * **A 429 pauses only the scope.** :class:`RateLimited` from the call pauses this outbox for
   ``retry_after``; at its end the server allows one more event, and the bucket refills from there.
   Other scopes (other outboxes) never wait for it.
-* **Use the whole allowance, learn the real rate.** It starts at ``start_rate`` and doubles after each
-  burst's worth of calls that the server took while others waited (slow start). Two 429s bracket the events the server accepted
-  between them: both mean "the server's bucket is full", so ``accepted / time between the two resume
-  instants`` is the server's sustained rate. The outbox continues at that rate (never above ``rate``,
-  never below ``min_rate``): it does not halve on every 429, so it cannot collapse far below what the
-  server allows. After ``probe_after`` seconds without a 429 it tries 20% more (an admin may have
-  lifted the limit), up to ``rate``.
+* **Use the whole allowance, learn the real rate.** It starts at ``start_rate`` and doubles after
+  each burst's worth of calls that the server took while others waited (slow start). Two 429s
+  bracket the events the server accepted between them: both mean "the server's bucket is full", so
+  ``accepted / time between the two resume instants`` is the server's sustained rate. The outbox
+  continues at that rate (never above ``rate``, never below ``min_rate``): it does not halve on every
+  429, so it cannot collapse far below what the server allows. After ``probe_after`` seconds without
+  a 429 it tries 20% more (an admin may have lifted the limit), up to ``rate``.
 * **Headers.** :meth:`Outbox.observe` takes what the platform reported (Discord's
   ``X-RateLimit-Remaining`` / ``-Reset-After``): the bucket never holds more than ``remaining``, and
   with nothing remaining the scope pauses until the reset.
