@@ -95,6 +95,7 @@ class MatrixSettings(_Section):
     #: Edits per second per room before Synapse pushes back (the scheduler also honours retry_after_ms).
     edit_rate: float = Field(10.0, gt=0)
     edit_burst: int = Field(10, ge=1)
+    start_rate: float = Field(0.2, gt=0)
     answer_reserve: int = Field(1, ge=0)
 
     @property

@@ -70,7 +70,15 @@ class MatrixConfig:
             "pin": bool(getattr(s, "pin", True)),
             "react": bool(getattr(s, "react", True)),
         }
-        for name in ("edit_rate", "edit_burst", "answer_reserve", "reply_on_finish", "sync_timeout_ms"):
+        knobs = (
+            "edit_rate",
+            "edit_burst",
+            "start_rate",
+            "answer_reserve",
+            "reply_on_finish",
+            "sync_timeout_ms",
+        )
+        for name in knobs:
             if getattr(s, name, None) is not None:
                 values[name] = getattr(s, name)
         values.update(overrides)
