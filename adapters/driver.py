@@ -473,7 +473,13 @@ class ProgressDriver:
         # Only the outcome answers the person ("paused by alice"); "pause requested" is a status change
         # that the outcome usually overtakes while it waits (latest wins), saving an event.
         acted = ev.status != shown[0] and (ev.status in ("paused", "cancelled") or shown[0] == "paused")
-        return Priority.ANSWER if acted and ev.control_by else Priority.STATUS
+        if acted and ev.control_by:
+            return Priority.ANSWER
+        # Paused, resumed, a control requested, and the end are status changes; pending -> running is
+        # routine progress (it must not delay the first post of another job).
+        if ev.terminal or "paused" in (ev.status, shown[0]) or ev.control != shown[1]:
+            return Priority.STATUS
+        return Priority.PROGRESS
 
     def _next(self, rec: Record, lane: str) -> _Step | None:
         return self._content_step(rec) if lane == "content" else self._cosmetic_step(rec)
