@@ -617,6 +617,10 @@ class ProgressDriver:
         # Older bindings stored "reacted" as a flag for "all of them".
         rec.reacted = self.transport.reactions if reacted is True else int(reacted or 0)
         rec.shown_text = extra.get("shown")
+        if rec.finished and self.transport.render(rec.desired).text != rec.shown_text:
+            # A finished message gets a state it does not show: the job runs again (a retry), maybe
+            # already to its new end. The message reopens, and that end gets its own reply.
+            rec.finished = rec.replied = False
 
     async def _save(self, rec: Record) -> None:
         if rec.persistent and rec.message_id:

@@ -324,7 +324,8 @@ async def test_twenty_fast_jobs_share_the_channel_budget(
 ) -> None:
     """20 jobs reporting fast in one channel: the edits stay within the channel's bucket (no 429 of the
     fake's own), every final state is delivered, no older state ever follows a newer one, slash commands
-    are answered within the 3 s deadline meanwhile, and a forced 429 is waited out and recovered from. (The bucket is scaled to 10 per 1 s to keep the test short.)"""
+    are answered within the 3 s deadline meanwhile, and a forced 429 is waited out and recovered from.
+    (The bucket is scaled to 10 per 1 s to keep the test short.)"""
     server = fake_discord
     alice = server.guild.members[0]
     service = await make_service(tmp_path, concurrency=20)
