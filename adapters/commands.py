@@ -74,6 +74,9 @@ class Reply:
     ok: bool = True
     job: Job | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    #: The job's progress message shows this outcome itself (a started job, a pause by whom): an
+    #: adapter showing that message in the asker's room need not answer with words too.
+    on_progress: bool = False
 
 
 def parse_json_object(text: str) -> dict[str, Any]:
@@ -314,7 +317,7 @@ class CommandRouter:
                 action
             ]
             text = f"{past} #{job_id}."
-        return Reply(text, job=res.job)
+        return Reply(text, job=res.job, on_progress=True)
 
     async def _control_batch(self, action: str, batch_id: int, actor: Actor) -> Reply:
         batch = await self.service.store.get_batch(batch_id)
@@ -359,4 +362,4 @@ class CommandRouter:
                 job = await self.service.submit(job_type, payload, owner=actor.user_id, room=actor.room)
         except (UnknownJobType, PayloadError) as exc:
             return Reply(f"{exc}\n{usage}", ok=False)
-        return Reply(f"Started #{job.id} {job.type}.", job=job)
+        return Reply(f"Started #{job.id} {job.type}.", job=job, on_progress=True)

@@ -44,6 +44,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from .outbox import PermanentError, RateLimited
+
 __all__ = [
     "EditScheduler",
     "PermanentEditError",
@@ -74,26 +76,8 @@ _RATE_STEP = 1 / 16
 _TOMBSTONES_PER_ROOM = 10_000
 
 
-class RateLimited(Exception):
-    """The platform refused an edit because of a rate limit; retry no sooner than ``retry_after`` s.
-
-    The send function either raises it or returns it (Matrix ``M_LIMIT_EXCEEDED`` with
-    ``retry_after_ms / 1000``, Discord 429 with ``retry_after``). The scheduler pauses the whole room
-    for that long and then sends the newest state of the refused message.
-    """
-
-    def __init__(self, retry_after: float, message: str = "") -> None:
-        """``retry_after`` in seconds; negative or NaN values are treated as 0."""
-        # A garbled header must not turn into a negative or NaN pause that breaks the arithmetic.
-        self.retry_after: float = float(retry_after) if retry_after > 0 else 0.0
-        super().__init__(message or f"rate limited, retry after {self.retry_after:.3f}s")
-
-
-class PermanentEditError(Exception):
-    """Raised by the send function when an edit can never succeed (message deleted, forbidden).
-
-    The scheduler then drops the state, even a final one, instead of retrying it forever.
-    """
+#: The scheduler and the outbox share one meaning of "rate limited" and "can never succeed".
+PermanentEditError = PermanentError
 
 
 @dataclass(slots=True)

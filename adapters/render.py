@@ -72,11 +72,14 @@ def fmt_number(x: float | None) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:.4g}"
 
 
-def label(ev: JobProgressEvent) -> str:
-    """``#12 demo.count`` or ``batch #3 nightly``."""
-    name = ev.name or ev.job_type or ""
-    prefix = "batch #" if ev.type == "batch" else "#"
-    return f"{prefix}{ev.id} {clip(name, 120)}".rstrip()
+def ref(ev: JobProgressEvent) -> str:
+    """How people read a job's or batch's number, on every platform: ``#12`` or ``batch #3``."""
+    return f"batch #{ev.id}" if ev.type == "batch" else f"#{ev.id}"
+
+
+def label(ev: JobProgressEvent, name_limit: int = 120) -> str:
+    """``#12 demo.count`` or ``batch #3 nightly``: the one job label of every message (plain text)."""
+    return f"{ref(ev)} {clip(ev.name or ev.job_type or '', name_limit)}".rstrip()
 
 
 @dataclass(slots=True)
@@ -111,7 +114,9 @@ def outcome_text(ev: JobProgressEvent) -> str:
             return "paused (interrupted by restart)"
         return f"paused by {ev.control_by}" if ev.control_by else "paused"
     if st == "running" and ev.control in ("pause", "cancel"):
-        return f"running ({ev.control} requested)"
+        # The acknowledgement of a person's command: the message says who asked.
+        by = f" by {ev.control_by}" if ev.control_by else ""
+        return f"running ({ev.control} requested{by})"
     if st == "pending" and ev.retry_count and ev.error:
         return f"pending (retry {ev.retry_count} after: {clip(ev.error, 120)})"
     return st
@@ -192,14 +197,6 @@ def render_html(ev: JobProgressEvent, *, prefix: str = "!") -> str:
     if p.hint:
         out.append(f"<i>{e(p.hint)}</i>")
     return defuse_mentions("<br>".join(out))
-
-
-_MD_SPECIAL = re.compile(r"([\\*_`~|>\[\]()#-])")
-
-
-def escape_markdown(text: str) -> str:
-    """Escape Discord markdown (used when discord.utils is not at hand)."""
-    return _MD_SPECIAL.sub(r"\\\1", text)
 
 
 def render_line(ev: JobProgressEvent) -> str:

@@ -6,7 +6,7 @@ in the same run, interleaved round by round so that drift affects both alike:
 
 * **floor**: a bare matrix-nio ``room_send`` of an ``m.replace`` edit -> seen in alice's /sync;
 * **adapter**: ``JobProgressEvent`` emitted by the service's monitor -> the adapter's edit seen in
-  alice's /sync (through the edit scheduler, rendering, nio and Synapse);
+  alice's /sync (through the driver, the account's outbox, rendering, nio and Synapse);
 * **throughput**: the edits per second the adapter sustains when several jobs in one room report
   far faster than Synapse can take edits (latest-wins coalescing does the rest).
 
@@ -139,6 +139,7 @@ async def measure(
         react=False,
         reply_on_finish=False,
         edit_rate=1000,
+        start_rate=1000,
         edit_burst=1000,
         max_in_flight=args.in_flight,
     )
@@ -199,7 +200,8 @@ async def measure(
     for j in jobs:
         await svc.tracked_progress(j.id or 0, current=0, message="start")
     await asyncio.sleep(1.0)  # let the posts go out; count edits only
-    before = adapter.stats.edits
+    assert adapter.driver is not None and adapter.transport is not None
+    before = adapter.driver.stats.edits
     t0 = time.monotonic()
     n = 0
     while time.monotonic() - t0 < args.seconds:
@@ -210,19 +212,18 @@ async def measure(
             await svc.tracked_progress(j.id or 0, current=n, message=f"load {n}")
         await asyncio.sleep(0.005)
     elapsed = time.monotonic() - t0
-    edits = adapter.stats.edits - before
+    edits = adapter.driver.stats.edits - before
     offered = n * len(jobs)
     print(
         f"adapter sustained: {edits / elapsed:.1f} edits/s over {elapsed:.1f} s "
         f"({len(jobs)} messages in one room, max_in_flight={args.in_flight}; "
         f"{offered / elapsed:.0f} progress reports/s offered, latest wins)"
     )
-    stats = adapter.scheduler.stats(room) if adapter.scheduler else None
-    if stats is not None:
-        print(
-            f"scheduler: sent={stats.sent} skipped(coalesced)={stats.skipped} "
-            f"rate_limited={stats.rate_limited} errors={stats.errors} dropped={stats.dropped}"
-        )
+    d, box = adapter.driver.stats, adapter.transport.account.stats
+    print(
+        f"driver: edits={d.edits} coalesced={d.coalesced} rate_limited={box.rate_limited} "
+        f"errors={d.failed_requests} dropped={d.dropped}"
+    )
 
     svc.bus.remove_listener(on_emit)
     await adapter.stop()

@@ -107,9 +107,12 @@ class MatrixSettings(_Section):
     min_power_level: int | None = None
     pin: bool = True
     react: bool = True
-    #: Edits per second per room before Synapse pushes back (the scheduler also honours retry_after_ms).
-    edit_rate: float = Field(0.5, gt=0)
-    edit_burst: int = Field(8, ge=1)
+    #: The account's event budget across all rooms (a ceiling, events/s; the real rate is learned from 429s),
+    #: its burst, the first guess of the rate, and the events kept for answers to people.
+    edit_rate: float = Field(10.0, gt=0)
+    edit_burst: int = Field(10, ge=1)
+    start_rate: float = Field(0.2, gt=0)
+    answer_reserve: int = Field(1, ge=0)
 
     @property
     def enabled(self) -> bool:

@@ -13,7 +13,17 @@ from dataclasses import dataclass
 
 import discord
 
-from adapters.render import STATUS_ICON, bar, clip, defuse_mentions, fmt_duration, fmt_number, outcome_text
+from adapters.render import (
+    STATUS_ICON,
+    bar,
+    clip,
+    defuse_mentions,
+    fmt_duration,
+    fmt_number,
+    label,
+    outcome_text,
+    ref,
+)
 from core.events import JobProgressEvent
 
 #: Discord's limit on message content.
@@ -22,11 +32,7 @@ MAX_CONTENT = 2000
 MAX_CHOICE_NAME = 100
 MAX_CHOICES = 25
 
-#: Button actions, in the order they appear under the message.
-BUTTON_ACTIONS = ("pause", "resume", "cancel")
-
 __all__ = [
-    "BUTTON_ACTIONS",
     "MAX_CHOICES",
     "MAX_CHOICE_NAME",
     "MAX_CONTENT",
@@ -67,8 +73,7 @@ def target_ref(ev: JobProgressEvent) -> str:
 
 def _title(ev: JobProgressEvent) -> str:
     name = esc(ev.name or ev.job_type or "", 120)
-    head = f"**Batch #{ev.id}**" if ev.type == "batch" else f"**#{ev.id}**"
-    return f"{head} {name}".rstrip()
+    return f"**{ref(ev)}** {name}".rstrip()
 
 
 def _outcome(ev: JobProgressEvent) -> str:
@@ -150,9 +155,7 @@ def choice_label(ev: JobProgressEvent) -> str:
     """An autocomplete entry: ``#12 nightly build — running 45%`` (plain text, at most 100 chars)."""
     pct = ev.display_percent
     pct_txt = f" {pct:.0f}%" if pct is not None and not ev.terminal else ""
-    name = clip(ev.name or ev.job_type or "", 60)
-    head = f"batch #{ev.id}" if ev.type == "batch" else f"#{ev.id}"
-    return clip(f"{head} {name} — {ev.status}{pct_txt}", MAX_CHOICE_NAME)
+    return clip(f"{label(ev, 60)} — {ev.status}{pct_txt}", MAX_CHOICE_NAME)
 
 
 @dataclass(slots=True, frozen=True)

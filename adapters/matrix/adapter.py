@@ -1,4 +1,4 @@
-"""The Matrix adapter: one progress notice per job or batch, pinned while active and edited in place.
+"""The Matrix adapter: login, rooms, the /sync loop, and commands and reactions from people.
 
 How it fits together:
 
@@ -7,16 +7,15 @@ How it fits together:
   reuses the same device. One background task logs in, joins the configured rooms, and runs the /sync
   loop; when the homeserver goes away it reconnects with exponential backoff. The sync token is kept
   too, and the first sync after a start only loads state: commands in the backlog are never executed.
-* **Progress messages.** :meth:`MatrixAdapter.on_event` (synchronous, called by the event bus) only hands
-  the event to the shared :class:`~adapters.edit_scheduler.EditScheduler`, keyed by ``(kind, id)``. The
-  scheduler keeps the latest state per message, runs at most one delivery per message and honours
-  ``M_LIMIT_EXCEEDED``. A delivery (:meth:`MatrixAdapter._deliver`) brings the message up to the given
-  state step by step: find the binding in the database or post the notice, edit it, pin or unpin it,
-  offer the reactions, send the completion reply. Each finished step is remembered, so a delivery that
-  is refused half way (a 429) resumes where it stopped and never posts or replies twice. The post goes
-  through the same lane, so no edit can overtake it.
+* **Progress messages** are the shared :class:`~adapters.driver.ProgressDriver`'s job:
+  :meth:`MatrixAdapter.on_event` only routes the event to its room and offers it to the driver, which
+  posts, edits, pins, reacts and replies through :class:`~adapters.matrix.transport.MatrixTransport`.
+  Every event the bot sends, answers to people included, waits in the account's one outbox
+  (Synapse limits the account across all its rooms), people first.
 * **Commands and reactions** from the sync loop go to the shared :class:`~adapters.commands.CommandRouter`;
-  each runs in its own task, and its reply is threaded to the command.
+  each runs in its own task. ``!run`` is answered by the job's progress message itself (a reply to the
+  command), and a successful pause / resume / cancel by the progress message showing who did it; other
+  answers, refusals and errors are threaded replies to the command.
 """
 
 from __future__ import annotations
@@ -28,18 +27,15 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
 from nio import (
     AsyncClient,
     AsyncClientConfig,
-    ErrorResponse,
     JoinError,
     JoinResponse,
     LoginResponse,
     ReactionEvent,
-    RoomGetStateEventResponse,
     RoomMessageText,
     RoomResolveAliasResponse,
     SyncError,
@@ -53,45 +49,15 @@ from core.service import ProgressService
 
 from ..base import ChatAdapter
 from ..commands import Actor, CommandRouter, Reply
-from ..edit_scheduler import EditScheduler, PermanentEditError, RateLimited
+from ..driver import ProgressDriver
 from .config import MatrixConfig
-from .content import (
-    OFFERED_REACTIONS,
-    edit_content,
-    finish_reply,
-    progress_content,
-    reaction_action,
-    text_reply,
-)
+from .content import reaction_action, text_reply
+from .transport import TRANSIENT_ERRORS, MatrixRequestError, MatrixTransport
+from .transport import errcode as _errcode
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "matrix"
-PINNED_EVENTS = "m.room.pinned_events"
-
-#: Error codes after which repeating the same request cannot help.
-PERMANENT_ERRORS = frozenset(
-    {
-        "M_FORBIDDEN",
-        "M_NOT_FOUND",
-        "M_BAD_JSON",
-        "M_NOT_JSON",
-        "M_TOO_LARGE",
-        "M_INVALID_PARAM",
-        "M_DUPLICATE_ANNOTATION",
-        "M_UNRECOGNIZED",
-        "M_BAD_STATE",
-        "M_GUEST_ACCESS_FORBIDDEN",
-    }
-)
-#: Network failures: the homeserver is unreachable or answered nothing useful. Retried with backoff.
-NETWORK_ERRORS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientError,
-    TimeoutError,
-    ConnectionError,
-    OSError,
-)
-
 #: The sync filter: only what the adapter reads (room timelines and state), nothing else.
 SYNC_FILTER: dict[str, Any] = {
     "presence": {"not_types": ["*"]},
@@ -105,97 +71,23 @@ SYNC_FILTER: dict[str, Any] = {
 #: The first sync after a start loads state only; its timeline (the backlog) is never acted upon.
 FIRST_SYNC_FILTER: dict[str, Any] = {**SYNC_FILTER, "room": {**SYNC_FILTER["room"], "timeline": {"limit": 1}}}
 
-Key = tuple[str, int | str]
 #: How often the sync token is written to the database, at most (seconds).
 TOKEN_SAVE_INTERVAL = 5.0
-_R = TypeVar("_R")
 
 
 class MatrixAuthError(ProgressbotError):
     """The homeserver refused the configured credentials (wrong password, revoked token)."""
 
 
-class MatrixRequestError(Exception):
-    """A transient failure of one request (server error, unknown token): retried with backoff."""
-
-    def __init__(self, what: str, errcode: str | None, message: str | None) -> None:
-        self.errcode = errcode
-        super().__init__(f"{what} failed: {errcode or 'error'} {message or ''}".strip())
-
-
-#: Failures worth retrying with backoff.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (*NETWORK_ERRORS, MatrixRequestError)
-
-
-def _errcode(resp: Any) -> str | None:
-    return getattr(resp, "status_code", None)
-
-
-def check(resp: _R, what: str) -> _R:
-    """Turn a nio error response into the exception the edit scheduler understands.
-
-    ``M_LIMIT_EXCEEDED`` -> :class:`RateLimited` (with ``retry_after_ms``); codes that can never
-    succeed -> :class:`PermanentEditError`; anything else -> :class:`MatrixRequestError` (transient).
-    """
-    if not isinstance(resp, ErrorResponse):
-        return resp
-    code = _errcode(resp)
-    if code == "M_LIMIT_EXCEEDED":
-        retry_ms = getattr(resp, "retry_after_ms", None) or 5000
-        raise RateLimited(retry_ms / 1000, f"{what}: M_LIMIT_EXCEEDED")
-    if code in PERMANENT_ERRORS:
-        raise PermanentEditError(f"{what}: {code} {resp.message or ''}".strip())
-    raise MatrixRequestError(what, code, resp.message)
-
-
-@dataclass(slots=True)
-class _Target:
-    """What the adapter knows about one job's or batch's progress message (mirrors its binding)."""
-
-    kind: str
-    ident: int | str
-    room: str
-    event_id: str | None = None
-    #: The newest event seq shown on the message (in this process).
-    delivered_seq: int = 0
-    pinned: bool = False
-    #: Pinning was refused for this message (no power level); do not try again for it.
-    pin_refused: bool = False
-    reacted: bool = False
-    replied: bool = False
-    finished: bool = False
-    #: The plain body the message shows now (in this process), to skip edits that change nothing.
-    shown: str | None = None
-
-    @property
-    def persistent(self) -> bool:
-        """Direct jobs (ids such as ``d3``) live in memory only, so they have no stored binding."""
-        return isinstance(self.ident, int)
-
-    def extra(self) -> dict[str, Any]:
-        """The binding's ``extra`` column."""
-        return {"reacted": self.reacted, "replied": self.replied}
-
-
 @dataclass(slots=True)
 class MatrixStats:
-    """Counters of what the adapter did (for tests, benches and logs)."""
+    """Counters of the adapter's own work (the driver and the outbox count the progress messages)."""
 
-    posts: int = 0
-    edits: int = 0
-    pins: int = 0
-    unpins: int = 0
-    reactions: int = 0
-    replies: int = 0
     commands: int = 0
-    rate_limited: int = 0
-    failed_requests: int = 0
     reconnects: int = 0
     syncs: int = 0
     skipped_backlog: int = 0
     refusals: int = 0
-    #: Edits skipped because the message already showed exactly that text.
-    unchanged: int = 0
 
 
 class _Backoff:
@@ -236,7 +128,8 @@ class MatrixAdapter(ChatAdapter):
         self.config = config
         self._client_factory = client_factory
         self.client: AsyncClient | None = None
-        self.scheduler: EditScheduler[str, Key, JobProgressEvent] | None = None
+        self.transport: MatrixTransport | None = None
+        self.driver: ProgressDriver | None = None
         self.stats = MatrixStats()
         self._kv = f"{PLATFORM}:{config.user_id}:"
         self._salt = ""
@@ -256,12 +149,7 @@ class MatrixAdapter(ChatAdapter):
         self._aliases: dict[str, str] = {}
         self._default_room: str | None = None
         #: Events that arrived before the rooms were resolved (latest per message).
-        self._early: dict[Key, JobProgressEvent] = {}
-        self._targets: dict[Key, _Target] = {}
-        self._pin_locks: dict[str, asyncio.Lock] = {}
-        self._pin_warned: set[str] = set()
-        #: Messages that got a live event since start (the startup catch-up must not overwrite those).
-        self._live_keys: set[Key] | None = set()
+        self._early: dict[tuple[str, int | str], JobProgressEvent] = {}
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -275,7 +163,6 @@ class MatrixAdapter(ChatAdapter):
         self._closing = False
         self.ready = asyncio.Event()
         self._logged_in = self._joined = self._synced_once = self._connected = False
-        self._targets.clear()
         self._room_ids.clear()
         self._aliases.clear()
         store = self.service.store
@@ -288,7 +175,7 @@ class MatrixAdapter(ChatAdapter):
         self._salt = str(salt)
         self._next_batch = await store.kv_get(self._kv + "sync_token")
         nio_config = AsyncClientConfig(
-            # We handle 429s (the scheduler decides what to send after retry_after_ms) and network
+            # We handle 429s (the outbox decides what to send after retry_after_ms) and network
             # errors (reconnect with backoff) ourselves; nio would otherwise retry them for ever.
             max_limit_exceeded=0,
             max_timeouts=0,
@@ -300,18 +187,13 @@ class MatrixAdapter(ChatAdapter):
             self.client = self._client_factory(cfg, nio_config)
         else:
             self.client = AsyncClient(cfg.homeserver, cfg.user_id, device_id=cfg.device_id, config=nio_config)
-        self.scheduler = EditScheduler(
-            self._deliver,
-            rate=cfg.edit_rate,
-            burst=cfg.edit_burst,
-            max_in_flight=max(1, cfg.max_in_flight),
-            backoff_base=cfg.reconnect_min,
-            backoff_max=cfg.reconnect_max,
+        self.transport = MatrixTransport(self.client, cfg, self._salt)
+        self.driver = ProgressDriver(
+            self.service, self.transport, backoff_base=cfg.reconnect_min, backoff_max=cfg.reconnect_max
         )
         if not cfg.rooms:
             log.warning("matrix: no rooms configured (matrix.rooms); the bot will post and answer nothing")
         self._default_room = None
-        self._live_keys = set()
         try:
             await self._login()
         except TRANSIENT_ERRORS as exc:
@@ -333,8 +215,8 @@ class MatrixAdapter(ChatAdapter):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner
             self._runner = None
-        if self.scheduler is not None:
-            drained = await self.scheduler.aclose(drain_timeout=self.config.stop_grace)
+        if self.driver is not None:
+            drained = await self.driver.aclose(drain_timeout=self.config.stop_grace)
             if not drained:
                 log.warning("matrix: stopped with progress undelivered; open messages catch up at next start")
         for t in list(self._tasks):
@@ -343,6 +225,8 @@ class MatrixAdapter(ChatAdapter):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
+        if self.transport is not None:
+            await self.transport.account.aclose()
         with contextlib.suppress(Exception):
             await self._save_token()
         await self._close_client()
@@ -645,19 +529,44 @@ class MatrixAdapter(ChatAdapter):
         self._spawn(self._run_command(room_id, event, thread_root), f"matrix-command-{event.event_id}")
 
     async def _run_command(self, room_id: str, event: RoomMessageText, thread_root: str | None) -> None:
-        """Run one command and answer it in a reply; failures are logged, never shown as tracebacks."""
+        """Run one command and answer it; failures are logged, never shown as tracebacks.
+
+        ``!run`` is answered by the job's progress message (posted as a reply to the command), and a
+        successful pause / resume / cancel / retry by the progress message showing it, when that
+        message is in this room. Everything else gets a threaded reply.
+        """
         self.stats.commands += 1
+        body = event.body or ""
+        is_run = body.lstrip()[len(self.router.prefix) :].split(" ", 1)[0].lower() == "run"
+        if is_run and self.driver is not None:
+            # Registered before the job exists: its first post may race the end of this command.
+            self.driver.expect_origin(room_id, event.sender, event.event_id)
         try:
             actor = self._actor(room_id, event.sender)
-            reply = await self.router.handle_text(event.body, actor)
+            reply = await self.router.handle_text(body, actor)
         except Exception:
-            log.exception("matrix: command %r from %s failed", event.body[:80], event.sender)
+            log.exception("matrix: command %r from %s failed", body[:80], event.sender)
             reply = Reply("Sorry, that command failed unexpectedly; the error was logged.", ok=False)
-        if reply is None:
+        shown = reply is not None and self._shown_here(reply, room_id)
+        if is_run and not shown and self.driver is not None:
+            self.driver.drop_origin(room_id, event.sender, event.event_id)
+        if reply is None or shown:
             return
         if not reply.ok:
             self.stats.refusals += 1
         await self._answer(room_id, event.event_id, event.sender, reply.text, thread_root, event.event_id)
+
+    def _shown_here(self, reply: Reply, room_id: str) -> bool:
+        """Whether the reply's outcome shows on a progress message in ``room_id`` (no words needed)."""
+        job = reply.job
+        if not (reply.ok and reply.on_progress and job is not None and job.id is not None):
+            return False
+        if job.batch_id is not None:
+            return False  # jobs inside a batch have no message of their own
+        shown_in = self.driver.message_room("job", job.id) if self.driver is not None else None
+        if shown_in is None:
+            shown_in = self._room_for(self.service.current_event(job))
+        return shown_in == room_id
 
     def _on_reaction(self, room_id: str, event: ReactionEvent) -> None:
         action = reaction_action(event.key)
@@ -670,7 +579,7 @@ class MatrixAdapter(ChatAdapter):
         try:
             binding = await self.service.store.find_binding_by_message(PLATFORM, event.reacts_to)
             if binding is None:
-                target = next((t for t in self._targets.values() if t.event_id == event.reacts_to), None)
+                target = self.driver.find_by_message(event.reacts_to) if self.driver is not None else None
                 if target is None:
                     return  # a reaction on some other message
                 kind, ident = target.kind, target.ident
@@ -693,264 +602,33 @@ class MatrixAdapter(ChatAdapter):
     async def _answer(
         self, room_id: str, in_reply_to: str, sender: str, text: str, thread_root: str | None, trigger: str
     ) -> None:
-        """Send a reply; ``trigger`` (the command or reaction event) makes its transaction id unique."""
+        """Send a reply, first in the account's outbox; ``trigger`` makes its transaction id unique."""
+        if self.transport is None:
+            return
         content = text_reply(text, in_reply_to, mention=sender, thread_root=thread_root)
         try:
-            await self._send_reliably(room_id, "m.room.message", content, f"{self._salt}-re-{trigger}")
-            self.stats.replies += 1
+            await self.transport.answer(room_id, content, f"re-{trigger}")
         except Exception as exc:
             log.warning("matrix: could not answer in %s: %s", room_id, exc)
 
-    async def _send_reliably(
-        self, room_id: str, event_type: str, content: dict[str, Any], txn_id: str, *, attempts: int = 8
-    ) -> str:
-        """Send one event outside the edit scheduler (command replies), waiting out 429s.
-
-        The transaction id stays the same across attempts, so the homeserver never stores it twice.
-        """
-        assert self.client is not None
-        backoff = _Backoff(self.config.reconnect_min, self.config.reconnect_max)
-        for attempt in range(attempts):
-            try:
-                resp = check(await self.client.room_send(room_id, event_type, content, tx_id=txn_id), "send")
-                return str(resp.event_id)
-            except RateLimited as exc:
-                self.stats.rate_limited += 1
-                await asyncio.sleep(exc.retry_after)
-            except TRANSIENT_ERRORS:
-                if attempt + 1 == attempts:
-                    raise
-                await asyncio.sleep(backoff.next())
-        raise MatrixRequestError("send", "M_LIMIT_EXCEEDED", "still rate limited")
-
     # ------------------------------------------------------------------ progress events
     def on_event(self, ev: JobProgressEvent) -> None:
-        """Hand the event to the edit scheduler (never blocks, never does I/O)."""
-        if not self.wants_message(ev) or self.scheduler is None or self._closing:
+        """Route the event to its room and offer it to the driver (never blocks, never does I/O)."""
+        if not self.wants_message(ev) or self.driver is None or self._closing:
             return
-        key: Key = (ev.type, ev.id)
         if not self._joined:
             # Rooms are not resolved yet (just started, or the homeserver is away): keep the newest
             # event per message until they are.
+            key = (ev.type, ev.id)
             old = self._early.get(key)
             if old is None or old.seq < ev.seq:
                 self._early[key] = ev
             return
         room = self._room_for(ev)
-        if room is None:
-            return
-        if self._live_keys is not None:
-            self._live_keys.add(key)
-        self.scheduler.submit(room, key, ev, version=ev.seq, final=ev.terminal)
+        if room is not None:
+            self.driver.offer(ev, room)
 
     async def _catch_up(self) -> None:
-        """After a start: bring every still-open message up to its job's current state.
-
-        This delivers what happened while the bot was away (a job that finished meanwhile gets its
-        final edit, unpin and reply) and never posts a second message for a bound job.
-        """
-        live = self._live_keys
-        try:
-            bindings = await self.service.store.open_bindings(PLATFORM)
-            for b in bindings:
-                key: Key = (b.target_kind, b.target_id)
-                try:
-                    if b.target_kind == "batch":
-                        summary = await self.service.batch_summary(b.target_id)
-                        ev = self.service.monitor.build_batch_event(summary)
-                    else:
-                        ev = self.service.current_event(await self.service.store.get(b.target_id))
-                except LookupError:
-                    log.info("matrix: %s #%s is gone; closing its message", b.target_kind, b.target_id)
-                    await self._close_orphan(b.room, b.message_id, b.pinned, b.target_kind, b.target_id)
-                    continue
-                if live is not None and key in live:
-                    continue  # a live event is newer than this snapshot
-                ev.room = b.room
-                if self.scheduler is not None and not self._closing:
-                    self.scheduler.submit(b.room, key, ev, version=ev.seq, final=ev.terminal)
-        except Exception:
-            log.exception("matrix: catching up on open messages failed")
-        finally:
-            self._live_keys = None
-
-    async def _close_orphan(self, room: str, event_id: str, pinned: bool, kind: str, ident: int) -> None:
-        if pinned and self.config.pin:
-            with contextlib.suppress(Exception):
-                await self._set_pinned(room, event_id, False)
-        await self.service.store.save_binding(
-            PLATFORM, kind, ident, room, event_id, pinned=False, finished=True
-        )
-
-    async def _target(self, room: str, key: Key) -> _Target:
-        t = self._targets.get(key)
-        if t is not None:
-            return t
-        kind, ident = key
-        t = _Target(kind=kind, ident=ident, room=room)
-        if t.persistent:
-            b = await self.service.store.get_binding(PLATFORM, kind, int(ident))
-            if b is not None:
-                extra = b.extra or {}
-                t.room, t.event_id, t.pinned, t.finished = b.room, b.message_id, b.pinned, b.finished
-                t.reacted = bool(extra.get("reacted"))
-                t.replied = bool(extra.get("replied"))
-        # Another delivery for this key cannot have run meanwhile (the scheduler runs one per message).
-        self._targets[key] = t
-        return t
-
-    async def _save(self, t: _Target) -> None:
-        if t.persistent and t.event_id:
-            await self.service.store.save_binding(
-                PLATFORM,
-                t.kind,
-                int(t.ident),
-                t.room,
-                t.event_id,
-                pinned=t.pinned,
-                finished=t.finished,
-                extra=t.extra(),
-            )
-
-    async def _send_step(
-        self, t: _Target, event_type: str, content: dict[str, Any], step: str, what: str
-    ) -> str:
-        """Send one event of a delivery; returns its event id, raises what :func:`check` raises.
-
-        The transaction id is "salt, message, step": a retry of the same step (after a timeout whose
-        request did arrive) is deduplicated by the homeserver instead of being stored twice.
-        """
-        assert self.client is not None
-        txn = f"{self._salt}-{t.kind[0]}{t.ident}-{step}"
-        resp = check(await self.client.room_send(t.room, event_type, content, tx_id=txn), what)
-        return str(resp.event_id)
-
-    async def _deliver(self, room: str, key: Key, ev: JobProgressEvent) -> RateLimited | None:
-        """The scheduler's send function: bring one message up to ``ev``, resuming where it stopped.
-
-        Raises :class:`RateLimited` (the scheduler pauses the room), :class:`PermanentEditError`
-        (dropped), or another exception (transient; retried with backoff).
-        """
-        assert self.client is not None
-        try:
-            await self._deliver_steps(room, key, ev)
-        except RateLimited:
-            self.stats.rate_limited += 1
-            raise
-        except Exception:
-            self.stats.failed_requests += 1
-            raise
-        return None
-
-    async def _deliver_steps(self, room: str, key: Key, ev: JobProgressEvent) -> None:
-        assert self.client is not None
-        cfg = self.config
-        t = await self._target(room, key)
-        room = t.room
-        if t.event_id is None:
-            content = progress_content(ev, prefix=cfg.command_prefix)
-            t.event_id = await self._send_step(t, "m.room.message", content, "post", "post")
-            t.delivered_seq = ev.seq
-            t.shown = content["body"]
-            t.finished = False
-            self.stats.posts += 1
-            log.debug("matrix: posted %s #%s in %s as %s (%s)", t.kind, t.ident, room, t.event_id, ev.status)
-            await self._save(t)
-        elif ev.seq > t.delivered_seq:
-            new = progress_content(ev, prefix=cfg.command_prefix)
-            if new["body"] == t.shown:
-                self.stats.unchanged += 1  # e.g. the same state emitted again after a restart
-            else:
-                content = edit_content(t.event_id, new)
-                await self._send_step(t, "m.room.message", content, f"e{ev.seq}", "edit")
-                t.shown = new["body"]
-                self.stats.edits += 1
-                log.debug("matrix: edited %s #%s (seq %d, %s)", t.kind, t.ident, ev.seq, ev.status)
-            t.delivered_seq = ev.seq
-        if not ev.terminal and t.finished:
-            # Retried after its end: the message is live again, and a new end gets a new reply.
-            t.finished = t.replied = False
-            await self._save(t)
-        if cfg.pin:
-            want_pin = not ev.terminal
-            if want_pin and not t.pinned and not t.pin_refused:
-                if await self._set_pinned(room, t.event_id, True):
-                    t.pinned = True
-                    self.stats.pins += 1
-                else:
-                    t.pin_refused = True
-                await self._save(t)
-            elif not want_pin and t.pinned:
-                await self._set_pinned(room, t.event_id, False)
-                t.pinned = False
-                self.stats.unpins += 1
-                await self._save(t)
-        if cfg.react and not t.reacted and not ev.terminal:
-            for i, emoji in enumerate(OFFERED_REACTIONS):
-                content = {"m.relates_to": {"rel_type": "m.annotation", "event_id": t.event_id, "key": emoji}}
-                try:
-                    await self._send_step(t, "m.reaction", content, f"r{i}", "reaction")
-                    self.stats.reactions += 1
-                except PermanentEditError as exc:
-                    # Already there (a retry) or not allowed: either way, nothing more to do.
-                    log.debug("matrix: reaction %s not added: %s", emoji, exc)
-            t.reacted = True
-            await self._save(t)
-        if ev.terminal:
-            if cfg.reply_on_finish and not t.replied:
-                content = finish_reply(ev, t.event_id)
-                try:
-                    await self._send_step(t, "m.room.message", content, f"done{ev.seq}", "reply")
-                    self.stats.replies += 1
-                except PermanentEditError as exc:
-                    log.warning("matrix: completion reply in %s not sent: %s", room, exc)
-                t.replied = True
-            t.finished = True
-            await self._save(t)
-            # The message is complete; forget it (a later retry of the job loads the binding again).
-            self._targets.pop(key, None)
-
-    # ------------------------------------------------------------------ pins
-    async def _set_pinned(self, room: str, event_id: str, pin: bool) -> bool:
-        """Add or remove one of our events in ``m.room.pinned_events``, keeping everyone else's pins.
-
-        Returns False when the bot lacks the power level (logged once per room). Read-modify-write
-        is serialized per room, so two of our messages never overwrite each other's pin.
-        """
-        assert self.client is not None
-        client = self.client
-        me = client.user_id
-        nio_room = client.rooms.get(room)
-        if pin and nio_room is not None and not nio_room.power_levels.can_user_send_state(me, PINNED_EVENTS):
-            self._warn_pin(room, "its power level is too low")
-            return False
-        lock = self._pin_locks.setdefault(room, asyncio.Lock())
-        async with lock:
-            current = await client.room_get_state_event(room, PINNED_EVENTS)
-            if isinstance(current, RoomGetStateEventResponse):
-                pinned = [p for p in (current.content.get("pinned") or []) if isinstance(p, str)]
-            elif _errcode(current) == "M_NOT_FOUND":
-                pinned = []  # nothing was ever pinned in this room
-            else:
-                check(current, "read pins")
-                pinned = []
-            if (event_id in pinned) == pin:
-                return True
-            new = [*pinned, event_id] if pin else [p for p in pinned if p != event_id]
-            resp = await client.room_put_state(room, PINNED_EVENTS, {"pinned": new})
-            if isinstance(resp, ErrorResponse) and _errcode(resp) == "M_FORBIDDEN":
-                self._warn_pin(room, "the homeserver refused it (M_FORBIDDEN)")
-                return False
-            check(resp, "pin" if pin else "unpin")
-            return True
-
-    def _warn_pin(self, room: str, why: str) -> None:
-        if room not in self._pin_warned:
-            self._pin_warned.add(room)
-            log.warning(
-                "matrix: cannot pin progress messages in %s: %s. Give %s power level 50 there "
-                "(or set matrix.pin = false); carrying on without pins.",
-                room,
-                why,
-                self.config.user_id,
-            )
+        """After a start: bring every open message up to date (see :meth:`ProgressDriver.catch_up`)."""
+        if self.driver is not None:
+            await self.driver.catch_up(lambda room: room if room in self._room_ids else None)

@@ -32,10 +32,17 @@ class MatrixConfig:
     react: bool = True
     #: Send a reply that mentions the requester when a job or batch finishes.
     reply_on_finish: bool = True
-    #: The room's sustained edit budget (edits per second) and its burst; 429s adjust it further.
-    edit_rate: float = 0.5
-    edit_burst: int = 8
-    #: Edits of different messages that may be in flight at once in one room (always one per message).
+    #: The account's event budget (events per second, every post, edit, pin, reaction and reply) and
+    #: its burst: an upper bound. The rate Synapse really allows is learned from its 429s (two of them
+    #: bracket the events it accepted), so a default ``rc_message`` (0.2/s) is found without tuning.
+    edit_rate: float = 10.0
+    edit_burst: int = 10
+    #: The first guess of the account's rate: Synapse's default ``rc_message`` (0.2/s). It doubles while
+    #: the homeserver takes it (a lifted limit), up to ``edit_rate``.
+    start_rate: float = 0.2
+    #: Events kept in reserve for answers to people, so a command is answered at once.
+    answer_reserve: int = 1
+    #: Calls that may be in flight at once for the account (always one per message and lane).
     max_in_flight: int = 4
     #: Long-poll timeout of /sync, in milliseconds.
     sync_timeout_ms: int = 30_000
@@ -63,7 +70,15 @@ class MatrixConfig:
             "pin": bool(getattr(s, "pin", True)),
             "react": bool(getattr(s, "react", True)),
         }
-        for name in ("edit_rate", "edit_burst", "reply_on_finish", "sync_timeout_ms"):
+        knobs = (
+            "edit_rate",
+            "edit_burst",
+            "start_rate",
+            "answer_reserve",
+            "reply_on_finish",
+            "sync_timeout_ms",
+        )
+        for name in knobs:
             if getattr(s, name, None) is not None:
                 values[name] = getattr(s, name)
         values.update(overrides)

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from core.events import JobProgressEvent
 
-from ..render import defuse_mentions, outcome_text, render_html, render_plain
+from ..render import defuse_mentions, label, outcome_text, render_html, render_plain
 
 HTML_FORMAT = "org.matrix.custom.html"
 _USER_ID = re.compile(r"^@[a-z0-9._=\-/+]+:[A-Za-z0-9.\-:\[\]]+$", re.IGNORECASE)
@@ -87,10 +87,7 @@ def text_reply(
 
 def finish_reply(ev: JobProgressEvent, progress_event_id: str) -> dict[str, Any]:
     """The short reply to a progress message when its job or batch ends, mentioning the requester."""
-    what = ("batch #" if ev.type == "batch" else "#") + str(ev.id)
-    name = ev.name or ev.job_type or ""
-    outcome = outcome_text(ev)
-    tail = f"{what} {name}".rstrip() + f" {outcome}"
+    tail = f"{label(ev)} {outcome_text(ev)}"
     owner = ev.owner if is_user_id(ev.owner) else None
     if owner:
         plain = defuse_mentions(f"{owner}: {tail}")

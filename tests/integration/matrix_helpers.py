@@ -177,14 +177,25 @@ def relates(ev: Event) -> dict[str, Any]:
 
 
 def progress_messages(events: list[Event], bot: str) -> list[Event]:
-    """The bot's progress notices: originals (not edits, not replies)."""
+    """The bot's progress notices: originals (not edits), and not replies, except to a ``!run``.
+
+    The answer to ``!run`` is the job's progress message, posted as a reply to the command.
+    """
+    by_id = {e.get("event_id"): e for e in events}
+
+    def answers_run(e: Event) -> bool:
+        target = by_id.get((relates(e).get("m.in_reply_to") or {}).get("event_id"))
+        if target is None or not str(content_of(target).get("body", "")).lstrip().startswith("!run"):
+            return False
+        return status_word(str(content_of(e).get("body", ""))) is not None  # not a refusal
+
     return [
         e
         for e in events
         if e.get("sender") == bot
         and e.get("type") == "m.room.message"
         and content_of(e).get("msgtype") == "m.notice"
-        and not relates(e)
+        and (not relates(e) or answers_run(e))
     ]
 
 
@@ -348,6 +359,8 @@ class World:
             "user_id": self.bot_id,
             "access_token": self.bot_token,
             "rooms": [room],
+            # The module lifts the bot's limit (as an admin would), and says so: no slow start.
+            "start_rate": 10.0,
             "reconnect_min": 0.2,
             "reconnect_max": 2.0,
             "stop_grace": 5.0,

@@ -323,8 +323,9 @@ async def test_twenty_fast_jobs_share_the_channel_budget(
     fake_discord: FakeDiscordServer, tmp_path: Path, fake_discord_options: dict[str, Any]
 ) -> None:
     """20 jobs reporting fast in one channel: the edits stay within the channel's bucket (no 429 of the
-    fake's own), every final state is delivered, no older state ever follows a newer one, and a forced
-    429 is waited out and recovered from. (The bucket is scaled to 10 per 1 s to keep the test short.)"""
+    fake's own), every final state is delivered, no older state ever follows a newer one, slash commands
+    are answered within the 3 s deadline meanwhile, and a forced 429 is waited out and recovered from.
+    (The bucket is scaled to 10 per 1 s to keep the test short.)"""
     server = fake_discord
     alice = server.guild.members[0]
     service = await make_service(tmp_path, concurrency=20)
@@ -343,6 +344,11 @@ async def test_twenty_fast_jobs_share_the_channel_budget(
         # Mid-run, Discord refuses two edits: discord.py waits them out, the scheduler pauses the channel.
         await server.wait_for(lambda: len(server.edits) >= 10, 10)
         server.force_429(2, retry_after=0.3, route=EDIT_ROUTE)
+        # People are answered within the 3 s interaction deadline, whatever the edit backlog.
+        for job in jobs[:3]:
+            rec = await server.dispatch_slash_command("status", {"id": str(job.id)}, user=alice)
+            resp = await server.wait_interaction_response(rec, timeout=5)
+            assert resp.at - rec.dispatched_at < 3.0 and f"#{job.id}" in (resp.content or "")
         for job in jobs:
             assert (await wait_job(service, job.id or 0)).status == JobStatus.COMPLETED
         await server.wait_for(
@@ -585,7 +591,7 @@ async def test_a_batch_has_one_message_and_its_jobs_none(
         await server.wait_for(lambda: len(replies_to(server, msg.id)) == 1, 10)
         final = server.message(msg.id)
         assert (
-            final.content.startswith(f"✅ **Batch #{bid}** nightly — completed")
+            final.content.startswith(f"✅ **batch #{bid}** nightly — completed")
             and "2/2 done" in final.content
         )
         assert len(progress_messages(server)) == 1 and not final.pinned and final.components == []

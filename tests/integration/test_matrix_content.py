@@ -7,9 +7,7 @@ import time
 import pytest
 from nio import RoomSendError, RoomSendResponse
 
-from adapters.edit_scheduler import PermanentEditError, RateLimited
 from adapters.matrix import MatrixConfig
-from adapters.matrix.adapter import MatrixRequestError, check
 from adapters.matrix.content import (
     edit_content,
     finish_reply,
@@ -18,6 +16,8 @@ from adapters.matrix.content import (
     reaction_action,
     text_reply,
 )
+from adapters.matrix.transport import MatrixRequestError, check
+from adapters.outbox import PermanentError, RateLimited
 from bot.settings import MatrixSettings
 from core.events import JobProgressEvent, next_seq
 
@@ -127,13 +127,13 @@ def test_config_from_settings_reads_secrets_and_hides_them() -> None:
     assert "hunter2" not in repr(cfg)
 
 
-def test_error_mapping_for_the_scheduler() -> None:
+def test_error_mapping_for_the_outbox() -> None:
     ok = RoomSendResponse("$e", "!r")
     assert check(ok, "send") is ok
     with pytest.raises(RateLimited) as rl:
         check(RoomSendError("Too Many Requests", "M_LIMIT_EXCEEDED", retry_after_ms=4466), "edit")
     assert rl.value.retry_after == pytest.approx(4.466)
-    with pytest.raises(PermanentEditError):
+    with pytest.raises(PermanentError):
         check(RoomSendError("no", "M_FORBIDDEN"), "edit")
     with pytest.raises(MatrixRequestError):
         check(RoomSendError("oops", "M_UNKNOWN"), "edit")

@@ -77,7 +77,7 @@ async def test_bot_restart_edits_the_same_event_and_skips_the_backlog(
         await h.svc.get(2)
 
     assert len(progress_messages(events, bot)) == 1
-    assert h.bot.stats.posts == 0  # the restarted bot found its binding
+    assert h.bot.driver is not None and h.bot.driver.stats.posts == 0  # the restarted bot found its binding
     steps = [_step(t) for t in texts_of(events, eid)]
     assert max(steps) == 40 and steps[-1] == 40
     assert len(edits_of(events, eid)) >= 3
