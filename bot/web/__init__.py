@@ -77,6 +77,16 @@ _TEMPLATES = _HERE / "templates"
 
 
 # ------------------------------------------------------------------ rendering
+#: The page's own paths; the rest (``/v1/``, ``/healthz``, ``/mcp``) is the API's, with its bearer token.
+WEB_PREFIXES = ("/jobs/", "/web/", "/static/")
+WEB_PATHS = frozenset({"/", "/login", "/logout"})
+
+
+def is_web_path(path: str) -> bool:
+    """Whether ``path`` belongs to the web page (session cookie) rather than the API (bearer token)."""
+    return path in WEB_PATHS or path.startswith(WEB_PREFIXES)
+
+
 class Safe(str):
     """Markup that is already escaped (built by :func:`render`); every other value is escaped."""
 
@@ -212,7 +222,7 @@ class WebUI:
         path = request.path
         has_session = self.sessions.valid(request.cookies.get(COOKIE))
         bearer = "Authorization" in request.headers
-        web_route = not path.startswith("/v1/") and path != "/healthz"
+        web_route = is_web_path(path)
         if web_route:
             if path == "/login" or path.startswith("/static/"):
                 request[WEB_AUTH] = True
