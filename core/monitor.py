@@ -9,7 +9,9 @@
   workers, CLI actions), which feed the same paths. :meth:`JobProgressMonitor.wake_poll` (LISTEN/NOTIFY on
   PostgreSQL) polls at once in between, reading only rows newer than the newest seen; the periodic poll
   also re-reads the last ``POLL_OVERLAP`` seconds, for rows whose transaction committed late.
-* Batches get their own throttled events with aggregates computed from their jobs.
+* Batches get their own throttled events with aggregates computed from their jobs' rows: a batch is
+  refreshed after its jobs' status changes (at once) and after their progress is written (at most once
+  per ``min_interval``, the latest state, trailing included).
 """
 
 from __future__ import annotations
@@ -420,6 +422,13 @@ class JobProgressMonitor:
                 # Not lost: written with the next tick (unless newer progress is written first).
                 self._unsaved.update(w.job_id for w in writes)
                 raise
+            # The batches of these jobs aggregate the progress just written: refresh them (throttled by
+            # _refresh_batches like every batch event), so a batch moves while its jobs report, not only
+            # when one of them changes status.
+            for w in writes:
+                view = self._views.get(("job", w.job_id))
+                if view is not None and view.batch_id is not None:
+                    self._batch_dirty.add(view.batch_id)
         if self._pending_logs:
             logs, self._pending_logs = self._pending_logs, []
             await log_many_isolating(self.store, logs)
