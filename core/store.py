@@ -57,7 +57,16 @@ from .models import (
     JobStatus,
     Progress,
 )
-from .storebase import activity_t, batches_t, bindings_t, in_db, jobs_t, row_to_job
+from .storebase import (
+    SqliteTable,
+    activity_t,
+    batches_t,
+    bindings_t,
+    driver_connection,
+    in_db,
+    jobs_t,
+    row_to_job,
+)
 
 S = JobStatus
 
@@ -111,7 +120,6 @@ _CLAIM_PG = (
     .values(**dict(_CLAIM_VALUES, updated_at=func.clock_timestamp()))  # see JobStore._stamp
     .returning(*jobs_t.c)
 )
-_INSERT_JOBS = insert(jobs_t).returning(*jobs_t.c, sort_by_parameter_order=True)
 # PostgreSQL stamps updated_at with the server's clock, like every other write there (see JobStore._stamp).
 _INSERT_JOBS_PG = (
     insert(jobs_t)
@@ -161,6 +169,36 @@ _COMPLETE_STMT_LEASED = _COMPLETE_STMT.where(jobs_t.c.lease_until >= bindparam("
 )
 
 RecoveryPolicy = Literal["pause", "requeue"]
+
+_ACTIVITY_COLUMNS = ("job_id", "at", "level", "message", "context")
+
+
+class _SqliteHotPath:
+    """The statements of a job's insert and completion, prepared for SQLite's own cursor (see
+    :class:`~core.storebase.SqliteTable`): the same SQL the Core statements above compile to."""
+
+    def __init__(self, db: Database) -> None:
+        self.jobs = SqliteTable(jobs_t, db.engine.dialect)
+        self.activity = SqliteTable(activity_t, db.engine.dialect)
+        self.insert_activity = self.activity.insert_sql(_ACTIVITY_COLUMNS)
+        #: INSERT ... RETURNING per column list (every insert of the store uses the same one).
+        self.insert_jobs: dict[tuple[str, ...], str] = {}
+        self.due_top_priority = "SELECT max(priority) FROM jobs WHERE status = ? AND kind = ? AND run_at <= ?"
+        progress = list(PROGRESS_COLUMNS.values())
+        self.progress_columns = progress
+        self.complete = (
+            "UPDATE jobs SET status = ?, result = ?, error = NULL, finished_at = ?, updated_at = ?,"
+            " origin = ?, lease_until = NULL, "
+            + ", ".join(f"{c} = ?" for c in progress)
+            + " WHERE id = ? AND worker_id = ? AND status = ?"
+        )
+
+    def insert_sql(self, columns: tuple[str, ...]) -> str:
+        """The job insert for these columns, returning the stored row."""
+        sql = self.insert_jobs.get(columns)
+        if sql is None:
+            sql = self.insert_jobs[columns] = self.jobs.insert_sql(columns, returning=True)
+        return sql
 
 
 @dataclass(slots=True)
@@ -300,6 +338,7 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         self._finish_queue: list[tuple[list[Outcome], asyncio.Future[FinishResult]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._change_listeners: list[Callable[[ChangeKind], None]] = []
+        self._sqlite = _SqliteHotPath(db) if db.is_sqlite else None
 
     # ---------------------------------------------------------------- changes
     def add_change_listener(self, fn: Callable[[ChangeKind], None]) -> None:
@@ -544,7 +583,15 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             return [False] * len(jobs)
         # The claim order is priority, then run_at, then id: a new job due now comes after every due
         # pending job of the same or a higher priority.
-        top = conn.execute(_DUE_TOP_PRIORITY, {"d_now": now}).scalar()
+        if self._sqlite is not None:
+            sq = self._sqlite
+            top = (
+                driver_connection(conn)
+                .execute(sq.due_top_priority, (S.PENDING, JobKind.QUEUED, sq.jobs.value("run_at", now)))
+                .fetchone()[0]
+            )
+        else:
+            top = conn.execute(_DUE_TOP_PRIORITY, {"d_now": now}).scalar()
         return [nj.handoff is not None and (top is None or nj.priority > top) for nj in jobs]
 
     def _insert_jobs(
@@ -593,14 +640,17 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
                     lease_until=now + timedelta(seconds=nj.handoff.lease_seconds),
                     started_at=now,
                 )
-        # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
-        if self.db.is_sqlite:
-            result = conn.execute(_INSERT_JOBS, rows)
+        if self._sqlite is not None:
+            # One prepared INSERT ... RETURNING per job on the driver's cursor (see _SqliteHotPath).
+            t, raw = self._sqlite.jobs, driver_connection(conn)
+            columns = tuple(rows[0])
+            sql = self._sqlite.insert_sql(columns)
+            out = [Job(**t.load(raw.execute(sql, t.bind(columns, r)).fetchone())) for r in rows]
         else:
+            # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
             for r in rows:
                 del r["updated_at"]
-            result = conn.execute(_INSERT_JOBS_PG, rows)
-        out = [row_to_job(r) for r in result]
+            out = [row_to_job(r) for r in conn.execute(_INSERT_JOBS_PG, rows)]
         notes = []
         for idx, (nj, job) in enumerate(zip(jobs, out, strict=True)):
             who = (actors[idx] if actors is not None else actor) or nj.owner
@@ -615,8 +665,18 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
                 }
             )
         # No trim here: a new job has one entry; the batched log path enforces the cap.
-        conn.execute(_INSERT_ACTIVITY, notes)
+        self._insert_activity(conn, notes)
         return out
+
+    def _insert_activity(self, conn: Connection, notes: list[dict[str, Any]]) -> None:
+        """Append activity entries (``_ACTIVITY_COLUMNS``) in the caller's transaction, untrimmed."""
+        if self._sqlite is not None:
+            t = self._sqlite.activity
+            driver_connection(conn).executemany(
+                self._sqlite.insert_activity, [t.bind(_ACTIVITY_COLUMNS, n) for n in notes]
+            )
+        else:
+            conn.execute(_INSERT_ACTIVITY, notes)
 
     # ------------------------------------------------------------------ claim
     async def claim(
@@ -715,21 +775,23 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         return res
 
     def _complete_many(self, conn: Connection, done: list[Outcome], now: datetime) -> set[int]:
-        params = [
-            {
-                "b_id": oc.job_id,
-                "b_worker": oc.worker_id,
-                "b_result": oc.result,
-                "b_now": now,
-                "b_origin": self.origin,
-                **_progress_params(oc.progress),
-            }
-            for oc in done
-        ]
-        stmt = _COMPLETE_STMT if self.db.is_sqlite else _COMPLETE_STMT_LEASED
-        result = conn.execute(stmt, params)
+        if self._sqlite is not None:
+            rowcount = self._complete_sqlite(conn, done, now)
+        else:
+            params = [
+                {
+                    "b_id": oc.job_id,
+                    "b_worker": oc.worker_id,
+                    "b_result": oc.result,
+                    "b_now": now,
+                    "b_origin": self.origin,
+                    **_progress_params(oc.progress),
+                }
+                for oc in done
+            ]
+            rowcount = conn.execute(_COMPLETE_STMT_LEASED, params).rowcount
         ids = [oc.job_id for oc in done]
-        if result.rowcount == len(ids):
+        if rowcount == len(ids):
             applied = set(ids)  # every fenced update hit its row
         else:
             # Some job was taken away (lease lost): find out which updates applied.
@@ -742,14 +804,38 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
                 )
             }
         if applied:
-            conn.execute(
-                _INSERT_ACTIVITY,
+            self._insert_activity(
+                conn,
                 [
                     {"job_id": i, "at": now, "level": "info", "message": "completed", "context": None}
                     for i in applied
                 ],
             )
         return applied
+
+    def _complete_sqlite(self, conn: Connection, done: list[Outcome], now: datetime) -> int:
+        """_COMPLETE_STMT as one executemany on the driver's cursor; returns the rows it changed."""
+        assert self._sqlite is not None
+        sq = self._sqlite
+        t = sq.jobs
+        stamp = t.value("finished_at", now)
+        params = []
+        for oc in done:
+            progress = (oc.progress or Progress()).columns()
+            params.append(
+                (
+                    S.COMPLETED,
+                    t.value("result", oc.result),
+                    stamp,
+                    stamp,
+                    self.origin,
+                    *(t.value(c, progress[c]) for c in sq.progress_columns),
+                    oc.job_id,
+                    oc.worker_id,
+                    S.RUNNING,
+                )
+            )
+        return int(driver_connection(conn).executemany(sq.complete, params).rowcount)
 
     def _lock_in_order(self, conn: Connection, job_ids: list[int]) -> None:
         """Lock job rows in ascending id order (PostgreSQL).
@@ -1183,7 +1269,6 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             return [row_to_job(r) for r in conn.execute(q)]
 
     @in_db
-
     def changed_since(
         self,
         since: datetime,
@@ -1246,7 +1331,6 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             raw = conn.connection.dbapi_connection
             assert raw is not None
             raw.execute("VACUUM")
-
 
 
 __all__ = [
