@@ -181,7 +181,7 @@ class _SqliteHotPath:
         self.jobs = SqliteTable(jobs_t, db.engine.dialect)
         self.activity = SqliteTable(activity_t, db.engine.dialect)
         self.insert_activity = self.activity.insert_sql(_ACTIVITY_COLUMNS)
-        #: INSERT ... RETURNING per column list (every insert of the store uses the same one).
+        #: INSERT per column list (every insert of the store uses the same one).
         self.insert_jobs: dict[tuple[str, ...], str] = {}
         self.due_top_priority = "SELECT max(priority) FROM jobs WHERE status = ? AND kind = ? AND run_at <= ?"
         progress = list(PROGRESS_COLUMNS.values())
@@ -194,10 +194,10 @@ class _SqliteHotPath:
         )
 
     def insert_sql(self, columns: tuple[str, ...]) -> str:
-        """The job insert for these columns, returning the stored row."""
+        """The job insert for these columns."""
         sql = self.insert_jobs.get(columns)
         if sql is None:
-            sql = self.insert_jobs[columns] = self.jobs.insert_sql(columns, returning=True)
+            sql = self.insert_jobs[columns] = self.jobs.insert_sql(columns)
         return sql
 
 
@@ -641,11 +641,7 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
                     started_at=now,
                 )
         if self._sqlite is not None:
-            # One prepared INSERT ... RETURNING per job on the driver's cursor (see _SqliteHotPath).
-            t, raw = self._sqlite.jobs, driver_connection(conn)
-            columns = tuple(rows[0])
-            sql = self._sqlite.insert_sql(columns)
-            out = [Job(**t.load(raw.execute(sql, t.bind(columns, r)).fetchone())) for r in rows]
+            out = self._insert_sqlite(conn, rows)
         else:
             # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
             for r in rows:
@@ -666,6 +662,24 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             )
         # No trim here: a new job has one entry; the batched log path enforces the cap.
         self._insert_activity(conn, notes)
+        return out
+
+    def _insert_sqlite(self, conn: Connection, rows: list[dict[str, Any]]) -> list[Job]:
+        """One prepared INSERT per job on the driver's cursor (see _SqliteHotPath).
+
+        The stored job is built from the values bound, not read back: the columns not inserted are NULL
+        (no server defaults), the new id is the row id, and the payload is what reading it would give.
+        """
+        assert self._sqlite is not None
+        t, raw = self._sqlite.jobs, driver_connection(conn)
+        columns = tuple(rows[0])
+        sql = self._sqlite.insert_sql(columns)
+        at = columns.index("payload")
+        out = []
+        for r in rows:
+            params = t.bind(columns, r)
+            cur = raw.execute(sql, params)
+            out.append(Job(**{**r, "id": cur.lastrowid, "payload": t.stored("payload", params[at])}))
         return out
 
     def _insert_activity(self, conn: Connection, notes: list[dict[str, Any]]) -> None:

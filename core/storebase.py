@@ -42,12 +42,9 @@ class SqliteTable:
         self.name = table.name
         self.columns = [c.name for c in table.c]
         self._bind = {c.name: c.type.dialect_impl(dialect).bind_processor(dialect) for c in table.c}
+        self._read = {c.name: c.type.dialect_impl(dialect).result_processor(dialect, None) for c in table.c}
         # (index, processor) of the columns whose stored value needs converting on the way out.
-        self._result = [
-            (i, proc)
-            for i, c in enumerate(table.c)
-            if (proc := c.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
-        ]
+        self._result = [(i, proc) for i, proc in enumerate(self._read.values()) if proc is not None]
 
     def insert_sql(self, columns: Sequence[str], *, returning: bool = False) -> str:
         """``INSERT INTO t (columns) VALUES (?, ...)``, optionally ``RETURNING`` every column."""
@@ -67,6 +64,11 @@ class SqliteTable:
         """One parameter value, converted as SQLAlchemy would for ``column``."""
         proc = self._bind[column]
         return value if proc is None else proc(value)
+
+    def stored(self, column: str, bound: Any) -> Any:
+        """What reading back a parameter ``bind`` produced for ``column`` gives (without reading it)."""
+        proc = self._read[column]
+        return bound if proc is None else proc(bound)
 
     def load(self, raw: Sequence[Any]) -> dict[str, Any]:
         """A row of every column (in table order, as ``RETURNING`` gives it) as SQLAlchemy would read it."""
