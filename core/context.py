@@ -114,6 +114,11 @@ class ProgressState:
         assert self.total is not None
         return max(0.0, min(100.0, 100.0 * self.current / self.total))
 
+    def restore(self, progress: Progress) -> None:
+        """Start from progress reported before (a resumed job); stages are declared again by the handler."""
+        self.current, self.total, self.message = progress.current, progress.total, progress.message
+        self.stage_name, self.stage_index = progress.stage_name, progress.stage_index
+
     def snapshot(self) -> Progress:
         """The progress now, as a value to store or send (the message clipped to what is stored)."""
         message = self.message

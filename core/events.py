@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .models import TERMINAL_STATUSES, JobStatus
+from .models import TERMINAL_STATUSES, JobStatus, stage_json
 
 #: Event sequence numbers start at the current time in microseconds, so they keep growing across restarts.
 log = logging.getLogger(__name__)
@@ -97,9 +97,7 @@ class JobProgressEvent:
             "progress": None
             if self.current is None and self.total is None
             else {"current": self.current, "total": self.total, "percentage": self.percentage},
-            "stage": None
-            if self.stage_name is None and self.stage_index is None
-            else {"name": self.stage_name, "index": self.stage_index, "count": self.stage_count},
+            "stage": stage_json(self.stage_name, self.stage_index, self.stage_count),
             "weightedPercent": self.weighted_percent,
             "indeterminate": self.indeterminate,
             "etaSeconds": self.eta_seconds,

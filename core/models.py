@@ -81,6 +81,13 @@ PROGRESS_COLUMNS: dict[str, str] = {
 MAX_PROGRESS_MESSAGE = 2000
 
 
+def stage_json(name: str | None, index: int | None, count: int | None) -> dict[str, Any] | None:
+    """The ``stage`` object of the JSON shapes (events and jobs), or None outside stages."""
+    if name is None and index is None:
+        return None
+    return {"name": name, "index": index, "count": count}
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     """A job's progress at one moment, as reported, stored in its row and sent in its events."""
@@ -93,6 +100,12 @@ class Progress:
     stage_count: int | None = None
     #: Overall percent, weighting the declared stages.
     weighted_percent: float | None = None
+
+    def percentage(self) -> float | None:
+        """``current`` as a percent of ``total`` (0..100), when both are known and ``total`` is positive."""
+        if not self.total or self.total <= 0 or self.current is None:
+            return None
+        return max(0.0, min(100.0, 100.0 * self.current / self.total))
 
     def columns(self) -> dict[str, Any]:
         """The job row's progress columns with these values."""

@@ -9,7 +9,9 @@
   workers, CLI actions), which feed the same paths. :meth:`JobProgressMonitor.wake_poll` (LISTEN/NOTIFY on
   PostgreSQL) polls at once in between, reading only rows newer than the newest seen; the periodic poll
   also re-reads the last ``POLL_OVERLAP`` seconds, for rows whose transaction committed late.
-* Batches get their own throttled events with aggregates computed from their jobs.
+* Batches get their own throttled events with aggregates computed from their jobs' rows: a batch is
+  refreshed after its jobs' status changes (at once) and after their progress is written (at most once
+  per ``min_interval``, the latest state, trailing included).
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .aio import cancel_and_wait
 from .context import ProgressState
 from .events import EventBus, JobProgressEvent, next_seq
-from .models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from .models import TERMINAL_STATUSES, Job, JobStatus, Progress, utcnow
 from .salvage import log_failure, log_many_isolating, write_progress_isolating
 from .store import BatchSummary, JobStore, ProgressWrite
 
@@ -72,13 +74,8 @@ class JobView:
     interrupted: bool = False
     control: str | None = None
     control_by: str | None = None
-    current: float | None = None
-    total: float | None = None
-    message: str | None = None
-    stage_name: str | None = None
-    stage_index: int | None = None
-    stage_count: int | None = None
-    weighted_percent: float | None = None
+    #: The persisted progress (for a job running here, the live state is newer; see job_changed).
+    progress: Progress = field(default_factory=Progress)
     started_at: float | None = None
     finished_at: float | None = None
     updated_at: datetime | None = None
@@ -104,28 +101,11 @@ class JobView:
             interrupted=bool(job.interrupted),
             control=job.control,
             control_by=job.control_by,
-            current=job.progress_current,
-            total=job.progress_total,
-            message=job.progress_message,
-            stage_name=job.stage_name,
-            stage_index=job.stage_index,
-            stage_count=job.stage_count,
-            weighted_percent=job.weighted_percent,
+            progress=Progress.of(job),
             started_at=_ts(job.started_at),
             finished_at=_ts(job.finished_at),
             updated_at=job.updated_at,
             worker_id=job.worker_id,
-        )
-
-    def progress_signature(self) -> tuple[Any, ...]:
-        """The fields whose change is a progress update."""
-        return (
-            self.current,
-            self.total,
-            self.message,
-            self.stage_name,
-            self.stage_index,
-            self.weighted_percent,
         )
 
 
@@ -214,8 +194,7 @@ class JobProgressMonitor:
         if st is None:
             st = ProgressState(view.id, self._dirty)
             # A resumed job starts from what it had reported before.
-            st.current, st.total, st.message = view.current, view.total, view.message
-            st.stage_name, st.stage_index = view.stage_name, view.stage_index
+            st.restore(view.progress)
             self._live[view.id] = st
         self._views[key] = view
         return st
@@ -246,7 +225,7 @@ class JobProgressMonitor:
         st = self._live.get(view.id)
         if st is not None:
             # The live state is newer than the row's progress columns.
-            view.current, view.total, view.message = st.current, st.total, st.message
+            view.progress = st.snapshot()
         self._views[key] = view
         if view.batch_id is not None:
             self._batch_dirty.add(view.batch_id)
@@ -254,11 +233,7 @@ class JobProgressMonitor:
             if view.batch_id is not None:
                 self._batch_urgent.add(view.batch_id)
             return self._emit_job(key, status_changed=True)
-        if (
-            old is None
-            or old.progress_signature() != view.progress_signature()
-            or old.control != view.control
-        ):
+        if old is None or old.progress != view.progress or old.control != view.control:
             self._dirty.add(key)
         return None
 
@@ -296,12 +271,11 @@ class JobProgressMonitor:
             indeterminate = st.indeterminate and not st.stage_names
             eta = st.eta_seconds(now) if view.status == JobStatus.RUNNING else None
         else:
-            current, total, message = view.current, view.total, view.message
-            pct = None
-            if total and total > 0 and current is not None:
-                pct = max(0.0, min(100.0, 100.0 * current / total))
-            wpct = view.weighted_percent if view.weighted_percent is not None else pct
-            stage_name, stage_index, stage_count = view.stage_name, view.stage_index, view.stage_count
+            p = view.progress
+            current, total, message = p.current, p.total, p.message
+            pct = p.percentage()
+            wpct = p.weighted_percent if p.weighted_percent is not None else pct
+            stage_name, stage_index, stage_count = p.stage_name, p.stage_index, p.stage_count
             indeterminate = not total
             eta = None
         status = view.status
@@ -420,6 +394,13 @@ class JobProgressMonitor:
                 # Not lost: written with the next tick (unless newer progress is written first).
                 self._unsaved.update(w.job_id for w in writes)
                 raise
+            # The batches of these jobs aggregate the progress just written: refresh them (throttled by
+            # _refresh_batches like every batch event), so a batch moves while its jobs report, not only
+            # when one of them changes status.
+            for w in writes:
+                view = self._views.get(("job", w.job_id))
+                if view is not None and view.batch_id is not None:
+                    self._batch_dirty.add(view.batch_id)
         if self._pending_logs:
             logs, self._pending_logs = self._pending_logs, []
             await log_many_isolating(self.store, logs)
@@ -471,7 +452,7 @@ class JobProgressMonitor:
             if old is None or old.status != view.status or self._last_status.get(key) != view.status:
                 self.job_changed(view)
                 changed += 1
-            elif old.progress_signature() != view.progress_signature() or old.control != view.control:
+            elif old.progress != view.progress or old.control != view.control:
                 self._views[key] = view
                 self._dirty.add(key)
                 if view.batch_id is not None:
@@ -563,4 +544,3 @@ class JobProgressMonitor:
         if known is not None and view.id in self._live:
             view = known
         return self.build_job_event(view)
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .models import Activity, Job
+from .models import Activity, Job, Progress, stage_json
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -14,23 +14,22 @@ def _iso(dt: datetime | None) -> str | None:
 
 def job_progress(job: Job) -> dict[str, Any]:
     """``{current, total, percentage, message, stage}`` of a job."""
-    pct: float | None = None
-    if job.progress_total and job.progress_current is not None and job.progress_total > 0:
-        pct = round(max(0.0, min(100.0, 100.0 * job.progress_current / job.progress_total)), 2)
+    p = Progress.of(job)
+    pct = p.percentage()
+    if pct is not None:
+        pct = round(pct, 2)
     if job.status == "completed":
         pct = 100.0
-    weighted = job.weighted_percent if job.weighted_percent is not None else pct
+    weighted = p.weighted_percent if p.weighted_percent is not None else pct
     if job.status == "completed":
         weighted = 100.0
     return {
-        "current": job.progress_current,
-        "total": job.progress_total,
+        "current": p.current,
+        "total": p.total,
         "percentage": pct,
         "weightedPercent": None if weighted is None else round(weighted, 2),
-        "message": job.progress_message,
-        "stage": None
-        if job.stage_name is None and job.stage_index is None
-        else {"name": job.stage_name, "index": job.stage_index, "count": job.stage_count},
+        "message": p.message,
+        "stage": stage_json(p.stage_name, p.stage_index, p.stage_count),
     }
 
 

@@ -57,7 +57,16 @@ from .models import (
     JobStatus,
     Progress,
 )
-from .storebase import activity_t, batches_t, bindings_t, in_db, jobs_t, row_to_job
+from .storebase import (
+    SqliteTable,
+    activity_t,
+    batches_t,
+    bindings_t,
+    driver_connection,
+    in_db,
+    jobs_t,
+    row_to_job,
+)
 
 S = JobStatus
 
@@ -111,7 +120,6 @@ _CLAIM_PG = (
     .values(**dict(_CLAIM_VALUES, updated_at=func.clock_timestamp()))  # see JobStore._stamp
     .returning(*jobs_t.c)
 )
-_INSERT_JOBS = insert(jobs_t).returning(*jobs_t.c, sort_by_parameter_order=True)
 # PostgreSQL stamps updated_at with the server's clock, like every other write there (see JobStore._stamp).
 _INSERT_JOBS_PG = (
     insert(jobs_t)
@@ -161,6 +169,36 @@ _COMPLETE_STMT_LEASED = _COMPLETE_STMT.where(jobs_t.c.lease_until >= bindparam("
 )
 
 RecoveryPolicy = Literal["pause", "requeue"]
+
+_ACTIVITY_COLUMNS = ("job_id", "at", "level", "message", "context")
+
+
+class _SqliteHotPath:
+    """The statements of a job's insert and completion, prepared for SQLite's own cursor (see
+    :class:`~core.storebase.SqliteTable`): the same SQL the Core statements above compile to."""
+
+    def __init__(self, db: Database) -> None:
+        self.jobs = SqliteTable(jobs_t, db.engine.dialect)
+        self.activity = SqliteTable(activity_t, db.engine.dialect)
+        self.insert_activity = self.activity.insert_sql(_ACTIVITY_COLUMNS)
+        #: INSERT per column list (every insert of the store uses the same one).
+        self.insert_jobs: dict[tuple[str, ...], str] = {}
+        self.due_top_priority = "SELECT max(priority) FROM jobs WHERE status = ? AND kind = ? AND run_at <= ?"
+        progress = list(PROGRESS_COLUMNS.values())
+        self.progress_columns = progress
+        self.complete = (
+            "UPDATE jobs SET status = ?, result = ?, error = NULL, finished_at = ?, updated_at = ?,"
+            " origin = ?, lease_until = NULL, "
+            + ", ".join(f"{c} = ?" for c in progress)
+            + " WHERE id = ? AND worker_id = ? AND status = ?"
+        )
+
+    def insert_sql(self, columns: tuple[str, ...]) -> str:
+        """The job insert for these columns."""
+        sql = self.insert_jobs.get(columns)
+        if sql is None:
+            sql = self.insert_jobs[columns] = self.jobs.insert_sql(columns)
+        return sql
 
 
 @dataclass(slots=True)
@@ -296,8 +334,11 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = retry_backoff_max
         self._submit_queue: list[tuple[list[NewJob], str | None, asyncio.Future[list[Job]]]] = []
-        self._submit_flusher: asyncio.Task[None] | None = None
+        #: Outcomes waiting for the next group commit (SQLite; see :meth:`finish_many`).
+        self._finish_queue: list[tuple[list[Outcome], asyncio.Future[FinishResult]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._change_listeners: list[Callable[[ChangeKind], None]] = []
+        self._sqlite = _SqliteHotPath(db) if db.is_sqlite else None
 
     # ---------------------------------------------------------------- changes
     def add_change_listener(self, fn: Callable[[ChangeKind], None]) -> None:
@@ -353,39 +394,102 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         """Insert several jobs in one transaction.
 
         Concurrent calls are group-committed: submissions that arrive while a transaction is in flight
-        are written together in the next one, each caller still getting its own jobs back.
+        are written together in the next one, each caller still getting its own jobs back. On SQLite
+        the completions waiting at that moment share the transaction as well (see :meth:`finish_many`).
+        A caller is answered once the transaction that holds its jobs committed.
 
         A job with a :class:`Handoff` is inserted claimed by that worker (the row goes to
         ``handoff.claimed``), unless a due pending job has its priority or a higher one: a claim would
         take those first. The caller still gets the job as submitted, pending.
         """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[Job]] = loop.create_future()
+        fut: asyncio.Future[list[Job]] = asyncio.get_running_loop().create_future()
         self._submit_queue.append((list(jobs), actor, fut))
-        if self._submit_flusher is None or self._submit_flusher.done():
-            self._submit_flusher = loop.create_task(self._flush_submits(), name="store-submit-flush")
+        self._kick_writer()
         return await fut
 
-    async def _flush_submits(self) -> None:
-        while self._submit_queue:
-            groups, self._submit_queue = self._submit_queue, []
+    def _kick_writer(self) -> None:
+        """Make sure the group-commit task runs (it drains the queues, then ends)."""
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._flush_queued(), name="store-writer")
+
+    async def _flush_queued(self) -> None:
+        """Write the queued submissions and outcomes, one transaction per round, until none are left.
+
+        What arrives while a transaction is in flight goes into the next one. A sequential submitter's
+        next job and the completion of its previous one thus share a commit: one transaction per job.
+        """
+        while self._submit_queue or self._finish_queue:
+            subs, self._submit_queue = self._submit_queue, []
+            fins, self._finish_queue = self._finish_queue, []
             try:
-                results = await self.db.run(self._submit_groups, [(g[0], g[1]) for g in groups])
+                sub_out, fin_out = await self.db.run(
+                    self._write_group, [(g[0], g[1]) for g in subs], [f[0] for f in fins]
+                )
             except Exception as exc:
-                if len(groups) == 1:
-                    self._answer_submit(groups[0][0], groups[0][2], None, exc)
-                    continue
-                # Isolate the bad submission: write each group in its own transaction.
-                for jobs, actor, fut in groups:
-                    try:
-                        out = await self.db.run(self._submit_many, jobs, actor)
-                    except Exception as exc2:
-                        self._answer_submit(jobs, fut, None, exc2)
+                if len(subs) + len(fins) == 1:
+                    if subs:
+                        self._answer_submit(subs[0][0], subs[0][2], None, exc)
                     else:
-                        self._answer_submit(jobs, fut, out)
+                        _settle(fins[0][1], exc=exc)
+                    continue
+                await self._write_isolated(subs, fins)
                 continue
-            for (jobs, _, fut), out in zip(groups, results, strict=True):
+            for (_, ffut), res in zip(fins, fin_out, strict=True):
+                _settle(ffut, res)
+            for (jobs, _, fut), out in zip(subs, sub_out, strict=True):
                 self._answer_submit(jobs, fut, out)
+
+    async def _write_isolated(
+        self,
+        subs: list[tuple[list[NewJob], str | None, asyncio.Future[list[Job]]]],
+        fins: list[tuple[list[Outcome], asyncio.Future[FinishResult]]],
+    ) -> None:
+        """A group commit failed: write each part in its own transaction, so one bad part fails alone."""
+        for ocs, ffut in fins:
+            try:
+                res = await self.db.run(self._finish_many, ocs)
+            except Exception as exc:
+                _settle(ffut, exc=exc)
+            else:
+                _settle(ffut, res)
+        for jobs, actor, fut in subs:
+            try:
+                out = await self.db.run(self._submit_many, jobs, actor)
+            except Exception as exc:
+                self._answer_submit(jobs, fut, None, exc)
+            else:
+                self._answer_submit(jobs, fut, out)
+
+    def _write_group(
+        self, groups: list[tuple[list[NewJob], str | None]], finishes: list[list[Outcome]]
+    ) -> tuple[list[list[Job]], list[FinishResult]]:
+        """One transaction: the outcomes first (a job they requeue is due before the new ones), then the
+        submissions. Each caller gets its own part of the result."""
+        if not finishes:
+            return self._submit_groups(groups), []
+        now = self.db.now()
+        outcomes = [oc for ocs in finishes for oc in ocs]
+        with self.db.engine.begin() as conn:
+            res = self._finish_in(conn, outcomes, now)
+            flat, actors = self._flatten(groups)
+            rows = self._submit_in(conn, flat, now, None, actors) if flat else []
+        return self._split(groups, self._after_submit(flat, rows)), self._split_finish(res, finishes)
+
+    @staticmethod
+    def _split_finish(res: FinishResult, finishes: list[list[Outcome]]) -> list[FinishResult]:
+        if len(finishes) == 1:
+            return [res]
+        out = []
+        for ocs in finishes:
+            ids = {oc.job_id for oc in ocs}
+            out.append(
+                FinishResult(
+                    completed_ids=res.completed_ids & ids,
+                    changed=[j for j in res.changed if j.id in ids],
+                    finished_at=res.finished_at,
+                )
+            )
+        return out
 
     def _answer_submit(
         self,
@@ -414,20 +518,28 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         else:
             self._changed("rows")
 
-    def _submit_groups(self, groups: list[tuple[list[NewJob], str | None]]) -> list[list[Job]]:
-        if len(groups) == 1:
-            return [self._submit_many(*groups[0])]
+    @staticmethod
+    def _flatten(groups: list[tuple[list[NewJob], str | None]]) -> tuple[list[NewJob], list[str | None]]:
         flat: list[NewJob] = []
         actors: list[str | None] = []
         for jobs, actor in groups:
             flat.extend(jobs)
             actors.extend([actor] * len(jobs))
-        out = self._submit_many(flat, None, actors=actors)
+        return flat, actors
+
+    @staticmethod
+    def _split(groups: list[tuple[list[NewJob], str | None]], out: list[Job]) -> list[list[Job]]:
         res, i = [], 0
         for jobs, _ in groups:
             res.append(out[i : i + len(jobs)])
             i += len(jobs)
         return res
+
+    def _submit_groups(self, groups: list[tuple[list[NewJob], str | None]]) -> list[list[Job]]:
+        if len(groups) == 1:
+            return [self._submit_many(*groups[0])]
+        flat, actors = self._flatten(groups)
+        return self._split(groups, self._submit_many(flat, None, actors=actors))
 
     def _submit_many(
         self, jobs: list[NewJob], actor: str | None, *, actors: list[str | None] | None = None
@@ -436,10 +548,26 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             return []
         now = self.db.now()
         with self.db.engine.begin() as conn:
-            handed = self._handoffs(conn, jobs, now)
-            rows = self._insert_jobs(conn, jobs, now, handed, actor, actors)
+            rows = self._submit_in(conn, jobs, now, actor, actors)
+        return self._after_submit(jobs, rows)
+
+    def _submit_in(
+        self,
+        conn: Connection,
+        jobs: list[NewJob],
+        now: datetime,
+        actor: str | None,
+        actors: list[str | None] | None,
+    ) -> list[tuple[bool, Job]]:
+        """Insert the jobs in the caller's transaction; (handed over, row) per job."""
+        handed = self._handoffs(conn, jobs, now)
+        return list(zip(handed, self._insert_jobs(conn, jobs, now, handed, actor, actors), strict=True))
+
+    @staticmethod
+    def _after_submit(jobs: list[NewJob], rows: list[tuple[bool, Job]]) -> list[Job]:
+        """After the commit: hand the claimed jobs over; the submitters get their jobs as submitted."""
         out = []
-        for nj, hand, row in zip(jobs, handed, rows, strict=True):
+        for nj, (hand, row) in zip(jobs, rows, strict=True):
             if hand and nj.handoff is not None:
                 nj.handoff.claimed = row  # committed: the claim is real
                 # The submitter sees the job as submitted; its claim happened in the same transaction.
@@ -455,7 +583,15 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             return [False] * len(jobs)
         # The claim order is priority, then run_at, then id: a new job due now comes after every due
         # pending job of the same or a higher priority.
-        top = conn.execute(_DUE_TOP_PRIORITY, {"d_now": now}).scalar()
+        if self._sqlite is not None:
+            sq = self._sqlite
+            top = (
+                driver_connection(conn)
+                .execute(sq.due_top_priority, (S.PENDING, JobKind.QUEUED, sq.jobs.value("run_at", now)))
+                .fetchone()[0]
+            )
+        else:
+            top = conn.execute(_DUE_TOP_PRIORITY, {"d_now": now}).scalar()
         return [nj.handoff is not None and (top is None or nj.priority > top) for nj in jobs]
 
     def _insert_jobs(
@@ -504,14 +640,13 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
                     lease_until=now + timedelta(seconds=nj.handoff.lease_seconds),
                     started_at=now,
                 )
-        # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
-        if self.db.is_sqlite:
-            result = conn.execute(_INSERT_JOBS, rows)
+        if self._sqlite is not None:
+            out = self._insert_sqlite(conn, rows)
         else:
+            # One multi-row INSERT ... RETURNING (SQLAlchemy's "insertmanyvalues"), in parameter order.
             for r in rows:
                 del r["updated_at"]
-            result = conn.execute(_INSERT_JOBS_PG, rows)
-        out = [row_to_job(r) for r in result]
+            out = [row_to_job(r) for r in conn.execute(_INSERT_JOBS_PG, rows)]
         notes = []
         for idx, (nj, job) in enumerate(zip(jobs, out, strict=True)):
             who = (actors[idx] if actors is not None else actor) or nj.owner
@@ -526,8 +661,36 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
                 }
             )
         # No trim here: a new job has one entry; the batched log path enforces the cap.
-        conn.execute(_INSERT_ACTIVITY, notes)
+        self._insert_activity(conn, notes)
         return out
+
+    def _insert_sqlite(self, conn: Connection, rows: list[dict[str, Any]]) -> list[Job]:
+        """One prepared INSERT per job on the driver's cursor (see _SqliteHotPath).
+
+        The stored job is built from the values bound, not read back: the columns not inserted are NULL
+        (no server defaults), the new id is the row id, and the payload is what reading it would give.
+        """
+        assert self._sqlite is not None
+        t, raw = self._sqlite.jobs, driver_connection(conn)
+        columns = tuple(rows[0])
+        sql = self._sqlite.insert_sql(columns)
+        at = columns.index("payload")
+        out = []
+        for r in rows:
+            params = t.bind(columns, r)
+            cur = raw.execute(sql, params)
+            out.append(Job(**{**r, "id": cur.lastrowid, "payload": t.stored("payload", params[at])}))
+        return out
+
+    def _insert_activity(self, conn: Connection, notes: list[dict[str, Any]]) -> None:
+        """Append activity entries (``_ACTIVITY_COLUMNS``) in the caller's transaction, untrimmed."""
+        if self._sqlite is not None:
+            t = self._sqlite.activity
+            driver_connection(conn).executemany(
+                self._sqlite.insert_activity, [t.bind(_ACTIVITY_COLUMNS, n) for n in notes]
+            )
+        else:
+            conn.execute(_INSERT_ACTIVITY, notes)
 
     # ------------------------------------------------------------------ claim
     async def claim(
@@ -583,10 +746,20 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         Failures with attempts left go back to pending with exponential backoff. Each write is fenced on
         the worker id: a job recovered by someone else is left alone. Completions (the hot path) are
         written with one executemany; the other outcomes return their updated rows.
+
+        On SQLite (one writer, one database thread: nothing runs in parallel anyway) the outcomes join
+        the submissions' group commit (see :meth:`submit_many`); on PostgreSQL they keep a transaction
+        of their own, which runs beside the submissions in the thread pool.
         """
         if not outcomes:
             return FinishResult()
-        res = await self.db.run(self._finish_many, list(outcomes))
+        if self.db.is_sqlite:
+            fut: asyncio.Future[FinishResult] = asyncio.get_running_loop().create_future()
+            self._finish_queue.append((list(outcomes), fut))
+            self._kick_writer()
+            res = await fut
+        else:
+            res = await self.db.run(self._finish_many, list(outcomes))
         if any(j.status == S.PENDING for j in res.changed):
             self._changed("rows", "work")  # requeued (a retry, a shutdown): another worker may take it
         elif res.completed_ids or res.changed:
@@ -595,38 +768,44 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
 
     def _finish_many(self, outcomes: list[Outcome]) -> FinishResult:
         now = self.db.now()
+        with self.db.engine.begin() as conn:
+            return self._finish_in(conn, outcomes, now)
+
+    def _finish_in(self, conn: Connection, outcomes: list[Outcome], now: datetime) -> FinishResult:
+        """Write the outcomes in the caller's transaction."""
         res = FinishResult(finished_at=now)
         # Rows are locked in ascending id order (see _lock_in_order), hence the sorting.
         done = sorted((oc for oc in outcomes if oc.status == S.COMPLETED), key=lambda oc: oc.job_id)
         rest = sorted((oc for oc in outcomes if oc.status != S.COMPLETED), key=lambda oc: oc.job_id)
-        with self.db.engine.begin() as conn:
-            if done and rest:
-                # Completions, then the others: lock all of them first so the order stays ascending.
-                self._lock_in_order(conn, [oc.job_id for oc in outcomes])
-            if done:
-                res.completed_ids = self._complete_many(conn, done, now)
-            for oc in rest:
-                job = self._finish_one(conn, oc, now)
-                if job is not None:
-                    res.changed.append(job)
+        if done and rest:
+            # Completions, then the others: lock all of them first so the order stays ascending.
+            self._lock_in_order(conn, [oc.job_id for oc in outcomes])
+        if done:
+            res.completed_ids = self._complete_many(conn, done, now)
+        for oc in rest:
+            job = self._finish_one(conn, oc, now)
+            if job is not None:
+                res.changed.append(job)
         return res
 
     def _complete_many(self, conn: Connection, done: list[Outcome], now: datetime) -> set[int]:
-        params = [
-            {
-                "b_id": oc.job_id,
-                "b_worker": oc.worker_id,
-                "b_result": oc.result,
-                "b_now": now,
-                "b_origin": self.origin,
-                **_progress_params(oc.progress),
-            }
-            for oc in done
-        ]
-        stmt = _COMPLETE_STMT if self.db.is_sqlite else _COMPLETE_STMT_LEASED
-        result = conn.execute(stmt, params)
+        if self._sqlite is not None:
+            rowcount = self._complete_sqlite(conn, done, now)
+        else:
+            params = [
+                {
+                    "b_id": oc.job_id,
+                    "b_worker": oc.worker_id,
+                    "b_result": oc.result,
+                    "b_now": now,
+                    "b_origin": self.origin,
+                    **_progress_params(oc.progress),
+                }
+                for oc in done
+            ]
+            rowcount = conn.execute(_COMPLETE_STMT_LEASED, params).rowcount
         ids = [oc.job_id for oc in done]
-        if result.rowcount == len(ids):
+        if rowcount == len(ids):
             applied = set(ids)  # every fenced update hit its row
         else:
             # Some job was taken away (lease lost): find out which updates applied.
@@ -639,14 +818,38 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
                 )
             }
         if applied:
-            conn.execute(
-                _INSERT_ACTIVITY,
+            self._insert_activity(
+                conn,
                 [
                     {"job_id": i, "at": now, "level": "info", "message": "completed", "context": None}
                     for i in applied
                 ],
             )
         return applied
+
+    def _complete_sqlite(self, conn: Connection, done: list[Outcome], now: datetime) -> int:
+        """_COMPLETE_STMT as one executemany on the driver's cursor; returns the rows it changed."""
+        assert self._sqlite is not None
+        sq = self._sqlite
+        t = sq.jobs
+        stamp = t.value("finished_at", now)
+        params = []
+        for oc in done:
+            progress = (oc.progress or Progress()).columns()
+            params.append(
+                (
+                    S.COMPLETED,
+                    t.value("result", oc.result),
+                    stamp,
+                    stamp,
+                    self.origin,
+                    *(t.value(c, progress[c]) for c in sq.progress_columns),
+                    oc.job_id,
+                    oc.worker_id,
+                    S.RUNNING,
+                )
+            )
+        return int(driver_connection(conn).executemany(sq.complete, params).rowcount)
 
     def _lock_in_order(self, conn: Connection, job_ids: list[int]) -> None:
         """Lock job rows in ascending id order (PostgreSQL).
@@ -1080,7 +1283,6 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             return [row_to_job(r) for r in conn.execute(q)]
 
     @in_db
-
     def changed_since(
         self,
         since: datetime,
@@ -1143,7 +1345,6 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             raw = conn.connection.dbapi_connection
             assert raw is not None
             raw.execute("VACUUM")
-
 
 
 __all__ = [

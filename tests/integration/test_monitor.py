@@ -130,6 +130,41 @@ async def test_batch_events_aggregate_concurrent_jobs(make_service: ServiceFacto
     assert d["batchDetails"]["totalOperations"] == 13 and d["batchDetails"]["failedOperations"] == 3
 
 
+async def test_batch_progress_advances_while_its_jobs_report(make_service: ServiceFactory) -> None:
+    """A batch's message moves with its jobs' reports, not only when one of them finishes."""
+    reg = HandlerRegistry()
+    steps = [asyncio.Event() for _ in range(4)]
+    finish = asyncio.Event()
+
+    @reg.handler("gated")
+    async def gated(ctx: JobContext, data: dict[str, Any]) -> None:
+        for i, gate in enumerate(steps):
+            await gate.wait()  # the test moves every job one step at a time
+            ctx.report(i + 1, len(steps) + 1, f"step {i + 1}")
+        await finish.wait()
+
+    svc = await make_service(reg, concurrency=3, min_interval=0.1)
+    sub = svc.subscribe(lambda e: e.type == "batch")
+    batch, _ = await svc.submit_batch("gated", [{"type": "gated", "payload": {}} for _ in range(3)])
+    seen: list[float] = []
+    for i, gate in enumerate(steps):
+        gate.set()
+        want = 100.0 * (i + 1) / (len(steps) + 1)
+        while True:
+            ev = await sub.get(timeout=20)
+            assert ev is not None, f"no batch event reached {want}%"
+            # Still all running: the batch advances on progress alone.
+            assert ev.id == batch.id and ev.completed_operations == 0 and not ev.terminal
+            if (ev.percentage or 0.0) >= want - 0.01:
+                break
+        assert ev.status == "running" and (ev.message or "").endswith(f"step {i + 1}")
+        seen.append(ev.percentage or 0.0)
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(80.0)
+    finish.set()
+    final = await collect(sub, lambda e: e.terminal)
+    assert final[-1].status == "completed" and final[-1].percentage == 100.0
+
+
 async def test_weighted_stages_and_eta(make_service: ServiceFactory) -> None:
     reg = HandlerRegistry()
 
