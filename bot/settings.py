@@ -95,6 +95,11 @@ class MatrixSettings(_Section):
     #: Edits per second per room before Synapse pushes back (the scheduler also honours retry_after_ms).
     edit_rate: float = Field(0.5, gt=0)
     edit_burst: int = Field(8, ge=1)
+    # End-to-end encryption (adapters/matrix/e2e.py): key store next to the database unless set.
+    encryption: bool = True
+    store_path: str | None = None
+    trust: Literal["all", "tofu", "verified"] = "tofu"
+    verified_devices: list[str] = Field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
