@@ -94,9 +94,7 @@ def parse_verified_devices(entries: list[str]) -> dict[tuple[str, str], str]:
     for entry in entries:
         parts = str(entry).split()
         if len(parts) != 3 or not parts[0].startswith("@"):
-            raise ValueError(
-                f"matrix.verified_devices: {entry!r} is not \"@user:server DEVICEID ED25519KEY\""
-            )
+            raise ValueError(f'matrix.verified_devices: {entry!r} is not "@user:server DEVICEID ED25519KEY"')
         out[(parts[0], parts[1])] = parts[2]
     return out
 
