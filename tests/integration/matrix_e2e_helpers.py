@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+from uuid import uuid4
 
 from nio import (
     Api,
@@ -139,7 +140,7 @@ class EncryptedUserClient(UserClient):
                 "device_id": client.device_id,
             }
             method, path, data = Api.room_send(
-                client.access_token, room_id, "m.room.encrypted", content, None
+                client.access_token, room_id, "m.room.encrypted", content, uuid4().hex
             )
             resp = await client._send(RoomSendResponse, method, path, data, (room_id,))
             assert isinstance(resp, RoomSendResponse), resp

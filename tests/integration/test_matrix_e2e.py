@@ -255,7 +255,9 @@ async def test_alices_second_device_decrypts_later_messages(
     h = await bots(bot_config(eworld, eroom))
     await bot_joined(eworld, eroom)
     await alice.command(eroom, "!run demo.count steps=2")  # the bot now knows alice's first device
-    await wait_status(eworld, eroom, await job_message(eworld, eroom, 1), "completed")
+    first_msg = await job_message(eworld, eroom, 1)
+    await wait_status(eworld, eroom, first_msg, "completed")
+    await alice.wait_for(lambda: replies_to(alice.room(eroom), first_msg), 20, "job 1's completion reply")
 
     second = EncryptedUserClient(eworld.hs.base_url, alice.user_id, alice.password, tmp_path / "alice-2")
     with caplog.at_level(logging.WARNING, logger="adapters.matrix.e2e"):
@@ -265,21 +267,23 @@ async def test_alices_second_device_decrypts_later_messages(
             await alice.wait_for(
                 lambda: _trusted(h, alice, new), 30, "the bot to trust alice's second device"
             )
-            await alice.command(eroom, "!run demo.count steps=5")
-            eid = str(
-                (
-                    await second.wait_for(
-                        lambda: first(progress_for(second.room(eroom), bot, 2)), 20, "job 2's notice"
-                    )
-                )["event_id"]
+            reply = await alice.command(eroom, "!run demo.count steps=5")
+            command_id = relates(reply)["m.in_reply_to"]["event_id"]
+            msg = await second.wait_for(
+                lambda: first(progress_for(second.room(eroom), bot, 2)), 20, "job 2's notice"
             )
+            eid = str(msg["event_id"])
             await second.wait_for(
                 lambda: status_word(current_text(second.room(eroom), eid)) == "completed", 30, "completed"
             )
             await second.wait_for(lambda: replies_to(second.room(eroom), eid), 20, "the completion reply")
             events = second.room(eroom)
-            assert own_events(events, bot)
-            assert not undecrypted(events, bot)
+            # Everything the bot sent since alice's command (after it trusted the device) is readable.
+            start = next(i for i, e in enumerate(events) if e.get("event_id") == command_id)
+            later = own_events(events[start:], bot)
+            assert reply["event_id"] in {e["event_id"] for e in later}
+            assert len(later) >= 4  # the command's answer, the notice, an edit, the completion reply
+            assert not undecrypted(later, bot)
         finally:
             await second.close()
     warnings = [r.getMessage() for r in caplog.records if "has a new device" in r.getMessage()]
