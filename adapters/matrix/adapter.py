@@ -563,10 +563,11 @@ class MatrixAdapter(ChatAdapter):
             raise MatrixRequestError("sync", code, resp.message)
         assert isinstance(resp, SyncResponse)
         self.stats.syncs += 1
-        # E2E hook: key upload/query/claim, to-device messages, trust policy (before any reply goes out).
-        await self.e2e.after_sync(self.client)
         await self._handle_sync(resp, first=first)
         self._next_batch = resp.next_batch
+        # E2E hook: key upload/query/claim, to-device messages, trust policy. After the token moved on:
+        # a failure here is retried after the next sync and never replays this one.
+        await self.e2e.after_sync(self.client)
         now = time.monotonic()
         if first or now - self._token_saved_at >= TOKEN_SAVE_INTERVAL:
             # Throttled: a busy room syncs many times a second. A slightly old token is harmless,

@@ -60,6 +60,8 @@ from nio import (
 from nio.crypto import ENCRYPTION_ENABLED, OlmDevice, TrustState
 from nio.exceptions import OlmUnverifiedDeviceError
 
+from ..edit_scheduler import PermanentEditError
+
 log = logging.getLogger(__name__)
 
 TRUST_MODES = ("all", "tofu", "verified")
@@ -276,10 +278,12 @@ class MatrixE2E:
         ``m.new_content``, is inside the ciphertext. Errors come back as nio responses (the caller's
         ``check`` turns them into the scheduler's exceptions) or as :class:`E2EError`.
         """
-        if not self.enabled or client.olm is None or not self.encrypted(client, room_id):
-            if not self.enabled and self.encrypted(client, room_id):
-                self.warn_room(room_id)
+        if not self.encrypted(client, room_id):
             return await client.room_send(room_id, event_type, content, tx_id=tx_id)
+        if not self.enabled or client.olm is None:
+            # Never leak into an encrypted room in clear what its members expect to be private.
+            self.warn_room(room_id)
+            raise PermanentEditError(f"room {room_id} is encrypted and encryption is off; not sent")
         prepared = await self._share_room_key(client, room_id)
         if isinstance(prepared, ErrorResponse):
             return prepared  # type: ignore[return-value]
@@ -391,6 +395,6 @@ class MatrixE2E:
             self._warned.add(room_id)
             log.warning(
                 "matrix: room %s is encrypted but end-to-end encryption is off (matrix.encryption, or "
-                "matrix-nio[e2e] missing); its members cannot read the bot and it cannot read them",
+                "matrix-nio[e2e] missing); the bot sends nothing there and cannot read it",
                 room_id,
             )

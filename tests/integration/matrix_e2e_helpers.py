@@ -61,10 +61,8 @@ class _E2EClient(AsyncClient):
             if device.trust_state == TrustState.unset and not device.deleted:
                 self.verify_device(device)
 
-    async def room_send(  # type: ignore[override]
-        self, room_id: str, message_type: str, content: dict[Any, Any], tx_id: str | None = None, **_: Any
-    ) -> Any:
-        """Send like a person's client: learn the members' current devices first, share with all."""
+    async def prepare_room(self, room_id: str) -> None:
+        """Learn the room members' current devices and trust them (what a send needs first)."""
         room = self.rooms.get(room_id)
         if self.olm is not None and room is not None and room.encrypted:
             if not room.members_synced:
@@ -73,6 +71,12 @@ class _E2EClient(AsyncClient):
                 self.olm.users_for_key_query.add(user)
             await self.keys_query()
             self.trust_all()
+
+    async def room_send(  # type: ignore[override]
+        self, room_id: str, message_type: str, content: dict[Any, Any], tx_id: str | None = None, **_: Any
+    ) -> Any:
+        """Send like a person's client: learn the members' current devices first, share with all."""
+        await self.prepare_room(room_id)
         return await super().room_send(room_id, message_type, content, tx_id, ignore_unverified_devices=True)
 
 
@@ -119,6 +123,17 @@ class EncryptedUserClient(UserClient):
             data = json.loads(await r.text())
         return list(reversed(data.get("chunk") or []))
 
+    async def react_encrypted(self, room_id: str, event_id: str, key: str) -> str:
+        """React as Element does in an encrypted room: the reaction encrypted, its relation in clear."""
+        client = self.client
+        await client.prepare_room(room_id)
+        assert client.olm is not None
+        if client.olm.should_share_group_session(room_id):
+            await client.share_group_session(room_id, ignore_unverified_devices=True)
+        _, payload = client.encrypt(room_id, "m.reaction", {})
+        payload = {**payload, "m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
+        return await self._send_encrypted(room_id, payload)
+
     async def send_unshared(self, room_id: str, *bodies: str) -> list[str]:
         """Send encrypted ``m.text`` events with one fresh Megolm session whose key nobody ever received.
 
@@ -139,10 +154,15 @@ class EncryptedUserClient(UserClient):
                 "session_id": session.id,
                 "device_id": client.device_id,
             }
-            method, path, data = Api.room_send(
-                client.access_token, room_id, "m.room.encrypted", content, uuid4().hex
-            )
-            resp = await client._send(RoomSendResponse, method, path, data, (room_id,))
-            assert isinstance(resp, RoomSendResponse), resp
-            sent.append(str(resp.event_id))
+            sent.append(await self._send_encrypted(room_id, content))
         return sent
+
+    async def _send_encrypted(self, room_id: str, content: dict[str, Any]) -> str:
+        """PUT an already encrypted event (nio's room_send would encrypt it again)."""
+        client = self.client
+        method, path, data = Api.room_send(
+            client.access_token, room_id, "m.room.encrypted", content, uuid4().hex
+        )
+        resp = await client._send(RoomSendResponse, method, path, data, (room_id,))
+        assert isinstance(resp, RoomSendResponse), resp
+        return str(resp.event_id)

@@ -203,6 +203,23 @@ async def test_pause_and_resume_in_an_encrypted_room(eworld: World, eroom: str, 
     assert {e["type"] for e in own_events(await alice.raw_events(eroom), bot)} == {ENCRYPTED}
 
 
+async def test_encrypted_reactions_pause_and_resume(eworld: World, eroom: str, bots: Any) -> None:
+    """Reactions sent encrypted (as Element does in such rooms) are decrypted and control the job."""
+    alice, bot = alice_of(eworld), eworld.bot_id
+    await bots(bot_config(eworld, eroom))
+    await bot_joined(eworld, eroom)
+    await alice.command(eroom, "!run demo.count steps=30 delay_ms=100")
+    eid = await job_message(eworld, eroom, 1)
+    await alice.react_encrypted(eroom, eid, "⏸️")
+    await wait_status(eworld, eroom, eid, "paused")
+    await alice.react_encrypted(eroom, eid, "▶")
+    await wait_status(eworld, eroom, eid, "completed", 60)
+    raw = await alice.raw_events(eroom)
+    mine = [e for e in raw if e["sender"] == alice.user_id and relates(e).get("rel_type") == "m.annotation"]
+    assert len(mine) == 2 and {e["type"] for e in mine} == {ENCRYPTED}
+    assert not undecrypted(alice.room(eroom), bot)
+
+
 async def test_restart_mid_job_keeps_the_device_and_alice_decrypts_every_later_event(
     eworld: World, eroom: str, bots: Any, tmp_path: Path
 ) -> None:
