@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -99,7 +99,10 @@ class MatrixSettings(_Section):
     encryption: bool = True
     store_path: str | None = None
     trust: Literal["all", "tofu", "verified"] = "tofu"
-    verified_devices: list[str] = Field(default_factory=list)
+    #: "@user:server DEVICEID ED25519KEY" per device that may read the bot with trust = "verified".
+    verified_devices: list[Annotated[str, Field(pattern=r"^@\S+:\S+ +\S+ +\S+$")]] = Field(
+        default_factory=list
+    )
 
     @property
     def enabled(self) -> bool:

@@ -126,3 +126,9 @@ def test_verified_shares_only_with_listed_devices_whose_key_matches() -> None:
     e2e.apply_trust(client)
     assert good.verified
     assert wrong_key.blacklisted and unlisted.blacklisted
+
+
+def test_a_malformed_verified_device_is_a_settings_error() -> None:
+    """The settings refuse an entry without user, device and key before anything starts."""
+    with pytest.raises(ValidationError, match="verified_devices"):
+        MatrixSettings(homeserver="http://hs", user_id="@bot:hs", password="pw", verified_devices=["DEVICE"])
