@@ -136,16 +136,21 @@ async def test_encrypted_room_run_is_answered_and_only_ciphertext_is_stored(
 ) -> None:
     """``!run demo.count steps=10`` in an encrypted room: answered, and everything the bot sends is encrypted.
 
-    alice decrypts one progress notice, edits ending in ``completed``, the reactions and the completion
-    reply; the homeserver holds only ``m.room.encrypted`` events from the bot, each relation in clear.
+    alice decrypts one progress notice (the answer to her command, a reply to it), edits ending in
+    ``completed``, the reactions and the completion reply; the homeserver holds only
+    ``m.room.encrypted`` events from the bot, each relation in clear.
     """
     alice, bot = alice_of(eworld), eworld.bot_id
     await bots(bot_config(eworld, eroom))
     await bot_joined(eworld, eroom)
 
-    cmd_reply = await alice.command(eroom, "!run demo.count steps=10")
-    assert "Started #1 demo.count" in body(cmd_reply)
+    command = await alice.send_text(eroom, "!run demo.count steps=10")
+    cmd_reply = await alice.wait_for(
+        lambda: first(replies_to(alice.room(eroom), command)), 20, "the answer to !run"
+    )
+    assert "#1 demo.count" in body(cmd_reply) and content_of(cmd_reply)["msgtype"] == "m.notice"
     eid = await job_message(eworld, eroom, 1)
+    assert cmd_reply["event_id"] == eid  # the progress notice itself answers !run
     await wait_status(eworld, eroom, eid, "completed")
     done = await alice.wait_for(
         lambda: [r for r in replies_to(alice.room(eroom), eid) if r["sender"] == bot],
@@ -174,7 +179,9 @@ async def test_encrypted_room_run_is_answered_and_only_ciphertext_is_stored(
         assert "body" not in content_of(e) and "m.new_content" not in content_of(e)
         assert content_of(e)["algorithm"] == "m.megolm.v1.aes-sha2"
     raw_ids = {e["event_id"] for e in raw}
-    assert eid in raw_ids and cmd_reply["event_id"] in raw_ids and done[0]["event_id"] in raw_ids
+    assert eid in raw_ids and done[0]["event_id"] in raw_ids
+    notice = next(e for e in raw if e["event_id"] == eid)
+    assert relates(notice) == {"m.in_reply_to": {"event_id": command}}  # the reply relation in clear
     clear_edits = [e for e in raw if relates(e).get("rel_type") == "m.replace"]
     assert len(clear_edits) == len(edits_of(events, eid))
     assert all(relates(e)["event_id"] == eid for e in clear_edits)
@@ -185,18 +192,22 @@ async def test_encrypted_room_run_is_answered_and_only_ciphertext_is_stored(
 
 
 async def test_pause_and_resume_in_an_encrypted_room(eworld: World, eroom: str, bots: Any) -> None:
-    """``!pause`` and ``!resume`` are decrypted, obeyed and answered; the notice shows each state."""
+    """``!pause`` and ``!resume`` are decrypted and obeyed; the notice shows each state and who asked
+    (that is the acknowledgement, as in a plain room), and ``!status`` is answered encrypted."""
     alice, bot = alice_of(eworld), eworld.bot_id
     await bots(bot_config(eworld, eroom))
     await bot_joined(eworld, eroom)
     await alice.command(eroom, "!run demo.count steps=30 delay_ms=100")
     eid = await job_message(eworld, eroom, 1)
-    assert "#1" in body(await alice.command(eroom, "!pause 1"))
+    await wait_status(eworld, eroom, eid, "running")
+    commands = [await alice.send_text(eroom, "!pause 1")]
     paused = await wait_status(eworld, eroom, eid, "paused")
-    assert "resume with !resume 1" in paused
-    assert "#1" in body(await alice.command(eroom, "!resume 1"))
+    assert "resume with !resume 1" in paused and f"paused by {alice.user_id}" in paused
+    assert "paused" in body(await alice.command(eroom, "!status 1"))
+    commands.append(await alice.send_text(eroom, "!resume 1"))
     await wait_status(eworld, eroom, eid, "completed", 60)
     events = alice.room(eroom)
+    assert not [r for c in commands for r in replies_to(events, c)]
     words = [status_word(t) for t in texts_of(events, eid)]
     assert "paused" in words and words[-1] == "completed"
     assert not undecrypted(events, bot)
@@ -257,7 +268,8 @@ async def test_restart_mid_job_keeps_the_device_and_alice_decrypts_every_later_e
     later = own_events(events[seen_before:], bot)
     assert later, "the restarted bot sent nothing alice saw"
     assert not undecrypted(events, bot)
-    assert len(progress_messages(events, bot)) == 1 and h.bot.stats.posts == 0
+    assert len(progress_messages(events, bot)) == 1
+    assert h.bot.driver is not None and h.bot.driver.stats.posts == 0  # the restarted bot found its binding
     steps = [_step(t) for t in texts_of(events, eid)]
     assert steps[-1] == 40
     assert any(relates(e).get("event_id") == eid and relates(e).get("rel_type") == "m.replace" for e in later)
@@ -284,12 +296,13 @@ async def test_alices_second_device_decrypts_later_messages(
             await alice.wait_for(
                 lambda: _trusted(h, alice, new), 30, "the bot to trust alice's second device"
             )
-            reply = await alice.command(eroom, "!run demo.count steps=5")
+            reply = await alice.command(eroom, "!run demo.count steps=5")  # job 2's notice
             command_id = relates(reply)["m.in_reply_to"]["event_id"]
             msg = await second.wait_for(
                 lambda: first(progress_for(second.room(eroom), bot, 2)), 20, "job 2's notice"
             )
             eid = str(msg["event_id"])
+            assert eid == reply["event_id"]
             await second.wait_for(
                 lambda: status_word(current_text(second.room(eroom), eid)) == "completed", 30, "completed"
             )
@@ -298,8 +311,8 @@ async def test_alices_second_device_decrypts_later_messages(
             # Everything the bot sent since alice's command (after it trusted the device) is readable.
             start = next(i for i, e in enumerate(events) if e.get("event_id") == command_id)
             later = own_events(events[start:], bot)
-            assert reply["event_id"] in {e["event_id"] for e in later}
-            assert len(later) >= 4  # the command's answer, the notice, an edit, the completion reply
+            assert eid in {e["event_id"] for e in later}
+            assert len(later) >= 3  # the notice (the command's answer), an edit, the completion reply
             assert not undecrypted(later, bot)
         finally:
             await second.close()
@@ -320,8 +333,8 @@ async def test_one_account_serves_a_plain_and_an_encrypted_room(eworld: World, e
     plain = await eworld.new_room()
     await bots(bot_config(eworld, plain, rooms=[plain, eroom]))
     await bot_joined(eworld, eroom)
-    assert "Started #1" in body(await alice.command(plain, "!run demo.count steps=4 delay_ms=50"))
-    assert "Started #2" in body(await alice.command(eroom, "!run demo.count steps=4 delay_ms=50"))
+    assert "#1 demo.count" in body(await alice.command(plain, "!run demo.count steps=4 delay_ms=50"))
+    assert "#2 demo.count" in body(await alice.command(eroom, "!run demo.count steps=4 delay_ms=50"))
     plain_msg = await job_message(eworld, plain, 1)
     secret_msg = await job_message(eworld, eroom, 2)
     await wait_status(eworld, plain, plain_msg, "completed")
