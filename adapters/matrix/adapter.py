@@ -3,7 +3,8 @@
 How it fits together:
 
 * **Connection.** A :class:`nio.AsyncClient` with a key store for end-to-end encryption
-  (:mod:`adapters.matrix.e2e`, called through the hooks marked "E2E hook"). It logs in with a password or an
+  (:mod:`adapters.matrix.e2e`: login and sync call it through the hooks marked "E2E hook"; sends are
+  encrypted in :meth:`~adapters.matrix.transport.MatrixTransport.send`). It logs in with a password or an
   access token; the device id and access token are kept in the service's key-value store, so a restart
   reuses the same device. One background task logs in, joins the configured rooms, and runs the /sync
   loop; when the homeserver goes away it reconnects with exponential backoff. The sync token is kept
