@@ -195,20 +195,18 @@ async def measure(
             assert isinstance(resp, RoomSendResponse), resp
             floor.append(await asyncio.wait_for(fut, 30) - t0)
             await asyncio.sleep(gap)
-        for i in range(args.round):
-            marker = f"adapter r{r}i{i}."
-            fut = watcher.expect(marker)
-            await svc.tracked_progress(job.id or 0, current=r * args.round + i + 1, message=marker)
-            seen = await asyncio.wait_for(fut, 30)
-            through_adapter.append(seen - emitted[marker])
-            await asyncio.sleep(gap)
-        for i in range(args.round):
-            marker = f"encrypted r{r}i{i}."
-            fut = ewatcher.expect(marker)
-            await svc.tracked_progress(ejob.id or 0, current=r * args.round + i + 1, message=marker)
-            seen = await asyncio.wait_for(fut, 30)
-            encrypted.append(seen - emitted[marker])
-            await asyncio.sleep(gap)
+        # The same bot, one plain and one encrypted room, interleaved with the floor.
+        for path, w, job_id, sink in (
+            ("adapter", watcher, job.id or 0, through_adapter),
+            ("encrypted", ewatcher, ejob.id or 0, encrypted),
+        ):
+            for i in range(args.round):
+                marker = f"{path} r{r}i{i}."
+                fut = w.expect(marker)
+                await svc.tracked_progress(job_id, current=r * args.round + i + 1, message=marker)
+                seen = await asyncio.wait_for(fut, 30)
+                sink.append(seen - emitted[marker])
+                await asyncio.sleep(gap)
 
     print()
     print(summary("floor   (bare nio room_send -> alice's sync)     ", floor))
