@@ -7,6 +7,8 @@ in the same run, interleaved round by round so that drift affects both alike:
 * **floor**: a bare matrix-nio ``room_send`` of an ``m.replace`` edit -> seen in alice's /sync;
 * **adapter**: ``JobProgressEvent`` emitted by the service's monitor -> the adapter's edit seen in
   alice's /sync (through the driver, the account's outbox, rendering, nio and Synapse);
+* **encrypted**: the same through an end-to-end encrypted room: the edit is Megolm-encrypted by the bot
+  and decrypted by alice's encrypting client (a second device of hers) before it counts as seen;
 * **throughput**: the edits per second the adapter sustains when several jobs in one room report
   far faster than Synapse can take edits (latest-wins coalescing does the rest).
 
@@ -43,6 +45,7 @@ from core.db import Database
 from core.events import JobProgressEvent
 from core.registry import HandlerRegistry
 from core.service import ProgressService, ServiceConfig
+from tests.integration.matrix_e2e_helpers import EncryptedUserClient
 from tests.integration.matrix_helpers import UserClient
 from tests.servers.synapse import SynapseServer
 
@@ -111,6 +114,11 @@ async def measure(
     await alice.login()
     room = await alice.create_room(bot=bot_id, others=[])
     watcher = Watcher(alice)
+    # The same person on an encrypting device, in an encrypted room the same bot serves.
+    ealice = EncryptedUserClient(hs.base_url, alice_id, "alice-password", workdir / "alice-keys")
+    await ealice.login()
+    eroom = await ealice.create_encrypted_room(bot=bot_id, others=[])
+    ewatcher = Watcher(ealice)
 
     # The floor: a bare nio client of the same bot account (its own device), no scheduler, no rendering.
     nio_cfg = AsyncClientConfig(max_limit_exceeded=0, request_timeout=15)
@@ -134,7 +142,7 @@ async def measure(
         homeserver=hs.base_url,
         user_id=bot_id,
         password="bot-password",
-        rooms=[room],
+        rooms=[room, eroom],
         pin=False,
         react=False,
         reply_on_finish=False,
@@ -147,6 +155,7 @@ async def measure(
     await adapter.start()
     await adapter.wait_ready(60)
     job = await svc.track("latency probe", total=args.samples, owner=alice_id, room=room)
+    ejob = await svc.track("latency probe (encrypted)", total=args.samples, owner=alice_id, room=eroom)
     emitted: dict[str, float] = {}
 
     def on_emit(ev: JobProgressEvent) -> None:
@@ -158,9 +167,14 @@ async def measure(
     warm = watcher.expect("adapter warmup")
     await svc.tracked_progress(job.id or 0, current=0, message="adapter warmup")
     await asyncio.wait_for(warm, 30)
+    # The first encrypted send also shares the room key with alice's devices.
+    warm = ewatcher.expect("encrypted warmup")
+    await svc.tracked_progress(ejob.id or 0, current=0, message="encrypted warmup")
+    await asyncio.wait_for(warm, 30)
 
     floor: list[float] = []
     through_adapter: list[float] = []
+    encrypted: list[float] = []
     gap = args.gap_ms / 1000
     rounds = max(1, args.samples // args.round)
     for r in range(rounds):
@@ -181,19 +195,26 @@ async def measure(
             assert isinstance(resp, RoomSendResponse), resp
             floor.append(await asyncio.wait_for(fut, 30) - t0)
             await asyncio.sleep(gap)
-        for i in range(args.round):
-            marker = f"adapter r{r}i{i}."
-            fut = watcher.expect(marker)
-            await svc.tracked_progress(job.id or 0, current=r * args.round + i + 1, message=marker)
-            seen = await asyncio.wait_for(fut, 30)
-            through_adapter.append(seen - emitted[marker])
-            await asyncio.sleep(gap)
+        # The same bot, one plain and one encrypted room, interleaved with the floor.
+        for path, w, job_id, sink in (
+            ("adapter", watcher, job.id or 0, through_adapter),
+            ("encrypted", ewatcher, ejob.id or 0, encrypted),
+        ):
+            for i in range(args.round):
+                marker = f"{path} r{r}i{i}."
+                fut = w.expect(marker)
+                await svc.tracked_progress(job_id, current=r * args.round + i + 1, message=marker)
+                seen = await asyncio.wait_for(fut, 30)
+                sink.append(seen - emitted[marker])
+                await asyncio.sleep(gap)
 
     print()
     print(summary("floor   (bare nio room_send -> alice's sync)     ", floor))
     print(summary("adapter (event emitted -> edit in alice's sync)  ", through_adapter))
+    print(summary("e2e     (event emitted -> edit decrypted by alice)", encrypted))
     ratio = pct(through_adapter, 0.5) / pct(floor, 0.5)
     print(f"p50 ratio adapter/floor: {ratio:.2f}x  (goal <= 1.5x)")
+    print(f"p50 ratio e2e/floor: {pct(encrypted, 0.5) / pct(floor, 0.5):.2f}x")
 
     # Throughput: many jobs in one room, reporting far faster than Synapse can take edits.
     jobs = [await svc.track(f"load {k}", total=10_000, room=room) for k in range(args.messages)]
@@ -230,6 +251,7 @@ async def measure(
     await svc.stop()
     await bare.close()
     await alice.close()
+    await ealice.close()
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -113,6 +113,14 @@ class MatrixSettings(_Section):
     edit_burst: int = Field(10, ge=1)
     start_rate: float = Field(0.2, gt=0)
     answer_reserve: int = Field(1, ge=0)
+    # End-to-end encryption (adapters/matrix/e2e.py): key store next to the database unless set.
+    encryption: bool = True
+    store_path: str | None = None
+    trust: Literal["all", "tofu", "verified"] = "tofu"
+    #: "@user:server DEVICEID ED25519KEY" per device that may read the bot with trust = "verified".
+    verified_devices: list[Annotated[str, Field(pattern=r"^@\S+:\S+ +\S+ +\S+$")]] = Field(
+        default_factory=list
+    )
 
     @property
     def enabled(self) -> bool:

@@ -2,7 +2,9 @@
 
 How it fits together:
 
-* **Connection.** A :class:`nio.AsyncClient` without a store (no E2EE). It logs in with a password or an
+* **Connection.** A :class:`nio.AsyncClient` with a key store for end-to-end encryption
+  (:mod:`adapters.matrix.e2e`: login and sync call it through the hooks marked "E2E hook"; sends are
+  encrypted in :meth:`~adapters.matrix.transport.MatrixTransport.send`). It logs in with a password or an
   access token; the device id and access token are kept in the service's key-value store, so a restart
   reuses the same device. One background task logs in, joins the configured rooms, and runs the /sync
   loop; when the homeserver goes away it reconnects with exponential backoff. The sync token is kept
@@ -35,6 +37,7 @@ from nio import (
     JoinError,
     JoinResponse,
     LoginResponse,
+    MegolmEvent,
     ReactionEvent,
     RoomMessageText,
     RoomResolveAliasResponse,
@@ -52,6 +55,7 @@ from ..commands import Actor, CommandRouter, Reply
 from ..driver import ProgressDriver
 from .config import MatrixConfig
 from .content import reaction_action, text_reply
+from .e2e import MatrixE2E
 from .transport import TRANSIENT_ERRORS, MatrixRequestError, MatrixTransport
 from .transport import errcode as _errcode
 
@@ -151,6 +155,14 @@ class MatrixAdapter(ChatAdapter):
         #: Events that arrived before the rooms were resolved (latest per message).
         self._early: dict[tuple[str, int | str], JobProgressEvent] = {}
         self.ready = asyncio.Event()
+        # E2E hook: key store, trust policy, encrypted sends (adapters/matrix/e2e.py).
+        self.e2e = MatrixE2E(
+            enabled=config.encryption,
+            trust=config.trust,
+            store_path=config.store_path,
+            database_url=getattr(getattr(service, "config", None), "database_url", None),
+            verified_devices=config.verified_devices,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -180,14 +192,15 @@ class MatrixAdapter(ChatAdapter):
             max_limit_exceeded=0,
             max_timeouts=0,
             request_timeout=cfg.request_timeout,
-            encryption_enabled=False,
+            encryption_enabled=self.e2e.enabled,  # E2E hook
             store_sync_tokens=False,
         )
         if self._client_factory is not None:
             self.client = self._client_factory(cfg, nio_config)
         else:
             self.client = AsyncClient(cfg.homeserver, cfg.user_id, device_id=cfg.device_id, config=nio_config)
-        self.transport = MatrixTransport(self.client, cfg, self._salt)
+        self.e2e.prepare_client(self.client)  # E2E hook: the key store directory
+        self.transport = MatrixTransport(self.client, cfg, self._salt, self.e2e)
         self.driver = ProgressDriver(
             self.service, self.transport, backoff_base=cfg.reconnect_min, backoff_max=cfg.reconnect_max
         )
@@ -269,12 +282,17 @@ class MatrixAdapter(ChatAdapter):
                 raise MatrixAuthError(
                     "matrix: the configured access token was refused (PROGRESSBOT_MATRIX__ACCESS_TOKEN)"
                 )
+            await self.e2e.after_login(client)  # E2E hook: record the device, publish its keys
             return
         token = await store.kv_get(self._kv + "access_token")
         device = cfg.device_id or await store.kv_get(self._kv + "device_id")
+        if not self.e2e.can_resume(cfg.user_id, device):
+            # E2E hook: resume only the device whose keys are in the key store; else a fresh device.
+            token, device = None, self.e2e.stored_device(cfg.user_id)
         if token:
             await self._restore(str(token), device)
             if self._logged_in:
+                await self.e2e.after_login(client)  # E2E hook
                 return
             log.info("matrix: the stored access token is no longer valid; logging in again")
         assert cfg.password is not None
@@ -290,6 +308,7 @@ class MatrixAdapter(ChatAdapter):
         await store.kv_set(self._kv + "device_id", resp.device_id)
         await store.kv_set(self._kv + "access_token", resp.access_token)
         self._logged_in = True
+        await self.e2e.after_login(client)  # E2E hook
         log.info("matrix: logged in as %s (device %s)", resp.user_id, resp.device_id)
 
     async def _restore(self, token: str, device_id: str | None) -> None:
@@ -431,6 +450,9 @@ class MatrixAdapter(ChatAdapter):
         self.stats.syncs += 1
         await self._handle_sync(resp, first=first)
         self._next_batch = resp.next_batch
+        # E2E hook: key upload/query/claim, to-device messages, trust policy. After the token moved on:
+        # a failure here is retried after the next sync and never replays this one.
+        await self.e2e.after_sync(self.client)
         now = time.monotonic()
         if first or now - self._token_saved_at >= TOKEN_SAVE_INTERVAL:
             # Throttled: a busy room syncs many times a second. A slightly old token is harmless,
@@ -468,8 +490,8 @@ class MatrixAdapter(ChatAdapter):
             if room_id not in self._room_ids:
                 continue
             room = self.client.rooms.get(room_id)
-            if room is not None and room.encrypted and first:
-                log.warning("matrix: room %s is encrypted; the bot does not support E2EE there", room_id)
+            if room is not None and room.encrypted and first and not self.e2e.enabled:
+                self.e2e.warn_room(room_id)  # E2E hook
             # A room joined just now shows some history before our join: that is backlog too.
             fresh = room_id in self._fresh_rooms
             self._fresh_rooms.discard(room_id)
@@ -480,6 +502,14 @@ class MatrixAdapter(ChatAdapter):
                         fresh = False
                     continue
                 if getattr(event, "sender", None) == self.client.user_id:
+                    continue
+                if isinstance(event, MegolmEvent):
+                    # E2E hook: still encrypted after nio tried: log once, request keys, never answer.
+                    request = self.e2e.on_undecryptable(self.client, room_id, event)
+                    if request is not None:
+                        self._spawn(request, f"matrix-key-request-{event.event_id}")
+                    continue
+                if not self.e2e.accepts(event):  # E2E hook: trust policy for decrypted events
                     continue
                 if isinstance(event, RoomMessageText):
                     self._on_text(room_id, event)

@@ -53,6 +53,15 @@ class MatrixConfig:
     reconnect_max: float = 30.0
     #: How long :meth:`MatrixAdapter.stop` waits for pending edits to go out, in seconds.
     stop_grace: float = 5.0
+    # End-to-end encryption (see adapters/matrix/e2e.py for what each setting means).
+    #: Work in encrypted rooms (needs matrix-nio[e2e]); off: encrypted rooms get a warning only.
+    encryption: bool = True
+    #: nio's key store directory; None: next to the database (``bot.db`` -> ``bot.matrix-store/``).
+    store_path: str | None = None
+    #: Whose devices get the bot's room keys: ``all``, ``tofu`` (default) or ``verified``.
+    trust: str = "tofu"
+    #: With ``trust = "verified"``: ``"@user:server DEVICEID ED25519KEY"`` entries.
+    verified_devices: list[str] = field(default_factory=list)
 
     @classmethod
     def from_settings(cls, s: Any, **overrides: Any) -> MatrixConfig:
@@ -70,6 +79,9 @@ class MatrixConfig:
             "pin": bool(getattr(s, "pin", True)),
             "react": bool(getattr(s, "react", True)),
         }
+        for name in ("encryption", "store_path", "trust", "verified_devices"):  # E2E settings
+            if getattr(s, name, None) is not None:
+                values[name] = getattr(s, name)
         knobs = (
             "edit_rate",
             "edit_burst",

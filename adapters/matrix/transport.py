@@ -5,8 +5,14 @@ pin, unpin, react and reply, each one Matrix event, plus the answers to people's
 ``rc_message`` limits the bot's *account* across all its rooms, so the transport holds one
 :class:`~adapters.outbox.Outbox` for the account and every room shares it (fairly, one lane per room).
 
-The send path is in one place on purpose: :meth:`MatrixTransport.send` is where an encrypting hook
-fits (``adapters/matrix/e2e.py``), and where every event is clipped to the homeserver's size limit.
+The send path is in one place on purpose: :meth:`MatrixTransport.send` clips every event to the
+homeserver's size limit and, in an end-to-end encrypted room, encrypts it (:mod:`adapters.matrix.e2e`:
+the notice, its ``m.replace`` edits with ``m.new_content`` inside the ciphertext and the relation in
+clear, replies, reactions and answers). The room key is shared with the members' trusted devices
+before the first send, inside that send's outbox slot: the to-device messages that carry it
+(``/sendToDevice``, ``/keys/query``, ``/keys/claim``) are not room events, so they take no event from
+the outbox (Synapse's ``rc_message`` does not count them); a 429 on one of them still pauses the
+account like any other.
 """
 
 from __future__ import annotations
@@ -25,12 +31,16 @@ from ..driver import Content, ErrorKind
 from ..outbox import Outbox, PermanentError, Priority, RateLimited
 from .config import MatrixConfig
 from .content import OFFERED_REACTIONS, edit_content, finish_reply, is_user_id, progress_content
+from .e2e import E2EError, MatrixE2E
 
 log = logging.getLogger(__name__)
 
 PINNED_EVENTS = "m.room.pinned_events"
 #: Synapse refuses events over 65,536 bytes (the whole event as JSON); leave room for the envelope.
 MAX_CONTENT_BYTES = 60_000
+#: In an encrypted room the content travels base64-encoded inside the Megolm ciphertext (4/3 the size,
+#: plus the room id, type and MAC), so the clear content must stay smaller.
+MAX_ENCRYPTED_CONTENT_BYTES = 44_000
 
 #: Error codes after which repeating the same request cannot help.
 PERMANENT_ERRORS = frozenset(
@@ -66,8 +76,8 @@ class MatrixRequestError(Exception):
         super().__init__(f"{what} failed: {errcode or 'error'} {message or ''}".strip())
 
 
-#: Failures worth retrying with backoff.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (*NETWORK_ERRORS, MatrixRequestError)
+#: Failures worth retrying with backoff (an encrypted send whose keys cannot be shared yet, too).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (*NETWORK_ERRORS, MatrixRequestError, E2EError)
 
 
 def errcode(resp: Any) -> str | None:
@@ -126,9 +136,13 @@ class MatrixTransport:
 
     platform = "matrix"
 
-    def __init__(self, client: AsyncClient, config: MatrixConfig, salt: str) -> None:
-        """``salt`` makes transaction ids distinct across databases (stable across restarts)."""
+    def __init__(self, client: AsyncClient, config: MatrixConfig, salt: str, e2e: MatrixE2E) -> None:
+        """``salt`` makes transaction ids distinct across databases (stable across restarts).
+
+        ``e2e`` encrypts in encrypted rooms (and refuses to send into one when encryption is off).
+        """
         self.client = client
+        self.e2e = e2e
         self.config = config
         self.salt = salt
         self.reactions = len(OFFERED_REACTIONS) if config.react else 0
@@ -152,11 +166,13 @@ class MatrixTransport:
     async def send(self, room: str, event_type: str, content: dict[str, Any], txn: str) -> str:
         """Send one event, clipped to the size limit; its event id, or what :func:`check` raises.
 
-        The transaction id is stable for one step, so a retry after a lost answer is stored only once.
+        In an encrypted room the event is encrypted (never sent in clear: with encryption off it is a
+        :class:`PermanentError`). The transaction id is stable for one step, so a retry after a lost
+        answer is stored only once.
         """
-        resp = await self.client.room_send(
-            room, event_type, clip_content(content), tx_id=f"{self.salt}-{txn}"
-        )
+        tx_id = f"{self.salt}-{txn}"
+        limit = MAX_ENCRYPTED_CONTENT_BYTES if self.e2e.encrypted(self.client, room) else MAX_CONTENT_BYTES
+        resp = await self.e2e.room_send(self.client, room, event_type, clip_content(content, limit), tx_id)
         try:
             return str(check(resp, event_type).event_id)
         except RateLimited:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from nio import RoomSendError, RoomSendResponse
+from nio.crypto import OutboundGroupSession
 
 from adapters.matrix import MatrixConfig
 from adapters.matrix.content import (
@@ -16,7 +18,13 @@ from adapters.matrix.content import (
     reaction_action,
     text_reply,
 )
-from adapters.matrix.transport import MatrixRequestError, check
+from adapters.matrix.transport import (
+    MAX_CONTENT_BYTES,
+    MAX_ENCRYPTED_CONTENT_BYTES,
+    MatrixRequestError,
+    check,
+    clip_content,
+)
 from adapters.outbox import PermanentError, RateLimited
 from bot.settings import MatrixSettings
 from core.events import JobProgressEvent, next_seq
@@ -137,3 +145,45 @@ def test_error_mapping_for_the_outbox() -> None:
         check(RoomSendError("no", "M_FORBIDDEN"), "edit")
     with pytest.raises(MatrixRequestError):
         check(RoomSendError("oops", "M_UNKNOWN"), "edit")
+
+
+def _encrypted_event_size(content: dict[str, object], room_id: str) -> int:
+    """The bytes of the whole ``m.room.encrypted`` event Synapse would store for ``content``."""
+    content = dict(content)
+    relation = content.pop("m.relates_to", None)  # stays in clear, as the transport sends it
+    plaintext = json.dumps({"type": "m.room.message", "content": content, "room_id": room_id})
+    session = OutboundGroupSession()
+    session.mark_as_shared()  # a local size check: nobody needs the key
+    wire = {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "sender_key": "k" * 43,
+        "ciphertext": session.encrypt(plaintext),
+        "session_id": session.id,
+        "device_id": "ABCDEFGHIJ",
+        "m.relates_to": relation,
+    }
+    envelope = {
+        "type": "m.room.encrypted",
+        "content": wire,
+        "room_id": room_id,
+        "sender": "@progressbot:example.org",
+        "event_id": "$" + "e" * 43,
+        "origin_server_ts": 1_700_000_000_000,
+        "unsigned": {"age": 1234, "transaction_id": "t" * 40},
+    }
+    return len(json.dumps(envelope).encode())
+
+
+@pytest.mark.parametrize("size", [14_000, 200_000])
+def test_a_huge_edit_still_fits_the_event_limit_once_encrypted(size: int) -> None:
+    """In an encrypted room the clipped content grows by the Megolm ciphertext's base64 (4/3): the
+    transport clips to a smaller limit there, so even a huge edit stays under Synapse's 65,536 bytes."""
+    room = "!" + "r" * 43 + ":example.org"
+    huge = {"msgtype": "m.notice", "body": "x" * size, "format": "org.matrix.custom.html"}
+    huge["formatted_body"] = "<b>" + "y" * size + "</b>"
+    edit = edit_content("$" + "o" * 43, huge)
+    assert _encrypted_event_size(clip_content(edit, MAX_ENCRYPTED_CONTENT_BYTES), room) < 65_536
+    if size == 14_000:
+        # Under the plain limit unclipped, yet too large once encrypted: why the limit is per room.
+        assert clip_content(edit, MAX_CONTENT_BYTES) == edit
+        assert _encrypted_event_size(clip_content(edit, MAX_CONTENT_BYTES), room) > 65_536
