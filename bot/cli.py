@@ -382,6 +382,7 @@ def main() -> None:
     shadowed = shadowing()
     if shadowed:
         err.print(shadowing_message(shadowed), markup=False, soft_wrap=True)
+        sys.exit(2)
     bad = undecodable_argument(sys.argv[1:])
     if bad is not None:
         err.print(f"arguments: argument {bad + 1} is not valid UTF-8", markup=False)
