@@ -9,7 +9,7 @@ Printed, each beside its peer measured in the same run:
     - HTTP: ``job_status(stream=true)`` on ``/mcp`` of the service's API; peer: the API's own NDJSON stream
       (``/v1/events?job=``) of the same job, read at the same time;
     - stdio: a ``progressbot mcp`` subprocess on the same SQLite database, following the job through the
-      store; its bound (the write tick plus the poll interval, default settings) is printed beside it;
+      store; its bound (the service's write tick plus the MCP process's store poll) is printed beside it;
   A tracked job's progress is reported once per ``--gap`` seconds (beyond the 500 ms throttle window), so
   this is the pipeline, not the deliberate throttling.
 * the CPU time of the service process over ``--seconds`` while ``--clients`` tracked jobs report progress
@@ -47,6 +47,7 @@ from pydantic import SecretStr
 
 from bot.app import build_service
 from bot.http_api import HttpApi
+from bot.mcp_server import STDIO_POLL_MS
 from bot.settings import HttpSettings, Settings
 from core.events import JobProgressEvent
 from core.service import ProgressService
@@ -202,7 +203,7 @@ async def latency_stdio(tmp: Path, samples: int, gap: float) -> None:
         print(f"    of which from the commit  {quantiles(emitted.from_commit(seen))}")
         print(
             f"  bound: the service's progress write tick {write_tick * 1000:.0f} ms, then the MCP process's "
-            "poll interval 1000 ms (defaults)"
+            f"store poll {STDIO_POLL_MS} ms"
         )
 
 
