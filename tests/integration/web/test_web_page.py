@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from tests.integration.web_helpers import (
     browser_available,
     dialogs,
     login,
-    make_browser,
     row,
     row_state,
     wait,
@@ -34,19 +32,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebService]:
-    s = WebService(tmp_path_factory.mktemp("web"))
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def driver(svc: WebService) -> Iterator[object]:
-    d = make_browser()
-    yield d
-    d.quit()
 
 
 @pytest.fixture

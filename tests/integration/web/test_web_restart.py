@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from selenium.webdriver.common.by import By
 
-from tests.integration.web_helpers import WebService, browser_available, login, make_browser, row_state, wait
+from tests.integration.web_helpers import WebService, browser_available, login, row_state, wait
 
 pytestmark = [
     pytest.mark.slow,
@@ -17,19 +15,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebService]:
-    s = WebService(tmp_path_factory.mktemp("web-restart"))
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def driver(svc: WebService) -> Iterator[object]:
-    d = make_browser()
-    yield d
-    d.quit()
 
 
 def banner(driver) -> str:  # type: ignore[no-untyped-def]
