@@ -34,6 +34,7 @@ Time is injectable (``clock``; the driver's ``sleep``). Nothing here imports a c
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import time
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from core.events import JobProgressEvent
 
 from .outbox import Outbox, PermanentError, Priority, RateLimited
-from .render import STATUS_ICON, bar, clip, label, outcome_text
+from .render import STATUS_ICON, bar, clip, defuse_mentions, label, outcome_text
 
 if TYPE_CHECKING:
     from .driver import Content, ProgressDriver
@@ -53,6 +54,8 @@ __all__ = [
     "BoardPolicy",
     "BoardView",
     "RoomBoards",
+    "board_html",
+    "board_plain",
     "board_view",
     "fit",
     "summary_text",
@@ -301,6 +304,11 @@ class Board:
     waker: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
+    def shown_any(self) -> bool:
+        """Whether the board shows any job (as a line or in the summary)."""
+        return bool(self.jobs or self.collapsed_done or self.collapsed_cancelled or self.collapsed_failed)
+
+    @property
     def active(self) -> int:
         """Jobs on the board that have not finished."""
         return sum(1 for ev in self.jobs.values() if not ev.terminal)
@@ -507,7 +515,7 @@ class RoomBoards:
         if board.finished:
             return None
         times = [end + self.policy.linger_s for end in board.ended_at.values()]
-        if board.jobs and board.active == 0 and not board.closed:
+        if board.shown_any and board.active == 0 and not board.closed:
             times.append(board.last_join + self.policy.quiet)
         return min(times) if times else None
 
@@ -516,6 +524,8 @@ class RoomBoards:
         if board.message_id is None:
             return Priority.NEW
         if board.version > board.shown_version and self._status_changed(board):
+            return Priority.STATUS
+        if any(ev.terminal and j not in board.replied for j, ev in board.jobs.items()):
             return Priority.STATUS
         return Priority.PROGRESS
 
@@ -541,24 +551,24 @@ class RoomBoards:
             return None
         if board.message_id is None:
             return _Step("post", Priority.NEW, lambda: self._post(board))
-        if board.version > board.shown_version:
-            content = self._content(board)
-            if content.text == board.shown_text:
-                board.shown_version = board.version
-                self._mark_shown(board)
-                return _Step("unchanged", Priority.PROGRESS, None)
-            prio = Priority.STATUS if self._status_changed(board) else Priority.PROGRESS
-            return _Step("edit", prio, lambda: self._edit(board, content))
+        changed = board.version > board.shown_version
+        if changed and self._status_changed(board):
+            return self._edit_step(board, Priority.STATUS)
         for jid, ev in board.jobs.items():
-            if ev.terminal and jid not in board.replied:
+            # The reply follows the outcome on the board (a status change, so that came first).
+            shown = board.shown_state.get(jid, ("",))[0] == ev.status
+            if ev.terminal and shown and jid not in board.replied:
                 if t.reply_enabled and t.wants_reply(ev):
                     return _Step("reply", Priority.STATUS, self._reply_call(board, ev))
                 board.replied.add(jid)
         active = board.active > 0 and not board.closed
         if t.pin_enabled and active and not board.pinned and not board.pin_refused:
-            return _Step("pin", Priority.COSMETIC, lambda: self._pin(board, True))
+            # One event per board, in the class of its edits: a board is only found when pinned.
+            return _Step("pin", Priority.PROGRESS, lambda: self._pin(board, True))
+        if changed:
+            return self._edit_step(board, Priority.PROGRESS)
         quiet = now >= board.last_join + self.policy.quiet
-        if not board.closed and board.jobs and board.active == 0 and quiet:
+        if not board.closed and board.shown_any and board.active == 0 and quiet:
             # Its last job has finished and nobody joined for a while: the board ends.
             board.closed = True
             board.version += 1
@@ -570,6 +580,14 @@ class RoomBoards:
             self.driver.spawn(self._save(board))
             log.info("%s: the board of %s ended", t.platform, board.room)
         return None
+
+    def _edit_step(self, board: Board, priority: Priority) -> _Step:
+        content = self._content(board)
+        if content.text == board.shown_text:
+            board.shown_version = board.version
+            self._mark_shown(board)
+            return _Step("unchanged", priority, None)
+        return _Step("edit", priority, lambda: self._edit(board, content))
 
     def _reply_call(self, board: Board, ev: JobProgressEvent) -> Callable[[], Any]:
         return lambda: self._reply(board, ev)
@@ -739,3 +757,43 @@ class RoomBoards:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---------------------------------------------------------------------------------------------- formats
+def line_parts(line: BoardLine) -> list[str]:
+    """The plain pieces of a line after its label: ``— paused by @a``, the bar, the details."""
+    out = []
+    if line.state:
+        out.append(f"— {line.state}")
+    if line.bar:
+        out.append(line.bar)
+    if line.detail:
+        out.append(f"· {line.detail}")
+    return out
+
+
+def board_plain(view: BoardView) -> str:
+    """The board as plain text (Matrix ``body``, consoles): mass mentions defused."""
+    lines = [view.header]
+    lines += [" ".join([f"{ln.icon} {ln.label}", *line_parts(ln)]) for ln in view.lines]
+    if view.summary:
+        lines.append(f"… {view.summary}")
+    return defuse_mentions("\n".join(lines))
+
+
+def board_html(view: BoardView) -> str:
+    """The board as HTML (Matrix ``formatted_body``): everything user-supplied escaped."""
+    e = html.escape
+    out = [f"<b>{e(view.header)}</b>"]
+    for ln in view.lines:
+        bits = [f"{ln.icon} <b>{e(ln.label)}</b>"]
+        if ln.state:
+            bits.append(f"— <i>{e(ln.state)}</i>")
+        if ln.bar:
+            bits.append(f"<code>{e(ln.bar)}</code>")
+        if ln.detail:
+            bits.append(f"· {e(ln.detail)}")
+        out.append(" ".join(bits))
+    if view.summary:
+        out.append(f"<i>… {e(view.summary)}</i>")
+    return defuse_mentions("<br>".join(out))
