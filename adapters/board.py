@@ -7,8 +7,8 @@ with one edit. This module adds that *board* to :class:`~adapters.driver.Progres
 
 * **When it engages** (:meth:`RoomBoards.take`, called by the driver for every event). The outbox of the
   room's rate-limit scope knows the rate it has learned; a message fresher than ``max_staleness_s``
-  needs one edit per ``max_staleness_s``, so the scope can keep ``rate * max_staleness_s`` messages
-  fresh. When a new job would push the scope's active messages (own messages plus boards) above that,
+  needs one edit per ``max_staleness_s``; a board takes half the scope's turns, so next to one the
+  scope keeps ``rate * max_staleness_s / 2`` own messages fresh (:meth:`RoomBoards.capacity`). When a new job would push the scope's active messages (own messages plus boards) above that,
   the job reports into its room's board instead. Jobs that already have their own message keep it.
 * **Hysteresis.** Once a room has a board, new jobs keep joining it while it still has active jobs or
   while the scope is above ``low_water`` of its capacity; only then do new jobs get their own messages
@@ -300,6 +300,8 @@ class Board:
     closed: bool = False
     finished: bool = False
     origin: str | None = None
+    #: What each job's binding stores now (message, finished, replied), to write only changes.
+    saved: dict[int, tuple[str, bool, bool]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     waker: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -348,8 +350,13 @@ class RoomBoards:
 
     # ------------------------------------------------------------------ engaging
     def capacity(self, box: Outbox) -> float:
-        """How many messages the scope can keep fresher than ``max_staleness_s`` at its learned rate."""
-        return box.rate * self.policy.max_staleness_s
+        """How many messages the scope can keep fresher than ``max_staleness_s`` at its learned rate.
+
+        ``k`` messages sharing ``rate`` are each edited every ``k / rate`` s. Once a board runs it takes
+        half the turns (its own lane), so the own messages next to it get half the rate: ``k`` may be at
+        most ``rate * max_staleness_s / 2``.
+        """
+        return box.rate * self.policy.max_staleness_s / 2
 
     def load(self, box: Outbox) -> int:
         """Active messages of the scope: own messages of active jobs plus boards with active jobs."""
@@ -373,7 +380,8 @@ class RoomBoards:
             return False
         box = self.driver.transport.outbox(room)
         board = self.boards.get(room)
-        wanted = self.policy.mode == "always" or self.load(box) + 1 > self.capacity(box)
+        # A lone job never needs a board: a board of one job is one message too.
+        wanted = self.policy.mode == "always" or self.load(box) + 1 > max(1.0, self.capacity(box))
         if board is not None and not board.finished:
             # Hysteresis: an open board keeps taking new jobs while it is busy or the scope is loaded.
             busy = board.active > 0 or self.load(box) + 1 > self.policy.low_water * self.capacity(box)
@@ -385,16 +393,25 @@ class RoomBoards:
             self.boards[room] = board
             self.started += 1
             log.info("%s: room %s is busy; new jobs report on a board", self.driver.platform, room)
+            # Jobs whose own message is not posted yet (a burst arriving at once) join it too; jobs
+            # that already have their own message keep it.
+            for other in self.driver.release_unposted(room):
+                self._job_board[int(other.id)] = board
+                self._update(board, other)
+                self._take_origin(board, room, other.owner)
         else:
             return False
         board.last_join = self._clock()
         self._job_board[ev.id] = board
         self._update(board, ev)
-        # Answering a person's !run: the first post of the board replies to it, later ones show it there.
-        origin = self.driver.take_origin(room, ev.owner)
+        self._take_origin(board, room, ev.owner)
+        return True
+
+    def _take_origin(self, board: Board, room: str, owner: str | None) -> None:
+        """Answering a person's !run: the board's first post replies to it; later, the board shows it."""
+        origin = self.driver.take_origin(room, owner)
         if board.origin is None and board.message_id is None:
             board.origin = origin
-        return True
 
     def room_of(self, job_id: int) -> str | None:
         """The room whose board shows ``job_id``, if any."""
@@ -446,8 +463,10 @@ class RoomBoards:
                 if step.call is None:
                     continue
                 try:
+                    # Its own lane: the fair share between lanes gives a board (many jobs) half the
+                    # turns of its room, not one turn per message like any single job.
                     async with t.outbox(board.room).slot(
-                        step.priority, board.room, current=lambda: self._priority(board)
+                        step.priority, (board.room, "board"), current=lambda: self._priority(board)
                     ) as slot:
                         now = self._next(board)
                         if now is None or now.call is None:
@@ -702,7 +721,15 @@ class RoomBoards:
                 "shown": board.shown_text,
             },
         )
-        for jid, ev in board.jobs.items():
+        for jid, ev in list(board.jobs.items()):
+            state = (
+                board.message_id,
+                board.finished or (ev.terminal and jid in board.replied),
+                jid in board.replied,
+            )
+            if board.saved.get(jid) == state:
+                continue  # stored already: a board of many jobs writes only what changed
+            board.saved[jid] = state
             await store.save_binding(
                 platform,
                 "job",
@@ -710,8 +737,8 @@ class RoomBoards:
                 board.room,
                 board.message_id,
                 pinned=False,
-                finished=board.finished or (ev.terminal and jid in board.replied),
-                extra={"board": board.ident, "replied": jid in board.replied},
+                finished=state[1],
+                extra={"board": board.ident, "replied": state[2]},
             )
 
     async def restore(self, bindings: list[Any], room_of: Callable[[str], str | None]) -> list[Any]:

@@ -340,6 +340,19 @@ class ProgressDriver:
             if not r.desired.terminal and not r.dead and t.outbox(r.room) is box
         )
 
+    def release_unposted(self, room: str) -> list[JobProgressEvent]:
+        """Give up the jobs of ``room`` whose own message is not posted yet (a board shows them now).
+
+        Their lanes find nothing to do at their turn and end; returns their newest events.
+        """
+        out = []
+        for key, rec in list(self._records.items()):
+            if rec.room == room and rec.kind == "job" and rec.message_id is None and not rec.dead:
+                rec.dead = True
+                del self._records[key]
+                out.append(rec.desired)
+        return out
+
     def take_origin(self, room: str, owner: str | None) -> str | None:
         """The oldest command of ``owner`` in ``room`` waiting for its progress message (now answered)."""
         waiting = self._origins.get((room, owner or ""))
