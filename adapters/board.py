@@ -8,8 +8,10 @@ with one edit. This module adds that *board* to :class:`~adapters.driver.Progres
 * **When it engages** (:meth:`RoomBoards.take`, called by the driver for every event). The outbox of the
   room's rate-limit scope knows the rate it has learned; a message fresher than ``max_staleness_s``
   needs one edit per ``max_staleness_s``; a board takes half the scope's turns, so next to one the
-  scope keeps ``rate * max_staleness_s / 2`` own messages fresh (:meth:`RoomBoards.capacity`). When a new job would push the scope's active messages (own messages plus boards) above that,
-  the job reports into its room's board instead. Jobs that already have their own message keep it.
+  scope keeps ``rate * max_staleness_s / 2`` own messages fresh (:meth:`RoomBoards.capacity`). When
+  a new job would push the scope's active messages (own messages plus boards) above that (and above
+  one), the job reports into its room's board instead, and so do the room's jobs whose own message is
+  not posted yet (a burst). Jobs that already have their own message keep it.
 * **Hysteresis.** Once a room has a board, new jobs keep joining it while it still has active jobs or
   while the scope is above ``low_water`` of its capacity; only then do new jobs get their own messages
   again, so jobs trickling in around the threshold do not flip modes on every job. The board ends (a
