@@ -304,6 +304,8 @@ class Board:
     origin: str | None = None
     #: What each job's binding stores now (message, finished, replied), to write only changes.
     saved: dict[int, tuple[str, bool, bool]] = field(default_factory=dict)
+    #: The lane waits only for a deadline (a line to collapse, the quiet period).
+    sleeping: bool = False
     task: asyncio.Task[None] | None = None
     waker: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -422,7 +424,9 @@ class RoomBoards:
 
     def pending(self) -> int:
         """Boards with work left."""
-        return sum(1 for b in self.boards.values() if b.task is not None and not b.task.done())
+        return sum(
+            1 for b in self.boards.values() if b.task is not None and not b.task.done() and not b.sleeping
+        )
 
     def _update(self, board: Board, ev: JobProgressEvent) -> None:
         old = board.jobs.get(int(ev.id))
@@ -524,9 +528,15 @@ class RoomBoards:
         """Sleep until ``delay`` passed or the board got news."""
         sleeper = asyncio.ensure_future(self.driver.sleep(max(0.0, delay)))
         waker = asyncio.ensure_future(board.waker.wait())
+        # Waiting for a line to collapse or for the quiet period is not undelivered work: a flush
+        # (and a stop) need not wait for it.
+        board.sleeping = True
+        self.driver.busy(done=True)
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            board.sleeping = False
+            self.driver.busy()
             for task in (sleeper, waker):
                 task.cancel()
             await asyncio.gather(sleeper, waker, return_exceptions=True)
@@ -538,7 +548,10 @@ class RoomBoards:
         times = [end + self.policy.linger_s for end in board.ended_at.values()]
         if board.shown_any and board.active == 0 and not board.closed:
             times.append(board.last_join + self.policy.quiet)
-        return min(times) if times else None
+        # A deadline already past had nothing to do (its line waits for its reply): not a busy loop.
+        now = self._clock()
+        future = [t for t in times if t > now]
+        return min(future) if future else None
 
     def _priority(self, board: Board) -> int:
         """The class of the board's next call now (a waiting edit becomes a status change)."""
