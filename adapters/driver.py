@@ -44,12 +44,15 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.events import JobProgressEvent
 from core.service import ProgressService
 
 from .outbox import Outbox, PermanentError, Priority, RateLimited
+
+if TYPE_CHECKING:
+    from .board import RoomBoards
 
 __all__ = [
     "Content",
@@ -220,6 +223,9 @@ class ProgressDriver:
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Room boards (adapters/board.py), when the platform has them: they set this.
+        self.boards: RoomBoards | None = None
+        self._spawned: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ input
     def offer(self, ev: JobProgressEvent, room: str) -> bool:
@@ -235,6 +241,9 @@ class ProgressDriver:
         return self._offer(key, ev, room)
 
     def _offer(self, key: Key, ev: JobProgressEvent, room: str) -> bool:
+        # Board hook: a job on a room's board (or joining one) is shown there, not on its own message.
+        if self.boards is not None and self.boards.take(ev, room, key in self._records):
+            return True
         rec = self._records.get(key)
         if rec is None:
             floor = self._tombstones.get(key)
@@ -271,13 +280,7 @@ class ProgressDriver:
         owner = rec.desired.owner
         if rec.kind != "job" or owner is None:
             return None
-        waiting = self._origins.get((rec.room, owner))
-        if not waiting:
-            return None
-        origin = waiting.pop(0)
-        if not waiting:
-            del self._origins[(rec.room, owner)]
-        return origin
+        return self.take_origin(rec.room, owner)
 
     # ------------------------------------------------------------------ queries
     def record(self, kind: str, ident: int | str) -> Record | None:
@@ -287,6 +290,8 @@ class ProgressDriver:
     def message_room(self, kind: str, ident: int | str) -> str | None:
         """The room that shows a job or batch now, if the driver tracks it."""
         rec = self._records.get((kind, ident))
+        if rec is None and self.boards is not None and kind == "job" and isinstance(ident, int):
+            return self.boards.room_of(ident)  # board hook
         return rec.room if rec is not None else None
 
     def find_by_message(self, message_id: str) -> Record | None:
@@ -295,7 +300,8 @@ class ProgressDriver:
 
     def pending(self) -> int:
         """Messages with work left (a state not shown yet, a pin, a reaction or a reply to send)."""
-        return sum(1 for r in self._records.values() if r.lanes)
+        boards = self.boards.pending() if self.boards is not None else 0  # board hook
+        return boards + sum(1 for r in self._records.values() if r.lanes)
 
     async def flush(self, timeout: float) -> bool:
         """Wait until no message has work left, or ``timeout`` s (real time); False on timeout."""
@@ -315,7 +321,74 @@ class ProgressDriver:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.boards is not None:
+            await self.boards.aclose()  # board hook
         return drained
+
+    # ------------------------------------------------------------------ for the boards (adapters/board.py)
+    @property
+    def closed(self) -> bool:
+        """Whether the driver is closing (no new work starts)."""
+        return self._closed
+
+    def active_in_scope(self, box: Outbox) -> int:
+        """Own messages of active jobs and batches whose room belongs to the scope of ``box``."""
+        t = self.transport
+        return sum(
+            1
+            for r in self._records.values()
+            if not r.desired.terminal and not r.dead and t.outbox(r.room) is box
+        )
+
+    def release_unposted(self, room: str) -> list[JobProgressEvent]:
+        """Give up the jobs of ``room`` whose own message is not posted yet (a board shows them now).
+
+        Their lanes find nothing to do at their turn and end; returns their newest events.
+        """
+        out = []
+        for key, rec in list(self._records.items()):
+            if rec.room == room and rec.kind == "job" and rec.message_id is None and not rec.dead:
+                rec.dead = True
+                del self._records[key]
+                out.append(rec.desired)
+        return out
+
+    def take_origin(self, room: str, owner: str | None) -> str | None:
+        """The oldest command of ``owner`` in ``room`` waiting for its progress message (now answered)."""
+        waiting = self._origins.get((room, owner or ""))
+        if not waiting:
+            return None
+        origin = waiting.pop(0)
+        if not waiting:
+            del self._origins[(room, owner or "")]
+        return origin
+
+    def backoff(self, failures: int) -> float:
+        """The delay before retrying after ``failures`` failures in a row."""
+        return min(self._backoff_max, self._backoff_base * 2.0 ** min(failures - 1, 30))
+
+    async def sleep(self, seconds: float) -> None:
+        """The driver's (injectable) sleep."""
+        await self._sleep(seconds)
+
+    def busy(self, *, done: bool = False) -> None:
+        """Work started (``done``: a piece of work ended) outside the records: keeps :meth:`flush` right."""
+        if not done:
+            self._idle.clear()
+        elif not self.pending():
+            self._idle.set()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        """Run ``coro`` (a binding save) in the background, logging its failure."""
+        task = asyncio.ensure_future(coro)
+        self._spawned.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._spawned.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s: a background save failed", self.platform, exc_info=t.exception())
+
+        task.add_done_callback(done)
 
     # ------------------------------------------------------------------ restart catch-up
     async def catch_up(self, room_of: Callable[[str], str | None]) -> None:
@@ -326,7 +399,10 @@ class ProgressDriver:
         """
         live = self._live
         try:
-            for b in await self.service.store.open_bindings(self.platform):
+            bindings = await self.service.store.open_bindings(self.platform)
+            if self.boards is not None:
+                bindings = await self.boards.restore(bindings, room_of)  # board hook
+            for b in bindings:
                 room = room_of(b.room)
                 if room is None:
                     continue
@@ -403,7 +479,7 @@ class ProgressDriver:
                 except Exception as exc:
                     self.stats.failed_requests += 1
                     failures += 1
-                    delay = min(self._backoff_max, self._backoff_base * 2.0 ** min(failures - 1, 30))
+                    delay = self.backoff(failures)
                     level = logging.WARNING if rec.desired.terminal else logging.INFO
                     log.log(
                         level,
@@ -610,6 +686,8 @@ class ProgressDriver:
         b = await self.service.store.get_binding(self.platform, rec.kind, int(rec.ident))
         if b is None or rec.message_id is not None:
             return
+        if (b.extra or {}).get("board") is not None:
+            return  # board hook: the job was on a board; its own message is a new one
         extra = b.extra or {}
         rec.room, rec.message_id, rec.pinned, rec.finished = b.room, b.message_id, b.pinned, b.finished
         rec.replied = bool(extra.get("replied"))

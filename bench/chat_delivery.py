@@ -46,17 +46,23 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
+from adapters.board import BoardPolicy, RoomBoards, board_plain
 from adapters.commands import CommandRouter
 from adapters.discord import DiscordAdapter, DiscordConfig
+from adapters.driver import Content, ProgressDriver
 from adapters.matrix import MatrixAdapter, MatrixConfig
+from adapters.render import STATUS_ICON
 from core.builtin import register_builtins
 from core.db import Database
+from core.events import JobProgressEvent, next_seq
 from core.registry import HandlerRegistry
 from core.service import ProgressService, ServiceConfig
 from tests.fake_discord import FakeDiscordServer, running_fake_discord
 from tests.integration.delivery_helpers import History
 from tests.integration.matrix_helpers import UserClient, content_of, relates, status_word
 from tests.servers.synapse import SynapseServer
+from tests.unit.test_board import Room
+from tests.unit.virtual_clock import VirtualClock
 
 SAMPLE_EVERY = 0.5
 #: Synapse's default rc_message for one account.
@@ -432,11 +438,183 @@ def _discord_count(server: FakeDiscordServer, result: Result) -> None:
     result.hits_429 = len(server.rate_limit_hits)
 
 
+# ---------------------------------------------------------------------------------------------- boards
+#: Platform budgets for the board comparison: (name, events/s, burst, job length in s).
+BOARD_PLATFORMS = (("matrix", SYNAPSE_RATE, SYNAPSE_BURST, 60.0), ("discord", 1.0, 5, 20.0))
+_ICON_STATUS = {v: k for k, v in STATUS_ICON.items()}
+#: Real seconds given per virtual quarter second: the bindings are stored in a real SQLite database
+#: (a few ms per write), and virtual time must not run ahead of it.
+REAL_STEP = 0.004
+
+
+@dataclass
+class BoardResult:
+    """Staleness of what people see per job (board line or own message) for one board mode."""
+
+    platform: str
+    jobs: int
+    mode: str
+    stale: list[float] = field(default_factory=list)
+    #: The same samples split: jobs on the board, jobs on their own message.
+    on_board: list[float] = field(default_factory=list)
+    on_own: list[float] = field(default_factory=list)
+    hits_429: int = 0
+    events: int = 0
+    boards: int = 0
+    finals: int = 0
+
+    def sample(self, on_board: bool, stale: float) -> None:
+        """One staleness sample of a job."""
+        self.stale.append(stale)
+        (self.on_board if on_board else self.on_own).append(stale)
+
+    def row(self) -> str:
+        """One line of the board table."""
+        return (
+            f"{self.platform:<8}{self.jobs:>5} {self.mode:>6} {statistics.fmean(self.stale or [0]):7.1f}s "
+            f"{pct(self.stale, 0.95):7.1f}s {max(self.stale or [0]):7.1f}s {self.events / self.jobs:7.1f} "
+            f"{self.hits_429:>5} {self.boards:>6} {self.finals:>4}/{self.jobs:<4}"
+            f" board {statistics.fmean(self.on_board or [0]):5.1f}s ({len(self.on_board)})"
+            f" own {statistics.fmean(self.on_own or [0]):5.1f}s ({len(self.on_own)})"
+        )
+
+
+BOARD_HEADER = (
+    f"{'platform':<8}{'jobs':>5} {'board':>6} {'stale':>8} {'p95':>8} {'max':>8} {'ev/job':>7} {'429s':>5} "
+    f"{'boards':>6} {'finals':>9}"
+)
+
+
+def _seen(room: Any, boards: RoomBoards, driver: ProgressDriver, jid: int) -> tuple[str | None, float | None]:
+    """(status, current) that people see for job ``jid`` now: its board line or its own message."""
+    board = boards.boards.get("r")
+    mid = None
+    if boards.room_of(jid) == "r" and board is not None:
+        mid = board.message_id
+        text = room.messages.get(mid, "") if mid else ""
+        line = next((ln for ln in text.split("\n") if re.search(rf" #{jid} ", ln + " ")), None)
+        if line is None:
+            return None, None
+        m = re.search(r"░+ ([\d.]+)", line)
+        return _ICON_STATUS.get(line.split(" ", 1)[0]), float(m.group(1)) if m else None
+    rec = driver.record("job", jid)
+    mid = rec.message_id if rec is not None else room.own.get(jid)
+    if mid is None:
+        return None, None
+    room.own[jid] = mid
+    status, current = room.messages[mid].split(" ")[1:3]
+    return status, None if current == "None" else float(current)
+
+
+async def simulate_board(
+    platform: str, rate: float, burst: float, n: int, seconds: float, mode: str
+) -> BoardResult:
+    """``n`` jobs of ``seconds`` (an event every 0.5 s) in one room, through the real driver, outbox and
+    board, over a platform that enforces ``burst`` + ``rate``/s, on virtual time."""
+    result = BoardResult(platform, n, mode)
+    clock = VirtualClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = ProgressService(
+            ServiceConfig(database_url=f"sqlite:///{tmp}/b.db", run_worker=False), registry=HandlerRegistry()
+        )
+        await svc.start()
+        room = Room(clock, rate, burst)
+        room.own = {}
+        driver = ProgressDriver(svc, room, sleep=clock.sleep)
+        boards = RoomBoards(
+            driver,
+            BoardPolicy(mode=mode),  # type: ignore[arg-type]
+            lambda v: Content(board_plain(v), board_plain(v)),
+            lambda c: len(c.text) <= 2000,
+            clock=clock,
+        )
+        history: dict[int, list[tuple[float, str, float | None]]] = {j: [] for j in range(1, n + 1)}
+
+        def emit(jid: int, status: str, current: float | None) -> None:
+            history[jid].append((clock.now, status, current))
+            ev = JobProgressEvent(
+                id=jid,
+                type="job",
+                status=status,
+                seq=next_seq(),
+                timestamp=clock.now,
+                current=current,
+                owner="alice",
+                room="r",
+                name=f"j{jid}",
+            )
+            driver.offer(ev, "r")
+
+        steps = int(seconds / 0.5)
+        for t in range(steps + 1):
+            for j in range(1, n + 1):
+                emit(j, "running" if t < steps else "completed", float(t) if t < steps else None)
+            for _ in range(2):  # sample twice per step, as the real benches do every 0.5 s
+                await clock.advance(0.25)
+                await asyncio.sleep(REAL_STEP)
+                for j in range(1, n + 1):
+                    result.sample(
+                        boards.room_of(j) is not None,
+                        _stale(history[j], _seen(room, boards, driver, j), clock.now),
+                    )
+        deadline = clock.now + 600
+        while clock.now < deadline:
+            seen = [_seen(room, boards, driver, j) for j in range(1, n + 1)]
+            if all(s[0] == "completed" for s in seen):
+                break
+            await clock.advance(0.5)
+            await asyncio.sleep(REAL_STEP)
+            for j, s in zip(range(1, n + 1), seen, strict=True):
+                if s[0] != "completed":
+                    result.sample(boards.room_of(j) is not None, _stale(history[j], s, clock.now))
+        result.finals = sum(1 for j in range(1, n + 1) if _seen(room, boards, driver, j)[0] == "completed")
+        result.hits_429 = room.hits_429
+        result.events = int(room.box.stats.sent)
+        result.boards = boards.started
+        await driver.aclose(0.1)
+        await room.box.aclose()
+        await svc.stop()
+    return result
+
+
+def _stale(
+    hist: list[tuple[float, str, float | None]], seen: tuple[str | None, float | None], now: float
+) -> float:
+    """How long what people see has been out of date (0: the newest state; since the first event: nothing)."""
+    idx = max((i for i, h in enumerate(hist) if (h[1], h[2]) == seen), default=None)
+    if idx is None:
+        return now - hist[0][0]
+    return 0.0 if idx == len(hist) - 1 else now - hist[idx + 1][0]
+
+
+async def run_boards(counts: list[int]) -> list[BoardResult]:
+    """board = never and board = auto, side by side, for every platform budget and job count."""
+    print(
+        "\nroom boards: the real driver, outbox and board over each platform's budget on virtual time "
+        "(Matrix: burst 10 then 0.2/s for the account, 60 s jobs; Discord: 5 per 5 s per channel as a "
+        "leaky bucket, 20 s jobs); staleness of what people see per job (board line or own message)",
+        flush=True,
+    )
+    print(BOARD_HEADER, flush=True)
+    out = []
+    for platform, rate, burst, seconds in BOARD_PLATFORMS:
+        for n in counts:
+            for mode in ("never", "auto"):
+                out.append(await simulate_board(platform, rate, burst, n, seconds, mode))
+                print(out[-1].row(), flush=True)
+    print("goals at 20 jobs: Matrix (default limits) mean <= 6 s; Discord mean <= 2 s, p95 <= 5 s")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- main
 async def main_async(args: argparse.Namespace) -> None:
     """Run every requested configuration and print the table."""
     counts = [int(x) for x in args.jobs.split(",") if x.strip()]
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+    if "boards" in platforms:
+        await run_boards([int(x) for x in args.board_jobs.split(",") if x.strip()])
+        if platforms == ["boards"]:
+            return
     print(
         f"chat delivery: Synapse DEFAULT rc_message (burst {SYNAPSE_BURST}, {SYNAPSE_RATE}/s) with "
         f"{args.matrix_seconds:g} s jobs; fake Discord 5 edits/5 s with {args.discord_seconds:g} s jobs; "
@@ -478,7 +656,8 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     """Parse arguments and run."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--platforms", default="discord,matrix")
+    ap.add_argument("--platforms", default="discord,matrix,boards")
+    ap.add_argument("--board-jobs", default="1,5,20,50", help="jobs per room for the board comparison")
     ap.add_argument("--jobs", default="1,4,20")
     ap.add_argument("--matrix-seconds", type=float, default=60.0, help="length of each Matrix job")
     ap.add_argument("--discord-seconds", type=float, default=20.0, help="length of each Discord job")

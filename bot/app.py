@@ -81,7 +81,9 @@ def build_adapters(
 
         m = settings.matrix
         router = CommandRouter(service, prefix=m.command_prefix, **auth.router_options())
-        adapters.append(MatrixAdapter(service, router, MatrixConfig.from_settings(m)))
+        adapters.append(
+            MatrixAdapter(service, router, MatrixConfig.from_settings(m), board=settings.chat.board_policy())
+        )
     if settings.discord.enabled:
         require_extra("discord", "The Discord adapter")
         from adapters.discord import DiscordAdapter, DiscordConfig

@@ -27,6 +27,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from adapters.board import BoardPolicy
+
 DEFAULT_CONFIG_FILE = "config.toml"
 
 
@@ -137,6 +139,23 @@ class MatrixSettings(_Section):
                     "set PROGRESSBOT_MATRIX__PASSWORD or PROGRESSBOT_MATRIX__ACCESS_TOKEN in the environment"
                 )
         return self
+
+
+class ChatSettings(_Section):
+    """``[chat]``: what every chat platform shares (room boards)."""
+
+    #: ``auto``: a room too busy for one fresh message per job gets one pinned board; ``always``/``never``.
+    board: Literal["auto", "always", "never"] = "auto"
+    #: What a job's message may show at most this old (s) before new jobs of that room use a board.
+    max_staleness_s: float = Field(10.0, gt=0)
+    #: Finished jobs stay on a board this long (s) with their outcome, then join its summary line.
+    board_linger_s: float = Field(60.0, ge=0)
+
+    def board_policy(self) -> BoardPolicy:
+        """The board policy the chat adapters use."""
+        return BoardPolicy(
+            mode=self.board, max_staleness_s=self.max_staleness_s, linger_s=self.board_linger_s
+        )
 
 
 class DiscordSettings(_Section):
@@ -251,6 +270,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
     matrix: MatrixSettings = Field(default_factory=lambda: MatrixSettings())
     discord: DiscordSettings = Field(default_factory=lambda: DiscordSettings())
+    chat: ChatSettings = Field(default_factory=lambda: ChatSettings())
     http: HttpSettings | None = None
     mcp: McpSettings = Field(default_factory=lambda: McpSettings())
     console: ConsoleSettings = Field(default_factory=lambda: ConsoleSettings())

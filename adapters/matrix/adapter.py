@@ -51,8 +51,10 @@ from core.events import JobProgressEvent
 from core.service import ProgressService
 
 from ..base import ChatAdapter
+from ..board import BoardPolicy
 from ..commands import Actor, CommandRouter, Reply
 from ..driver import ProgressDriver
+from .board import matrix_boards
 from .config import MatrixConfig
 from .content import reaction_action, text_reply
 from .e2e import MatrixE2E
@@ -123,8 +125,11 @@ class MatrixAdapter(ChatAdapter):
         config: MatrixConfig,
         *,
         client_factory: Callable[[MatrixConfig, AsyncClientConfig], AsyncClient] | None = None,
+        board: BoardPolicy | None = None,
     ) -> None:
         super().__init__(service, router)
+        #: Room boards (``[chat]``; adapters/board.py): None shows every job on its own message.
+        self.board = board
         if not config.homeserver or not config.user_id:
             raise ValueError("matrix: homeserver and user_id are required")
         if not (config.password or config.access_token):
@@ -204,6 +209,8 @@ class MatrixAdapter(ChatAdapter):
         self.driver = ProgressDriver(
             self.service, self.transport, backoff_base=cfg.reconnect_min, backoff_max=cfg.reconnect_max
         )
+        if self.board is not None:
+            matrix_boards(self.driver, self.board)
         if not cfg.rooms:
             log.warning("matrix: no rooms configured (matrix.rooms); the bot will post and answer nothing")
         self._default_room = None

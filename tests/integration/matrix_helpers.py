@@ -29,6 +29,7 @@ from nio import (
     SyncResponse,
 )
 
+from adapters.board import BoardPolicy
 from adapters.commands import CommandRouter
 from adapters.matrix import MatrixAdapter, MatrixConfig
 from core.builtin import register_builtins
@@ -285,7 +286,9 @@ class BotHarness:
         *,
         admins: tuple[str, ...] = (),
         concurrency: int = 4,
+        board: BoardPolicy | None = None,
     ) -> None:
+        self.board = board
         self.db_url = f"sqlite:///{db_path}"
         self.config = config
         self.admins = admins
@@ -312,7 +315,7 @@ class BotHarness:
         await svc.start()
         self.service = svc
         router = CommandRouter(svc, admins=self.admins, prefix=self.config.command_prefix)
-        self.adapter = MatrixAdapter(svc, router, self.config)
+        self.adapter = MatrixAdapter(svc, router, self.config, board=self.board)
         await self.adapter.start()
         if wait:
             await self.adapter.wait_ready(ready_timeout)
