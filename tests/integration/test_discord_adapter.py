@@ -290,6 +290,25 @@ async def test_slow_answers_are_deferred(
         actions = [(f.action, f.ephemeral) for f in server.followups_of(rec)]
         assert actions == [("delete", False), ("create", True)]
         assert "may not cancel" in server.followups_of(rec)[-1].payload["content"]
+
+        # /run deferred: the "thinking…" placeholder is filled with the job's progress message itself.
+        rec = await server.dispatch_slash_command(
+            "run", {"type": "demo.count", "args": "steps=3 delay_ms=50"}, user=alice
+        )
+        resp = await server.wait_interaction_response(rec)
+        assert resp.type == 5 and not resp.ephemeral
+        await server.wait_followup(rec)
+        assert [f.action for f in server.followups_of(rec)] == ["edit"]
+        await server.wait_for(lambda: len(replies_to(server, resp.message_id or "")) == 1, 10)
+        (msg,) = progress_messages(server, "#2")
+        assert msg.id == resp.message_id and "completed" in server.message(msg.id).content
+        # A refused /run after the deferral: the public placeholder goes, the refusal is private.
+        rec = await server.dispatch_slash_command("run", {"type": "no.such.type"}, user=bob)
+        await server.wait_followup(rec, count=2)
+        assert [(f.action, f.ephemeral) for f in server.followups_of(rec)] == [
+            ("delete", False),
+            ("create", True),
+        ]
         assert server.errors_with_code(10062) == []  # every answer was in time
     finally:
         await adapter.stop()
@@ -386,6 +405,13 @@ async def test_twenty_fast_jobs_share_the_channel_budget(
             assert not msg.pinned and msg.components == []
             assert len(replies_to(server, msg.id)) == 1
         assert len(progress_messages(server)) == 20
+        # Events per job in the channel (post, pin, edits, unpin, reply), all within the bucket.
+        calls = [
+            r for r in server.requests if "/channels/" in r.path and r.method != "GET" and r.status != 429
+        ]
+        per_job = len(calls) / 20
+        print(f"discord: {per_job:.1f} channel events per job for 20 jobs of 15 steps")
+        assert 3 <= per_job <= 4 + 15  # at least post, final edit, reply; pins only while active
         forced = [h for h in server.rate_limit_hits if h.forced]
         assert len(forced) == 2 and organic_429s(server) == []
         assert bucket_violations(server, server.channel_id, 10, 1.0) == 0
