@@ -49,6 +49,7 @@ from typing import Any, Protocol, runtime_checkable
 from core.events import JobProgressEvent
 from core.service import ProgressService
 
+from .commands import Reply
 from .outbox import Outbox, PermanentError, Priority, RateLimited
 
 __all__ = [
@@ -311,6 +312,22 @@ class ProgressDriver:
         """The room that shows a job or batch now, if the driver tracks it."""
         rec = self._records.get((kind, ident))
         return rec.room if rec is not None else None
+
+    def acknowledges(
+        self, reply: Reply, room: str, room_of: Callable[[JobProgressEvent], str | None]
+    ) -> bool:
+        """Whether a command's outcome shows on a progress message in ``room``, so the command needs
+        no words there (a started job, a pause by whom). ``room_of`` says where an untracked job's
+        message would be."""
+        job = reply.job
+        if not (reply.ok and reply.on_progress and job is not None and job.id is not None):
+            return False
+        if job.batch_id is not None:
+            return False  # jobs inside a batch have no message of their own
+        shown_in = self.message_room("job", job.id)
+        if shown_in is None:
+            shown_in = room_of(self.service.current_event(job))
+        return shown_in == room
 
     def find_by_message(self, message_id: str) -> Record | None:
         """The tracked record whose message is ``message_id``."""

@@ -415,16 +415,11 @@ class DiscordAdapter(ChatAdapter):
 
     def _shown_here(self, reply: Reply, room: str) -> bool:
         """Whether the reply's outcome shows on a progress message in ``room`` (no words needed)."""
-        job = reply.job
-        if not (reply.ok and reply.on_progress and job is not None and job.id is not None):
-            return False
-        if job.batch_id is not None:
-            return False  # jobs inside a batch have no message of their own
-        shown_in = self.driver.message_room("job", job.id) if self.driver is not None else None
-        if shown_in is None:
-            cid = self._channel_for(self.service.current_event(job))
-            shown_in = str(cid) if cid is not None else None
-        return shown_in == room
+        return self.driver is not None and self.driver.acknowledges(reply, room, self._room_for)
+
+    def _room_for(self, ev: JobProgressEvent) -> str | None:
+        cid = self._channel_for(ev)
+        return str(cid) if cid is not None else None
 
     @staticmethod
     def _reply_text(reply: Reply) -> str:
