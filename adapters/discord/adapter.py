@@ -378,6 +378,7 @@ class DiscordAdapter(ChatAdapter):
             reply = await task
             shown = room is not None and self._shown_here(reply, room)
             if held is not None:
+                held.started(reply.job.id if shown and reply.job is not None else None)
                 if shown:
                     # The progress message is the answer; defer if it has not come in time.
                     await DiscordTransport.defer(held, limit - (loop.time() - started))
@@ -393,6 +394,10 @@ class DiscordAdapter(ChatAdapter):
         except Exception:
             log.exception("interaction handling failed")
         finally:
+            if held is not None and not held.known.is_set():
+                held.started(None)  # failed: no progress message will answer it
+                if self.transport is not None:
+                    self.transport.release(str(interaction.id))
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -65,6 +65,14 @@ class Held:
     interaction: discord.Interaction[Any]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     answered: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The job the command started, once the command returned (None: it started none here).
+    job_id: int | str | None = None
+    known: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def started(self, job_id: int | str | None) -> None:
+        """The command returned: it started ``job_id`` (shown in this channel), or nothing (None)."""
+        self.job_id = job_id
+        self.known.set()
 
 
 class DiscordTransport:
@@ -172,7 +180,7 @@ class DiscordTransport:
     async def post(self, room: str, content: Content, reply_to: str | None, tag: str) -> str:
         """Post a progress message; as the answer to the held ``/run`` interaction ``reply_to`` if any."""
         state: Rendered = content.payload
-        held = self._held.pop(reply_to, None) if reply_to else None
+        held = await self._held_for(state) if reply_to is not None or self._held else None
         if held is not None:
             answered = await self._answer_with(held, state)
             if answered is not None:
@@ -285,6 +293,24 @@ class DiscordTransport:
         held = Held(interaction)
         self._held[str(interaction.id)] = held
         return held
+
+    async def _held_for(self, state: Rendered) -> Held | None:
+        """The held ``/run`` interaction that this first post answers, taken out of the waiting ones.
+
+        The driver names the oldest ``/run`` of the same person in the channel (``reply_to``, which
+        gives the post a person's priority), but an older job of theirs may be posted first: an
+        interaction is answered only by the job it started, so this waits (briefly) for the commands
+        under way to say which jobs those are.
+        """
+        if state.kind != "job" or not self._held:
+            return None
+        unknown = [h.known.wait() for h in self._held.values() if not h.known.is_set()]
+        if unknown:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.defer_after):
+                    await asyncio.gather(*unknown)
+        mine = next((k for k, h in self._held.items() if h.job_id == state.target), None)
+        return self._held.pop(mine, None) if mine is not None else None
 
     def release(self, key: str) -> bool:
         """The held interaction will not be answered by a progress message; True if it still was held."""
