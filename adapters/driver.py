@@ -44,11 +44,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from core.events import JobProgressEvent
 from core.service import ProgressService
 
+from .commands import Reply
 from .outbox import Outbox, PermanentError, Priority, RateLimited
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ __all__ = [
     "DriverStats",
     "ErrorKind",
     "ProgressDriver",
+    "Reposting",
     "Transport",
 ]
 
@@ -127,6 +129,22 @@ class Transport(Protocol):
         """What an exception from a call means, and the ``retry_after`` (s) of a rate limit."""
 
 
+@runtime_checkable
+class Reposting(Protocol):
+    """A transport whose messages may become impossible to edit (Discord throttles edits of messages
+    older than an hour). Optional: the driver uses it only when the transport has both methods.
+
+    When :meth:`needs_repost` says so, the driver posts a fresh message showing the newest state,
+    pins it (active jobs), moves the binding to it, unpins the old one and hands it to :meth:`retire`.
+    """
+
+    def needs_repost(self, message_id: str) -> bool:
+        """Whether ``message_id`` must be replaced by a fresh message before it is edited again."""
+
+    async def retire(self, room: str, old_id: str, new_id: str, ev: JobProgressEvent, tag: str) -> None:
+        """Turn the replaced message ``old_id`` into a pointer to ``new_id`` (at most one call)."""
+
+
 @dataclass(slots=True)
 class DriverStats:
     """Counters of what the driver did (tests, benches and ``/v1/stats``)."""
@@ -137,6 +155,8 @@ class DriverStats:
     unpins: int = 0
     reactions: int = 0
     replies: int = 0
+    #: Messages replaced by a fresh one (:class:`Reposting` transports).
+    reposts: int = 0
     rate_limited: int = 0
     failed_requests: int = 0
     dropped: int = 0
@@ -169,6 +189,9 @@ class Record:
     origin: str | None = None
     #: Posting failed for good: the job is not shown.
     dead: bool = False
+    #: A message replaced by a re-post, still to be unpinned (``prev_pinned``) and retired.
+    prev_message_id: str | None = None
+    prev_pinned: bool = False
     lanes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     @property
@@ -211,6 +234,7 @@ class ProgressDriver:
         self.transport = transport
         self.platform = transport.platform
         self.stats = DriverStats()
+        self._reposting: Reposting | None = transport if isinstance(transport, Reposting) else None
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._sleep = sleep
@@ -294,9 +318,43 @@ class ProgressDriver:
             return self.boards.room_of(ident)  # board hook
         return rec.room if rec is not None else None
 
+    def acknowledges(
+        self, reply: Reply, room: str, room_of: Callable[[JobProgressEvent], str | None]
+    ) -> bool:
+        """Whether a command's outcome shows on a progress message in ``room``, so the command needs
+        no words there (a started job, a pause by whom). ``room_of`` says where an untracked job's
+        message would be."""
+        job = reply.job
+        if not (reply.ok and reply.on_progress and job is not None and job.id is not None):
+            return False
+        if job.batch_id is not None:
+            return False  # jobs inside a batch have no message of their own
+        shown_in = self.message_room("job", job.id)
+        if shown_in is None:
+            shown_in = room_of(self.service.current_event(job))
+        return shown_in == room
+
     def find_by_message(self, message_id: str) -> Record | None:
         """The tracked record whose message is ``message_id``."""
         return next((r for r in self._records.values() if r.message_id == message_id), None)
+
+    def recheck(self) -> int:
+        """Look again at every idle open message whose transport wants it re-posted (a paused job's
+        message growing too old to edit); returns how many were started."""
+        rp = self._reposting
+        started = 0
+        for rec in list(self._records.values()):
+            if (
+                rp is not None
+                and rec.message_id is not None
+                and not rec.dead
+                and not rec.lanes
+                and not rec.desired.terminal
+                and rp.needs_repost(rec.message_id)
+            ):
+                self._kick(rec)
+                started += 1
+        return started
 
     def pending(self) -> int:
         """Messages with work left (a state not shown yet, a pin, a reaction or a reply to send)."""
@@ -569,6 +627,15 @@ class ProgressDriver:
             return _Step(
                 "post", Priority(self._content_priority(rec, Priority.NEW)), lambda: self._post(rec, ev)
             )
+        rp = self._reposting
+        if (
+            rp is not None
+            and rec.prev_message_id is None
+            and (ev.seq > rec.shown_seq or not ev.terminal)
+            and rp.needs_repost(rec.message_id)
+        ):
+            prio = self._edit_priority(rec, ev) if ev.seq > rec.shown_seq else Priority.PROGRESS
+            return _Step("repost", prio, lambda: self._repost(rec, ev))
         if ev.seq > rec.shown_seq:
             content = t.render(ev)
             if content.text == rec.shown_text:
@@ -601,6 +668,11 @@ class ProgressDriver:
                 return _Step("pin", Priority.COSMETIC, lambda: self._pin(rec, mid, True))
             if not active and rec.pinned:
                 return _Step("unpin", Priority.COSMETIC, lambda: self._pin(rec, mid, False))
+        prev = rec.prev_message_id
+        if prev is not None:
+            if rec.prev_pinned:
+                return _Step("unpin-prev", Priority.COSMETIC, lambda: self._unpin_prev(rec, prev))
+            return _Step("retire", Priority.COSMETIC, lambda: self._retire(rec, prev, mid))
         if active and rec.reacted < t.reactions:
             i = rec.reacted
             return _Step("react", Priority.COSMETIC, lambda: self._react(rec, mid, i))
@@ -619,6 +691,30 @@ class ProgressDriver:
         await self._save(rec)  # before anything else can fail: a restart must edit this, not post again
         # The cosmetic lane may have ended while there was no message yet.
         self._kick(rec)
+
+    async def _repost(self, rec: Record, ev: JobProgressEvent) -> None:
+        """Replace a message that can no longer be edited by a fresh one; the old one is retired later."""
+        assert rec.message_id is not None
+        content = self.transport.render(ev)
+        new_id = await self.transport.post(rec.room, content, None, f"{rec.tag}-re{ev.seq}")
+        rec.prev_message_id, rec.prev_pinned = rec.message_id, rec.pinned
+        rec.message_id, rec.pinned, rec.reacted = new_id, False, 0
+        self.stats.reposts += 1
+        self._shown(rec, ev, content)
+        await self._save(rec)  # the binding moves at once: a restart edits the new message
+        self._kick(rec)
+
+    async def _unpin_prev(self, rec: Record, message_id: str) -> None:
+        await self.transport.pin(rec.room, message_id, False)
+        rec.prev_pinned = False
+        self.stats.unpins += 1
+        await self._save(rec)
+
+    async def _retire(self, rec: Record, old_id: str, new_id: str) -> None:
+        assert self._reposting is not None
+        await self._reposting.retire(rec.room, old_id, new_id, rec.desired, f"{rec.tag}-ptr")
+        rec.prev_message_id = None
+        await self._save(rec)
 
     async def _edit(self, rec: Record, ev: JobProgressEvent, content: Content) -> None:
         assert rec.message_id is not None
@@ -671,6 +767,14 @@ class ProgressDriver:
             rec.pin_refused = True
         elif step.name == "unpin":
             rec.pinned = False
+        elif step.name == "unpin-prev":
+            rec.prev_pinned = False
+        elif step.name == "retire":
+            rec.prev_message_id = None
+        elif step.name == "repost":
+            # The old message cannot be edited and no new one can be posted: the job is not shown.
+            log.error("%s: cannot re-post the message of %s: %s", self.platform, rec.tag, exc)
+            rec.dead = True
         elif step.name == "react":
             rec.reacted += 1  # already there (a retry) or not allowed: nothing more to do
         elif step.name == "reply":
@@ -695,6 +799,9 @@ class ProgressDriver:
         # Older bindings stored "reacted" as a flag for "all of them".
         rec.reacted = self.transport.reactions if reacted is True else int(reacted or 0)
         rec.shown_text = extra.get("shown")
+        prev = extra.get("prev_message_id")
+        rec.prev_message_id = str(prev) if prev else None
+        rec.prev_pinned = bool(extra.get("prev_pinned"))
         if rec.finished and self.transport.render(rec.desired).text != rec.shown_text:
             # A finished message gets a state it does not show: the job runs again (a retry), maybe
             # already to its new end. The message reopens, and that end gets its own reply.
@@ -710,7 +817,13 @@ class ProgressDriver:
                 rec.message_id,
                 pinned=rec.pinned,
                 finished=rec.finished,
-                extra={"reacted": rec.reacted, "replied": rec.replied, "shown": rec.shown_text},
+                extra={
+                    "reacted": rec.reacted,
+                    "replied": rec.replied,
+                    "shown": rec.shown_text,
+                    "prev_message_id": rec.prev_message_id,
+                    "prev_pinned": rec.prev_pinned,
+                },
             )
 
     def _spawn_save(self, rec: Record) -> None:
@@ -736,7 +849,13 @@ class ProgressDriver:
         if rec.lanes or self._records.get(rec.key) is not rec:
             return
         # A dead message stays (so later events do not try to post it again and again).
-        if rec.finished and rec.desired.terminal and rec.shown_seq >= rec.desired.seq and not rec.pinned:
+        if (
+            rec.finished
+            and rec.desired.terminal
+            and rec.shown_seq >= rec.desired.seq
+            and not rec.pinned
+            and rec.prev_message_id is None
+        ):
             del self._records[rec.key]
             self._tombstones[rec.key] = rec.desired.seq
             self._tombstones.move_to_end(rec.key)

@@ -40,6 +40,9 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   continues at that rate (never above ``rate``, never below ``min_rate``): it does not halve on every
   429, so it cannot collapse far below what the server allows. After ``probe_after`` seconds without
   a 429 it tries 20% more (an admin may have lifted the limit), up to ``rate``.
+* **Nested scopes.** An outbox may have a ``parent`` (Discord: each channel's bucket inside the
+  bot's global limit): a call granted by the child also waits for a turn of the parent, in the same
+  class. A 429 marked ``is_global`` pauses the parent only; any other 429 pauses the child only.
 * **Headers.** :meth:`Outbox.observe` takes what the platform reported (Discord's
   ``X-RateLimit-Remaining`` / ``-Reset-After``): the bucket never holds more than ``remaining``, and
   with nothing remaining the scope pauses until the reset.
@@ -89,10 +92,12 @@ class Priority(IntEnum):
 class RateLimited(Exception):
     """The platform refused a call because of a rate limit; retry no sooner than ``retry_after`` s."""
 
-    def __init__(self, retry_after: float, message: str = "") -> None:
-        """``retry_after`` in seconds; negative or NaN values are treated as 0."""
+    def __init__(self, retry_after: float, message: str = "", *, is_global: bool = False) -> None:
+        """``retry_after`` in seconds; negative or NaN values are treated as 0. ``is_global``: the
+        limit of the enclosing scope (a parent outbox) was hit, not this one's."""
         # A garbled header must not turn into a negative or NaN pause that breaks the arithmetic.
         self.retry_after: float = float(retry_after) if retry_after > 0 else 0.0
+        self.is_global = is_global
         super().__init__(message or f"rate limited, retry after {self.retry_after:.3f}s")
 
 
@@ -169,6 +174,7 @@ class Outbox:
         probe_after: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        parent: Outbox | None = None,
     ) -> None:
         """A scope allowing at most ``rate`` events/s after a ``burst``; ``reserve`` tokens are kept for
         people. ``start_rate`` (default ``rate``) is the first guess, doubled while the server takes it."""
@@ -179,6 +185,8 @@ class Outbox:
         if max_in_flight < 1 or share < 2 or not 0 < min_rate <= rate or probe_after <= 0:
             raise ValueError("need max_in_flight >= 1, share >= 2, 0 < min_rate <= rate, probe_after > 0")
         self.name = name
+        #: The enclosing scope every call of this one also waits for (None: none).
+        self.parent = parent
         self.max_rate = float(rate)
         #: The rate in use: ``start_rate``, doubled (slow start) until a 429, then what the server showed.
         self.rate = min(self.max_rate, float(start_rate or rate))
@@ -216,7 +224,12 @@ class Outbox:
     # ------------------------------------------------------------------ public API
     @contextlib.asynccontextmanager
     async def slot(
-        self, priority: Priority | int, lane: Hashable = None, *, current: Callable[[], int] | None = None
+        self,
+        priority: Priority | int,
+        lane: Hashable = None,
+        *,
+        current: Callable[[], int] | None = None,
+        nested: bool = False,
     ) -> AsyncIterator[Slot]:
         """Wait for this scope's next event for a call of class ``priority`` in ``lane``.
 
@@ -224,6 +237,8 @@ class Outbox:
         call whose content became more urgent (latest wins) is served as what it is now.
         Inside the ``async with``, make one call. Raising :class:`RateLimited` from it pauses the
         scope (and propagates); any other exception counts as a failure (and propagates).
+        ``nested``: this is the parent's turn for a call a child scope granted (only a global 429
+        pauses this scope then).
         """
         if self._closed:
             raise RuntimeError(f"outbox {self.name} is closed")
@@ -251,9 +266,17 @@ class Outbox:
             raise
         slot = Slot(self, waiter.priority)
         try:
-            yield slot
+            if self.parent is None:
+                yield slot
+            else:
+                async with self.parent.slot(slot.priority, lane, nested=True) as outer:
+                    yield slot
+                    if slot._unused:
+                        outer.unused()
         except RateLimited as exc:
-            self._rate_limited(exc.retry_after)
+            # A global 429 pauses the outermost scope; any other, the scope whose bucket it is.
+            if exc.is_global if nested else not (exc.is_global and self.parent is not None):
+                self._rate_limited(exc.retry_after)
             raise
         except BaseException:
             self.stats.failed += 1

@@ -169,6 +169,10 @@ class DiscordSettings(_Section):
     pin: bool = True
     edit_rate: float = Field(1.0, gt=0)
     edit_burst: int = Field(5, ge=1)
+    #: The bot's global request limit (Discord: 50/s), one outbox above every channel's.
+    global_rate: float = Field(50.0, gt=0)
+    #: Events of each channel's budget kept for answers to people.
+    answer_reserve: int = Field(1, ge=0)
     #: Re-post a progress message before it is this old (Discord throttles edits of messages over 1 h).
     repost_after_seconds: float = Field(3300.0, gt=0)
 

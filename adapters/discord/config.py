@@ -27,9 +27,15 @@ class DiscordConfig:
     allow_manage_messages: bool = True
     #: Pin progress messages while their job is active.
     pin: bool = True
-    #: The channel's sustained edit budget (edits/s) and burst; Discord's response headers adjust it.
+    #: Each channel's outbox: every call in the channel (post, edit, pin, unpin, reply) costs one event;
+    #: ``edit_rate`` events/s sustained after a burst of ``edit_burst`` (Discord's edit bucket is 5 per
+    #: 5 s). The edit route's ``X-RateLimit-*`` headers adjust it as Discord reports.
     edit_rate: float = 1.0
     edit_burst: int = 5
+    #: The bot's global limit (requests/s, Discord allows 50): one outbox above every channel's.
+    global_rate: float = 50.0
+    #: Events of each channel kept for answers to people (the first post of ``/run``).
+    answer_reserve: int = 1
     #: Spread the edits Discord's window has left evenly over the time to its reset, instead of spending
     #: them in a burst and then freezing the channel until the reset (lower worst-case staleness).
     pace_edits: bool = True
@@ -65,6 +71,8 @@ class DiscordConfig:
             "pin",
             "edit_rate",
             "edit_burst",
+            "global_rate",
+            "answer_reserve",
             "pace_edits",
             "repost_after_seconds",
             "age_check_interval",

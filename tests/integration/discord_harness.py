@@ -21,6 +21,8 @@ from tests.fake_discord import Bucket, FakeDiscordServer, FakeMessage
 TOKEN = "fake-bot-token"
 EDIT_ROUTE = "PATCH /channels/{channel_id}/messages/{message_id}"
 _COUNT = re.compile(r"\((\d+)/(\d+)\)")
+#: The bold title of a progress message: ``**#12**``, ``**batch #3**``.
+_TITLE = re.compile(r"^\S+ \*\*(batch )?#\w+\*\*")
 
 
 async def make_service(tmp_path: Path, **overrides: Any) -> ProgressService:
@@ -80,16 +82,17 @@ async def wait_job(
 
 
 def progress_messages(server: FakeDiscordServer, job_ref: str | None = None) -> list[FakeMessage]:
-    """Progress messages in the default channel: posted by the bot over REST, not replies or responses.
+    """Progress messages in the default channel: the bot's messages that show a job or batch, posted
+    over REST or as the answer to ``/run`` (a public interaction response); not replies.
 
     ``job_ref`` (``"#3"``) keeps those whose content, or whose first posted content, names the job.
     """
     out = []
     for m in server.messages_in():
-        if m.author.get("id") != server.application_id or m.interaction_id or m.webhook_id:
+        if m.author.get("id") != server.application_id or m.message_reference is not None or m.ephemeral:
             continue
-        if m.message_reference is not None:
-            continue
+        if (m.interaction_id or m.webhook_id) and not _TITLE.search(m.content):
+            continue  # a command's answer in words, not a progress message
         if job_ref is not None:
             edits = server.edits_of(m.id)
             if not any(_names(c, job_ref) for c in [m.content, *(e.content_after for e in edits[:1])]):

@@ -44,8 +44,10 @@ def only_progress_message(server: FakeDiscordServer, job_id: int) -> Any:
 
 
 async def test_run_demo_count_one_pinned_message(fake_discord: FakeDiscordServer, tmp_path: Path) -> None:
-    """``/run demo.count``: one message, pinned, edited within the 5/5 s bucket (no 429) until
-    ``completed``, unpinned at the end, buttons removed, and one completion reply mentioning the owner."""
+    """``/run demo.count``: the answer to the command IS the progress message (no "Started" notice):
+    pinned, edited within the 5/5 s bucket (no 429) until ``completed``, unpinned at the end, buttons
+    removed, and one completion reply mentioning the owner. Four events in the channel in all (pin,
+    edits, unpin, reply) besides the answer and the edits."""
     server = fake_discord
     assert (server.edit_limit, server.edit_window) == (5, 5.0)  # Discord's observed per-channel edit limit
     service = await make_service(tmp_path)
@@ -65,12 +67,14 @@ async def test_run_demo_count_one_pinned_message(fake_discord: FakeDiscordServer
             "run", {"type": "demo.count", "args": "steps=8 delay_ms=150"}, user=alice
         )
         resp = await server.wait_interaction_response(rec)
-        assert resp.type == 4 and not resp.ephemeral and resp.content == "Started #1 demo.count."
+        assert resp.type == 4 and not resp.ephemeral and "**#1** demo.count" in (resp.content or "")
+        assert resp.at - rec.dispatched_at < 3.0
         job = await wait_job(service, 1)
         assert job.status == JobStatus.COMPLETED and job.owner == alice.id and job.room == server.channel_id
 
         await server.wait_for(lambda: len(progress_messages(server, "#1")) == 1, 10)
         msg = only_progress_message(server, 1)
+        assert msg.id == resp.message_id and msg.interaction_id == rec.id  # the answer is the message
         await server.wait_for(lambda: len(replies_to(server, msg.id)) == 1, 15)
 
         contents = edit_contents(server, msg.id)
@@ -78,6 +82,7 @@ async def test_run_demo_count_one_pinned_message(fake_discord: FakeDiscordServer
         assert all("completed" not in c for c in contents[:-1])  # the final state is the last edit
         shown = [c for c in (counters(x) for x in contents) if c is not None]
         assert shown == sorted(shown) and shown[-1] == (8, 8)  # never an older state after a newer one
+        assert await adapter.flush(10)  # the unpin may follow the reply
         assert [p.action for p in server.pins_of(msg.id)] == ["pin", "unpin"] and not msg.pinned
         assert msg.components == []  # buttons removed at the end
         assert msg.allowed_mentions == NO_MENTIONS
@@ -92,6 +97,11 @@ async def test_run_demo_count_one_pinned_message(fake_discord: FakeDiscordServer
         mentions = reply.allowed_mentions or {}
         assert mentions.get("parse") == [] and [str(u) for u in mentions.get("users", [])] == [alice.id]
         assert len(progress_messages(server)) == 1  # nothing else was posted
+        assert [m.id for m in server.messages_in()] == [msg.id, reply.id]  # no "Started" notice
+        # Events per job in the channel: the pin, the edits, the unpin and the reply (the post was the
+        # answer to /run, on the interaction's own route).
+        channel_calls = [r for r in server.requests if "/channels/" in r.path and r.method != "GET"]
+        assert len(channel_calls) == 3 + len(server.edits_of(msg.id)), [r.path for r in channel_calls]
     finally:
         await adapter.stop()
         await service.stop()
@@ -114,7 +124,7 @@ async def test_commands_and_buttons_pause_resume_cancel(
         rec = await server.dispatch_slash_command(
             "run", {"type": "demo.count", "args": '{"steps": 400, "delay_ms": 25}'}, user=alice
         )
-        assert (await server.wait_interaction_response(rec)).content == "Started #1 demo.count."
+        assert "**#1**" in ((await server.wait_interaction_response(rec)).content or "")
         await server.wait_for(lambda: len(progress_messages(server, "#1")) == 1)
         msg = only_progress_message(server, 1)
         await server.wait_for(lambda: "running" in server.message(msg.id).content)
@@ -128,12 +138,16 @@ async def test_commands_and_buttons_pause_resume_cancel(
                 10,
             )
 
-        # /pause by the owner: a public answer, the job pauses, Pause is disabled and Resume enabled.
+        # /pause by the owner in the job's channel: the progress message is the acknowledgement ("paused
+        # by @alice"), the command gets a private confirmation, and the channel no extra message.
+        in_channel = len(server.messages_in())
         rec = await server.dispatch_slash_command("pause", {"id": "1"}, user=alice)
         resp = await server.wait_interaction_response(rec)
-        assert not resp.ephemeral and resp.content == "Pausing #1 at its next checkpoint."
+        assert resp.ephemeral and resp.content == "Pausing #1 at its next checkpoint."
         await wait_job(service, 1, lambda j: j.status == JobStatus.PAUSED)
         await shows("paused", {"pause": False, "resume": True, "cancel": True})
+        assert f"paused by <@{alice.id}>" in server.message(msg.id).content
+        assert len([m for m in server.messages_in() if not m.ephemeral]) == in_channel
         assert "/resume 1" in server.message(msg.id).content  # the hint names the command
 
         # The Resume button, clicked by the owner: an ephemeral confirmation, the job runs again.
@@ -156,12 +170,13 @@ async def test_commands_and_buttons_pause_resume_cancel(
 
         # /cancel by the owner: final state, buttons gone, unpinned, one reply.
         rec = await server.dispatch_slash_command("cancel", {"id": "1"}, user=alice)
-        assert not (await server.wait_interaction_response(rec)).ephemeral
+        assert (await server.wait_interaction_response(rec)).ephemeral
         job = await wait_job(service, 1)
         assert job.status == JobStatus.CANCELLED
         await server.wait_for(lambda: len(replies_to(server, msg.id)) == 1, 10)
         final = server.message(msg.id)
         assert f"cancelled by <@{alice.id}>" in final.content and final.components == []
+        assert await adapter.flush(10)  # the unpin may follow the reply
         assert not final.pinned
 
         # A second job, cancelled with its button, then retried: the same message comes back to life.
@@ -184,7 +199,12 @@ async def test_commands_and_buttons_pause_resume_cancel(
         ).attempts >= 1
         await server.wait_for(lambda: len(replies_to(server, msg2.id)) == 2, 10)
         assert "completed" in server.message(msg2.id).content
-        assert [p.action for p in server.pins_of(msg2.id)] == ["pin", "unpin", "pin", "unpin"]
+        assert await adapter.flush(10)
+        # Pinned while active, unpinned at the end (an unpin still waiting when the retry came is
+        # simply not needed: pins are cosmetic, latest wins).
+        actions = [p.action for p in server.pins_of(msg2.id)]
+        assert actions[-1] == "unpin" and actions == ["pin", "unpin"] * (len(actions) // 2)
+        assert not server.message(msg2.id).pinned
         assert len(progress_messages(server, f"#{job2.id}")) == 1
         assert organic_429s(server) == []
     finally:
@@ -236,7 +256,7 @@ async def test_unauthorized_users_get_ephemeral_refusals(
 
         # The control role may act on anyone's job.
         rec = await server.dispatch_slash_command("pause", {"id": "1"}, user=operator)
-        assert not (await server.wait_interaction_response(rec)).ephemeral
+        assert (await server.wait_interaction_response(rec)).content == "Pausing #1 at its next checkpoint."
         await wait_job(service, 1, lambda j: j.status == JobStatus.PAUSED)
         # Nothing leaked into the channel: the refusals were ephemeral.
         assert not [m for m in server.messages_in() if "may not" in m.content]
@@ -270,6 +290,25 @@ async def test_slow_answers_are_deferred(
         actions = [(f.action, f.ephemeral) for f in server.followups_of(rec)]
         assert actions == [("delete", False), ("create", True)]
         assert "may not cancel" in server.followups_of(rec)[-1].payload["content"]
+
+        # /run deferred: the "thinking…" placeholder is filled with the job's progress message itself.
+        rec = await server.dispatch_slash_command(
+            "run", {"type": "demo.count", "args": "steps=3 delay_ms=50"}, user=alice
+        )
+        resp = await server.wait_interaction_response(rec)
+        assert resp.type == 5 and not resp.ephemeral
+        await server.wait_followup(rec)
+        assert [f.action for f in server.followups_of(rec)] == ["edit"]
+        await server.wait_for(lambda: len(replies_to(server, resp.message_id or "")) == 1, 10)
+        (msg,) = progress_messages(server, "#2")
+        assert msg.id == resp.message_id and "completed" in server.message(msg.id).content
+        # A refused /run after the deferral: the public placeholder goes, the refusal is private.
+        rec = await server.dispatch_slash_command("run", {"type": "no.such.type"}, user=bob)
+        await server.wait_followup(rec, count=2)
+        assert [(f.action, f.ephemeral) for f in server.followups_of(rec)] == [
+            ("delete", False),
+            ("create", True),
+        ]
         assert server.errors_with_code(10062) == []  # every answer was in time
     finally:
         await adapter.stop()
@@ -349,11 +388,21 @@ async def test_twenty_fast_jobs_share_the_channel_budget(
             rec = await server.dispatch_slash_command("status", {"id": str(job.id)}, user=alice)
             resp = await server.wait_interaction_response(rec, timeout=5)
             assert resp.at - rec.dispatched_at < 3.0 and f"#{job.id}" in (resp.content or "")
+        # /run too: its answer is the new job's progress message, at once or after a deferral.
+        rec = await server.dispatch_slash_command(
+            "run", {"type": "demo.count", "args": "steps=3 delay_ms=10"}, user=alice
+        )
+        resp = await server.wait_interaction_response(rec, timeout=5)
+        assert resp.at - rec.dispatched_at < 3.0 and not resp.ephemeral
+        assert resp.type == 5 or "**#21**" in (resp.content or "")
         for job in jobs:
             assert (await wait_job(service, job.id or 0)).status == JobStatus.COMPLETED
         await server.wait_for(
-            lambda: sum(len(replies_to(server, m.id)) for m in progress_messages(server)) == 20, 30
+            lambda: sum(len(replies_to(server, m.id)) for m in progress_messages(server)) == 21, 30
         )
+        (run_msg,) = progress_messages(server, "#21")
+        assert run_msg.id == resp.message_id and "completed" in server.message(run_msg.id).content
+        assert await adapter.flush(30)  # the unpins may follow the replies
 
         for job in jobs:
             msg = only_progress_message(server, job.id or 0)
@@ -364,7 +413,14 @@ async def test_twenty_fast_jobs_share_the_channel_budget(
             assert shown == sorted(shown), f"#{job.id} showed an older state after a newer one: {shown}"
             assert not msg.pinned and msg.components == []
             assert len(replies_to(server, msg.id)) == 1
-        assert len(progress_messages(server)) == 20
+        assert len(progress_messages(server)) == 21
+        # Events per job in the channel (post, pin, edits, unpin, reply), all within the bucket.
+        calls = [
+            r for r in server.requests if "/channels/" in r.path and r.method != "GET" and r.status != 429
+        ]
+        per_job = len(calls) / 21
+        print(f"discord: {per_job:.1f} channel events per job for 21 jobs")
+        assert 2 <= per_job <= 4 + 15  # post (or the /run answer), final edit, reply; pins while active
         forced = [h for h in server.rate_limit_hits if h.forced]
         assert len(forced) == 2 and organic_429s(server) == []
         assert bucket_violations(server, server.channel_id, 10, 1.0) == 0
@@ -417,6 +473,7 @@ async def test_restart_keeps_the_message_and_its_buttons(
         assert job.status == JobStatus.COMPLETED and job.result["steps"] == 60
         await server.wait_for(lambda: len(replies_to(server, msg.id)) == 1, 10)
         final = server.message(msg.id)
+        assert await adapter.flush(10)  # the unpin may follow the reply
         assert "completed" in final.content and not final.pinned and final.components == []
         assert len(progress_messages(server)) == 1
         binding = await service.store.get_binding("discord", "job", 1)
@@ -457,6 +514,7 @@ async def test_long_job_moves_to_a_fresh_message_before_the_hour(
 
         assert (await wait_job(service, job.id or 0)).status == JobStatus.COMPLETED
         await server.wait_for(lambda: len(replies_to(server, new.id)) == 1, 10)
+        assert await adapter.flush(10)  # the unpin may follow the reply
         assert "completed" in server.message(new.id).content and not server.message(new.id).pinned
         # The old message got exactly one edit after the move: the pointer.
         after = [e for e in server.edits_of(old.id) if e.at >= server.message(new.id).created_at]
@@ -594,6 +652,7 @@ async def test_a_batch_has_one_message_and_its_jobs_none(
             final.content.startswith(f"✅ **batch #{bid}** nightly — completed")
             and "2/2 done" in final.content
         )
+        assert await adapter.flush(10)  # the unpin may follow the reply
         assert len(progress_messages(server)) == 1 and not final.pinned and final.components == []
     finally:
         await adapter.stop()

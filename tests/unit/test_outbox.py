@@ -9,6 +9,7 @@ the tests check the invariants written down in the module docstring.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Hashable
 
 import pytest
@@ -339,3 +340,50 @@ async def test_slow_start_finds_a_lifted_limit_and_costs_little_on_a_default_one
     # Later, one probe for a lifted limit every ``probe_after`` (300 s) at most.
     assert len(default.refused) <= 2 + 600 // 300
     assert len(default.accepted) >= 0.9 * (10 + 0.2 * (clock.now - start))
+
+
+async def test_nested_scopes_channel_buckets_inside_a_global_limit(clock: VirtualClock) -> None:
+    """Discord's scopes: each channel's outbox inside one global outbox. Every call counts in both, so
+    the channels together never exceed the global budget; a channel's 429 pauses only that channel,
+    a global 429 pauses them all."""
+    glob = Outbox("global", rate=2, burst=2, reserve=0, clock=clock, sleep=clock.sleep)
+    a = Outbox("a", rate=10, burst=10, reserve=0, clock=clock, sleep=clock.sleep, parent=glob)
+    b = Outbox("b", rate=10, burst=10, reserve=0, clock=clock, sleep=clock.sleep, parent=glob)
+    server = LeakyServer(clock, rate=100, burst=100)
+    tasks = [
+        asyncio.create_task(busy(box, server, Priority.PROGRESS, name, name))
+        for box, name in ((a, "a"), (b, "b"))
+    ]
+    await clock.advance(10)
+    made = {w: sum(1 for _, x in server.accepted if x == w) for w in ("a", "b")}
+    assert sum(made.values()) <= 2 + 2 * 10 and min(made.values()) >= 8  # the global budget, shared
+
+    # A 429 of channel a's own bucket: a waits 5 s, b carries on at the global rate.
+    async def refused(box: Outbox, is_global: bool) -> None:
+        with contextlib.suppress(RateLimited):
+            async with box.slot(Priority.ANSWER, "x"):
+                raise RateLimited(5.0, is_global=is_global)
+
+    t = asyncio.create_task(refused(a, False))
+    await clock.run_until(t.done, limit=100)
+    before = dict(made)
+    await clock.advance(4)
+    made = {w: sum(1 for _, x in server.accepted if x == w) for w in ("a", "b")}
+    # (at most the one call a had granted already, waiting for its global turn)
+    assert made["a"] - before["a"] <= 1 and made["b"] - before["b"] >= 6
+    assert glob.stats.rate_limited == 0 and a.stats.rate_limited == 1
+
+    # A global 429: nobody sends for its retry_after.
+    await clock.advance(2)
+    t = asyncio.create_task(refused(b, True))
+    await clock.run_until(t.done, limit=100)
+    total = len(server.accepted)
+    await clock.advance(4.5)
+    assert len(server.accepted) == total and glob.stats.rate_limited == 1 and b.stats.rate_limited == 0
+    await clock.advance(2)
+    assert len(server.accepted) > total
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for box in (a, b, glob):
+        await box.aclose()
