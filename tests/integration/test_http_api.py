@@ -360,7 +360,7 @@ async def test_a_pause_from_another_process_reaches_the_progress_reply(make_serv
         reply = await srv.post(f"/v1/jobs/{jid}/progress", {"current": 2})
         return bool(reply["control"] == "pause" and reply["status"] == "paused")
 
-    await wait_for(told_to_pause, timeout=10, interval=0.05)
+    await wait_for(told_to_pause, timeout=30, interval=0.05)
 
 
 async def test_progress_for_a_queued_job_is_refused(server: ApiServer) -> None:
