@@ -79,6 +79,16 @@ class ErrorKind(enum.Enum):
     TRANSIENT = "transient"
 
 
+def classify_error(exc: BaseException) -> tuple[ErrorKind, float]:
+    """The shared part of every transport's ``classify``: the outbox's own :class:`RateLimited` (with its
+    ``retry_after``) and :class:`PermanentError`; anything else is transient."""
+    if isinstance(exc, RateLimited):
+        return ErrorKind.RATE_LIMITED, exc.retry_after
+    if isinstance(exc, PermanentError):
+        return ErrorKind.PERMANENT, 0.0
+    return ErrorKind.TRANSIENT, 0.0
+
+
 @dataclass(slots=True, frozen=True)
 class Content:
     """One rendered state of a progress message: the platform's payload and its text (to compare)."""

@@ -36,8 +36,8 @@ import discord
 
 from core.events import JobProgressEvent
 
-from ..driver import Content, ErrorKind
-from ..outbox import Outbox, PermanentError, RateLimited
+from ..driver import Content, ErrorKind, classify_error
+from ..outbox import Outbox
 from .config import DiscordConfig
 from .content import Rendered, completion_text, pointer_text, render
 from .views import make_view
@@ -250,18 +250,14 @@ class DiscordTransport:
 
     def classify(self, exc: BaseException) -> tuple[ErrorKind, float]:
         """429s are rate limits; other 4xx (forbidden, unknown channel, bad form) are permanent."""
-        if isinstance(exc, RateLimited):
-            return ErrorKind.RATE_LIMITED, exc.retry_after
         if isinstance(exc, discord.RateLimited):
             return ErrorKind.RATE_LIMITED, exc.retry_after
-        if isinstance(exc, PermanentError):
-            return ErrorKind.PERMANENT, 0.0
         if isinstance(exc, discord.HTTPException):
             if exc.status == 429:
                 return ErrorKind.RATE_LIMITED, 1.0
             if 400 <= exc.status < 500:
                 return ErrorKind.PERMANENT, 0.0
-        return ErrorKind.TRANSIENT, 0.0
+        return classify_error(exc)
 
     # ------------------------------------------------------------------ Reposting (the 1-hour rule)
     def _age(self, message_id: str) -> float:

@@ -27,7 +27,7 @@ from nio import AsyncClient, ErrorResponse, RoomGetStateEventResponse
 
 from core.events import JobProgressEvent
 
-from ..driver import Content, ErrorKind
+from ..driver import Content, ErrorKind, classify_error
 from ..outbox import Outbox, PermanentError, Priority, RateLimited
 from .config import MatrixConfig
 from .content import OFFERED_REACTIONS, edit_content, finish_reply, is_user_id, progress_content
@@ -216,11 +216,7 @@ class MatrixTransport:
 
     def classify(self, exc: BaseException) -> tuple[ErrorKind, float]:
         """Rate limits and permanent errors are raised as such by :func:`check`; the rest is transient."""
-        if isinstance(exc, RateLimited):
-            return ErrorKind.RATE_LIMITED, exc.retry_after
-        if isinstance(exc, PermanentError):
-            return ErrorKind.PERMANENT, 0.0
-        return ErrorKind.TRANSIENT, 0.0
+        return classify_error(exc)
 
     async def pin(self, room: str, message_id: str, pinned: bool) -> bool:
         """Add or remove one of our events in ``m.room.pinned_events``, keeping everyone else's pins.

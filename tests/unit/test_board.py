@@ -18,11 +18,11 @@ import pytest
 from adapters.board import BoardPolicy, RoomBoards, board_plain, board_view
 from adapters.discord.board import board_content as discord_board
 from adapters.discord.board import board_fits as discord_fits
-from adapters.driver import Content, ErrorKind, ProgressDriver
+from adapters.driver import Content, ErrorKind, ProgressDriver, classify_error
 from adapters.matrix.board import board_content as matrix_board
 from adapters.matrix.board import board_fits as matrix_fits
 from adapters.matrix.content import edit_content
-from adapters.outbox import Outbox, PermanentError, RateLimited
+from adapters.outbox import Outbox, RateLimited
 from core.events import JobProgressEvent, next_seq
 from core.registry import HandlerRegistry
 from core.service import ProgressService, ServiceConfig
@@ -99,11 +99,7 @@ class Room:
         self.replies.append((message_id, int(ev.id), ev.status))
 
     def classify(self, exc: BaseException) -> tuple[ErrorKind, float]:
-        if isinstance(exc, RateLimited):
-            return ErrorKind.RATE_LIMITED, exc.retry_after
-        if isinstance(exc, PermanentError):
-            return ErrorKind.PERMANENT, 0.0
-        return ErrorKind.TRANSIENT, 0.0
+        return classify_error(exc)
 
     def board_ids(self) -> list[str]:
         return [m for m in self.posted if self.messages[m].startswith("📋")]

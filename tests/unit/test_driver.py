@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from adapters.driver import Content, ErrorKind, ProgressDriver
-from adapters.outbox import Outbox, PermanentError, RateLimited
+from adapters.driver import Content, ErrorKind, ProgressDriver, classify_error
+from adapters.outbox import Outbox, PermanentError
 from core.events import JobProgressEvent, next_seq
 from core.registry import HandlerRegistry
 from core.service import ProgressService, ServiceConfig
@@ -69,11 +69,7 @@ class FakeTransport:
         self.calls.append(("reply", ev.status))
 
     def classify(self, exc: BaseException) -> tuple[ErrorKind, float]:
-        if isinstance(exc, RateLimited):
-            return ErrorKind.RATE_LIMITED, exc.retry_after
-        if isinstance(exc, PermanentError):
-            return ErrorKind.PERMANENT, 0.0
-        return ErrorKind.TRANSIENT, 0.0
+        return classify_error(exc)
 
     def names(self, name: str) -> list[Any]:
         return [arg for n, arg in self.calls if n == name]
