@@ -90,7 +90,8 @@ def build_adapters(
 
         # Discord refuses messages over 2,000 characters.
         router = CommandRouter(service, prefix="/", reply_limit=2000, **auth.router_options())
-        adapters.append(DiscordAdapter(service, router, DiscordConfig.from_settings(settings.discord)))
+        config = DiscordConfig.from_settings(settings.discord)
+        adapters.append(DiscordAdapter(service, router, config, board=settings.chat.board_policy()))
     console_on = settings.console.enabled
     if console_on is None:
         console_on = not adapters

@@ -13,6 +13,11 @@
   @alice"); the interaction gets a short ephemeral confirmation, so the channel gets no extra message.
   Refusals and errors are ephemeral. Every interaction is answered within Discord's 3 s (deferred when
   the work may take longer), on the interaction's own route, never behind the edits.
+* **Room boards** (``board=``, :mod:`adapters.board`): a channel too busy for one fresh message per job
+  reports new jobs on one pinned board message, with a select menu of its jobs whose choice offers that
+  job's Pause / Resume / Cancel buttons (:mod:`adapters.discord.board`; the clicks are the same
+  :class:`~adapters.discord.views.JobButton` clicks, with the job's authorization). A ``/run`` whose job
+  lands on a board is answered by the board's first post, or else by a short private confirmation.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ import discord
 from discord import app_commands
 
 from adapters.base import ChatAdapter
+from adapters.board import BoardPolicy, RoomBoards
 from adapters.commands import LIST_FILTERS, Actor, CommandRouter, Reply
 from adapters.driver import ProgressDriver
 from core.events import JobProgressEvent
 from core.models import JobStatus
 from core.service import ProgressService
 
+from .board import BoardSelect, board_content, board_fits
 from .config import DiscordConfig
 from .content import MAX_CHOICES, choice_label, clip_content, target_ref
 from .transport import DiscordTransport, Held
@@ -97,11 +104,14 @@ class DiscordAdapter(ChatAdapter):
         config: DiscordConfig,
         *,
         clock: Callable[[], float] = time.time,
+        board: BoardPolicy | None = None,
     ) -> None:
         """``clock`` (epoch seconds) measures message age for the 1-hour rule; tests pass the fake's."""
         super().__init__(service, router)
         self.config = config
         self.clock = clock
+        #: Room boards (``[chat]``; adapters/board.py): None shows every job on its own message.
+        self.board = board
         self.client: _Client | None = None
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -132,6 +142,8 @@ class DiscordAdapter(ChatAdapter):
         # The rate-limit headers of every response reach the outboxes through this hook.
         trace.on_request_end.append(self.transport.on_response)
         self.driver = ProgressDriver(self.service, self.transport)
+        if self.board is not None:
+            RoomBoards(self.driver, self.board, board_content, board_fits)
         try:
             await client.login(cfg.token)
         except BaseException:
@@ -206,6 +218,9 @@ class DiscordAdapter(ChatAdapter):
         """Register the persistent buttons and the slash commands; sync them to the guilds."""
         # The buttons of every progress message, old ones included: clicks are matched by custom_id.
         client.add_dynamic_items(JobButton)
+        if self.board is not None:
+            # The select menu of every board, old ones included; it offers the same JobButtons.
+            client.add_dynamic_items(BoardSelect)
         guilds = [discord.Object(id=g) for g in self.config.guild_ids]
         for cmd in self._commands():
             if guilds:
@@ -379,10 +394,11 @@ class DiscordAdapter(ChatAdapter):
             shown = room is not None and self._shown_here(reply, room)
             if held is not None:
                 held.started(reply.job.id if shown and reply.job is not None else None)
-                if shown:
+                if shown and not self._on_board(reply, held):
                     # The progress message is the answer; defer if it has not come in time.
                     await DiscordTransport.defer(held, limit - (loop.time() - started))
-                    return
+                    if not self._on_board(reply, held):
+                        return
                 assert self.transport is not None and self.driver is not None and room and owner
                 self.transport.release(str(interaction.id))
                 self.driver.drop_origin(room, owner, str(interaction.id))
@@ -417,6 +433,19 @@ class DiscordAdapter(ChatAdapter):
             with contextlib.suppress(discord.HTTPException):
                 await interaction.delete_original_response()
             await interaction.followup.send(text, ephemeral=True)
+
+    def _on_board(self, reply: Reply, held: Held) -> bool:
+        """Whether the job ``/run`` started reports on a board that did not answer the command: then it
+        gets words (a private confirmation), since no message of its own will answer it."""
+        boards = self.driver.boards if self.driver is not None else None
+        job = reply.job
+        if boards is None or job is None or not isinstance(job.id, int) or held.answered.is_set():
+            return False
+        if boards.room_of(job.id) is None:
+            return False
+        # Still held: the board's first post has not taken it (and now will not).
+        assert self.transport is not None
+        return self.transport.release(str(held.interaction.id))
 
     def _shown_here(self, reply: Reply, room: str) -> bool:
         """Whether the reply's outcome shows on a progress message in ``room`` (no words needed)."""

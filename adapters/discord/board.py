@@ -4,11 +4,13 @@ Cancel buttons.
 
 Every piece of user text goes through :func:`~adapters.discord.content.esc` (markdown escaped,
 mentions broken), like every other Discord message. The adapter registers :class:`BoardSelect` with
-``Client.add_dynamic_items`` (as it does the job buttons) once it shows boards.
+``Client.add_dynamic_items`` (as it does the job buttons) when it shows boards; the transport posts a
+:class:`BoardMessage` with :func:`board_controls` under it (none once the board is closed).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import discord
@@ -37,10 +39,18 @@ def board_markdown(view: BoardView) -> str:
     return "\n".join(out)
 
 
+@dataclass(slots=True, frozen=True)
+class BoardMessage:
+    """What the transport sends for a board: its markdown, and the view its select menu lists."""
+
+    content: str
+    view: BoardView
+
+
 def board_content(view: BoardView) -> Content:
-    """The message content showing ``view``."""
+    """The message content showing ``view`` (the select menu follows the lines, so the text covers it)."""
     text = board_markdown(view)
-    return Content(text, text)
+    return Content(BoardMessage(text, view), text)
 
 
 def board_fits(content: Content) -> bool:
@@ -49,7 +59,7 @@ def board_fits(content: Content) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- controls
-#: ``pb:board:<id>``: the select menu of a board (its id is its first job's id).
+#: ``pb:board:<id>``: the select menu of a board (its id is its channel's: one board per channel at a time).
 BOARD_SELECT_TEMPLATE = r"pb:board:(?P<board>[0-9]{1,20})"
 #: Discord allows at most 25 options in a select menu.
 MAX_OPTIONS = 25
@@ -94,8 +104,11 @@ class BoardSelect(discord.ui.DynamicItem[discord.ui.Select[Any]], template=BOARD
         )
 
 
-def board_controls(board: int, view: BoardView) -> discord.ui.View:
-    """The persistent view under a board: a select menu of its jobs (active ones first, at most 25)."""
+def board_controls(board: int, view: BoardView) -> discord.ui.View | None:
+    """The persistent view under a board: a select menu of its jobs (active ones first, at most 25);
+    None once the board is closed or shows no job line (nothing left to control)."""
+    if view.closed or not view.lines:
+        return None
     options = [
         discord.SelectOption(
             label=clip(f"{ln.label}", MAX_CHOICE_NAME), value=str(ln.job_id), emoji=ln.icon or None

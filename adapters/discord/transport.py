@@ -19,6 +19,9 @@ It implements :class:`adapters.driver.Transport` (post, edit, pin, unpin, reply,
   ``repost_after_seconds`` old (on Discord's clock: its snowflake) :meth:`needs a re-post
   <needs_repost>`, as does one that was deleted or answered 30046 anyway; the driver posts a fresh one
   and :meth:`retire` edits the old one once into a pointer.
+* **Boards.** A room board (:mod:`adapters.board`) arrives as a :class:`~adapters.discord.board.BoardMessage`:
+  its markdown with the select menu of its jobs under it (:func:`~adapters.discord.board.board_controls`).
+  Its first post answers the ``/run`` it names (``reply_to``), like a job's first progress message.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from core.events import JobProgressEvent
 
 from ..driver import Content, ErrorKind, classify_error
 from ..outbox import Outbox
+from .board import BoardMessage, board_controls
 from .config import DiscordConfig
 from .content import Rendered, completion_text, pointer_text, render
 from .views import make_view
@@ -174,33 +178,38 @@ class DiscordTransport:
         return self.client.get_partial_messageable(cid, guild_id=guild_id)
 
     @staticmethod
-    def _view(state: Rendered) -> discord.ui.View | None:
-        return make_view(state.ref, state.buttons) if state.buttons else None
+    def _parts(room: str, payload: Rendered | BoardMessage) -> tuple[str, discord.ui.View | None]:
+        """The text and the controls of a job's or batch's message, or of a board."""
+        if isinstance(payload, BoardMessage):
+            return payload.content, board_controls(int(room), payload.view)
+        view = make_view(payload.ref, payload.buttons) if payload.buttons else None
+        return payload.content, view
 
     async def post(self, room: str, content: Content, reply_to: str | None, tag: str) -> str:
-        """Post a progress message; as the answer to the held ``/run`` interaction ``reply_to`` if any."""
-        state: Rendered = content.payload
-        held = await self._held_for(state) if reply_to is not None or self._held else None
+        """Post a progress message or a board; as the answer to the held ``/run`` ``reply_to`` if any."""
+        payload: Rendered | BoardMessage = content.payload
+        text, view = self._parts(room, payload)
+        held: Held | None = None
+        if isinstance(payload, BoardMessage):
+            # A board answers the /run it names: that job is on it (the board took the origin).
+            held = self._held.pop(reply_to, None) if reply_to is not None else None
+        elif reply_to is not None or self._held:
+            held = await self._held_for(payload)
         if held is not None:
-            answered = await self._answer_with(held, state)
+            answered = await self._answer_with(held, text, view)
             if answered is not None:
                 return answered
-        kwargs: dict[str, Any] = {"content": state.content}
-        view = self._view(state)
+        kwargs: dict[str, Any] = {"content": text}
         if view is not None:
             kwargs["view"] = view
         posted = await self._channel(room).send(**kwargs)
         return str(posted.id)
 
     async def edit(self, room: str, message_id: str, content: Content, tag: str) -> None:
-        """Edit the message's content and buttons; a deleted or too old message needs a re-post."""
-        state: Rendered = content.payload
+        """Edit the message's content and controls; a deleted or too old message needs a re-post."""
+        text, view = self._parts(room, content.payload)
         try:
-            await (
-                self._channel(room)
-                .get_partial_message(int(message_id))
-                .edit(content=state.content, view=self._view(state))
-            )
+            await self._channel(room).get_partial_message(int(message_id)).edit(content=text, view=view)
         except discord.HTTPException as exc:
             if exc.code in (ERR_UNKNOWN_MESSAGE, ERR_OLD_MESSAGE_EDITS):
                 self._stale.add(message_id)
@@ -324,32 +333,27 @@ class DiscordTransport:
             if not held.interaction.response.is_done():
                 await held.interaction.response.defer(thinking=True)
 
-    async def _answer_with(self, held: Held, state: Rendered) -> str | None:
+    async def _answer_with(self, held: Held, text: str, view: discord.ui.View | None) -> str | None:
         """Answer the interaction with the progress message; its id, or None (then post normally)."""
         interaction = held.interaction
-        view = self._view(state)
         none = discord.AllowedMentions.none()
         try:
             async with held.lock:
                 if not interaction.response.is_done():
                     if view is not None:
-                        resp = await interaction.response.send_message(
-                            state.content, view=view, allowed_mentions=none
-                        )
+                        resp = await interaction.response.send_message(text, view=view, allowed_mentions=none)
                     else:
-                        resp = await interaction.response.send_message(state.content, allowed_mentions=none)
+                        resp = await interaction.response.send_message(text, allowed_mentions=none)
                     msg: Any = resp.resource
                     if msg is None:
                         msg = await interaction.original_response()
                 else:
                     if view is not None:
                         msg = await interaction.edit_original_response(
-                            content=state.content, view=view, allowed_mentions=none
+                            content=text, view=view, allowed_mentions=none
                         )
                     else:
-                        msg = await interaction.edit_original_response(
-                            content=state.content, allowed_mentions=none
-                        )
+                        msg = await interaction.edit_original_response(content=text, allowed_mentions=none)
             self.answers += 1
             held.answered.set()
             return str(msg.id)
