@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adapters.board import BoardPolicy
 from adapters.commands import CommandRouter
 from adapters.discord import DiscordAdapter, DiscordConfig
 from core.builtin import register_builtins
@@ -41,9 +42,11 @@ async def make_adapter(
     service: ProgressService,
     *,
     admins: tuple[str, ...] = (),
+    board: BoardPolicy | None = None,
     **overrides: Any,
 ) -> DiscordAdapter:
-    """A started adapter for the fake's default guild and ``#progress`` channel, on the fake's clock."""
+    """A started adapter for the fake's default guild and ``#progress`` channel, on the fake's clock
+    (``board``: its room-board policy; None, every job on its own message)."""
     values: dict[str, Any] = {
         "token": TOKEN,
         "guild_ids": [int(server.guild_id)],
@@ -57,7 +60,7 @@ async def make_adapter(
     }
     values.update(overrides)
     router = CommandRouter(service, admins=admins, prefix="/")
-    adapter = DiscordAdapter(service, router, DiscordConfig(**values), clock=server.clock.now)
+    adapter = DiscordAdapter(service, router, DiscordConfig(**values), clock=server.clock.now, board=board)
     await adapter.start()
     return adapter
 
