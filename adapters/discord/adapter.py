@@ -435,14 +435,18 @@ class DiscordAdapter(ChatAdapter):
             await interaction.followup.send(text, ephemeral=True)
 
     def _on_board(self, reply: Reply, held: Held) -> bool:
-        """Whether the job ``/run`` started reports on a board that did not answer the command: then it
+        """Whether the job ``/run`` started reports on a board that does not answer the command: then it
         gets words (a private confirmation), since no message of its own will answer it."""
         boards = self.driver.boards if self.driver is not None else None
         job = reply.job
         if boards is None or job is None or not isinstance(job.id, int) or held.answered.is_set():
             return False
-        if boards.room_of(job.id) is None:
+        room = boards.room_of(job.id)
+        board = boards.boards.get(room) if room is not None else None
+        if board is None:
             return False
+        if board.message_id is None and board.origin == str(held.interaction.id):
+            return False  # the board's first post answers it (or fills the deferred placeholder)
         # Still held: the board's first post has not taken it (and now will not).
         assert self.transport is not None
         return self.transport.release(str(held.interaction.id))

@@ -181,27 +181,28 @@ async def test_twenty_jobs_report_on_one_pinned_board(
 async def test_a_restart_mid_board_edits_the_same_board(
     fake_discord: FakeDiscordServer, tmp_path: Path
 ) -> None:
-    """With ``board = "always"``: stop the bot mid-board and start a new one; the same board message is
-    edited to the end, and no second board (or message of a job's own) appears."""
+    """With ``board = "always"``: the board answers the ``/run`` that starts its first job; stop the bot
+    mid-board and start a new one; the same board message is edited to the end, and no second board
+    (or message of a job's own) appears."""
     server = fake_discord
     alice = server.guild.members[0]
     service = await make_service(tmp_path, concurrency=4)
     policy = BoardPolicy(mode="always", quiet_s=2)
     adapter = await make_adapter(server, service, board=policy)
     try:
-        ids = [
-            int(
-                (
-                    await service.submit(
-                        "demo.count", {"steps": 40, "delay_ms": 150}, owner=alice.id, room=server.channel_id
-                    )
-                ).id
-                or 0
+        rec = await server.dispatch_slash_command(
+            "run", {"type": "demo.count", "args": "steps=40 delay_ms=150"}, user=alice
+        )
+        resp = await server.wait_interaction_response(rec, timeout=5)
+        assert resp.at - rec.dispatched_at < 3.0 and not resp.ephemeral
+        for _ in range(2):
+            await service.submit(
+                "demo.count", {"steps": 40, "delay_ms": 150}, owner=alice.id, room=server.channel_id
             )
-            for _ in range(3)
-        ]
+        ids = [1, 2, 3]
         await server.wait_for(lambda: bool(boards_in(server)), 20)
         [board] = boards_in(server)
+        assert board.id == resp.message_id  # the board itself answers the /run
         await server.wait_for(lambda: "running" in server.message(board.id).content, 20)
     finally:
         await adapter.stop()
@@ -214,7 +215,7 @@ async def test_a_restart_mid_board_edits_the_same_board(
         )
         assert len(server.edits_of(board.id)) > edits_before
         assert len(boards_in(server)) == 1
-        assert progress_messages(server) == [server.message(board.id)]  # no job got a message of its own
+        assert all(progress_messages(server, f"#{j}") == [] for j in ids)  # no job got a message of its own
         text = server.message(board.id).content
         assert all((line_of(text, j) or "").startswith("✅") for j in ids), text
         await server.wait_for(lambda: len(replies_to(server, board.id)) == 3, 20)
