@@ -287,6 +287,8 @@ class Board:
     message_id: str | None = None
     pinned: bool = False
     pin_refused: bool = False
+    #: A board message replaced by a re-post (Discord's one-hour edit rule), still pinned: to unpin.
+    replaced_pinned: str | None = None
     #: The state version wanted and the one the message shows.
     version: int = 1
     shown_version: int = 0
@@ -599,6 +601,8 @@ class RoomBoards:
         if t.pin_enabled and active and not board.pinned and not board.pin_refused:
             # One event per board, in the class of its edits: a board is only found when pinned.
             return _Step("pin", Priority.PROGRESS, lambda: self._pin(board, True))
+        if board.replaced_pinned is not None:
+            return _Step("unpin-replaced", Priority.COSMETIC, lambda: self._unpin_replaced(board))
         if changed:
             return self._edit_step(board, Priority.PROGRESS)
         quiet = now >= board.last_join + self.policy.quiet
@@ -621,7 +625,20 @@ class RoomBoards:
             board.shown_version = board.version
             self._mark_shown(board)
             return _Step("unchanged", priority, None)
+        if self._too_old(board):
+            return _Step("repost", priority, lambda: self._repost(board, content))
         return _Step("edit", priority, lambda: self._edit(board, content))
+
+    def _too_old(self, board: Board) -> bool:
+        """Whether the platform no longer lets the board message be edited (a transport that re-posts)."""
+        from .driver import Reposting  # the driver imports this module
+
+        transport = self.driver.transport
+        return (
+            board.message_id is not None
+            and isinstance(transport, Reposting)
+            and transport.needs_repost(board.message_id)
+        )
 
     def _reply_call(self, board: Board, ev: JobProgressEvent) -> Callable[[], Any]:
         return lambda: self._reply(board, ev)
@@ -678,6 +695,27 @@ class RoomBoards:
         if board.closed or any(ev.terminal for ev in board.jobs.values()):
             await self._save(board)
 
+    async def _repost(self, board: Board, content: Content) -> None:
+        """Post the board afresh where its message can no longer be edited; the pin step pins the new one
+        and the old one is unpinned after it (as the driver does for a job's message)."""
+        old, was_pinned = board.message_id, board.pinned
+        version = board.version
+        tag = f"board{board.ident}-re{version}"
+        board.message_id = await self.driver.transport.post(board.room, content, None, tag)
+        self.driver.stats.posts += 1
+        self.driver.stats.reposts += 1
+        board.pinned = False
+        board.replaced_pinned = old if was_pinned else None
+        board.shown_version, board.shown_text = version, content.text
+        self._mark_shown(board)
+        await self._save(board)  # the binding moves at once: a restart edits the new message
+
+    async def _unpin_replaced(self, board: Board) -> None:
+        assert board.replaced_pinned is not None
+        await self.driver.transport.pin(board.room, board.replaced_pinned, False)
+        board.replaced_pinned = None
+        self.driver.stats.unpins += 1
+
     async def _reply(self, board: Board, ev: JobProgressEvent) -> None:
         assert board.message_id is not None
         await self.driver.transport.reply(board.room, board.message_id, ev, f"j{ev.id}-done{ev.seq}")
@@ -702,9 +740,11 @@ class RoomBoards:
         log.warning("%s: board %s in %s cannot succeed: %s", self.driver.platform, step.name, board.room, exc)
         if step.name == "post":
             board.finished = True  # the room cannot take the board: nothing more to do for it
-        elif step.name == "edit":
+        elif step.name in ("edit", "repost"):
             board.shown_version = board.version
             self._mark_shown(board)
+        elif step.name == "unpin-replaced":
+            board.replaced_pinned = None
         elif step.name == "pin":
             board.pin_refused = True
         elif step.name == "unpin":

@@ -299,6 +299,60 @@ async def test_restart_mid_board_edits_the_same_board_message(service: ProgressS
     await close(driver2, room)
 
 
+class AgingRoom(Room):
+    """A platform whose messages in ``old`` can no longer be edited (Discord's one-hour rule)."""
+
+    def __init__(self, clock: VirtualClock, rate: float, burst: float) -> None:
+        super().__init__(clock, rate, burst)
+        self.old: set[str] = set()
+
+    def needs_repost(self, message_id: str) -> bool:
+        return message_id in self.old
+
+    async def retire(self, room: str, old_id: str, new_id: str, ev: JobProgressEvent, tag: str) -> None:
+        """Past the hour nothing can edit the old message into a pointer."""
+
+    async def edit(self, room: str, message_id: str, content: Content, tag: str) -> None:
+        assert message_id not in self.old, "edited a board that was too old"
+        await super().edit(room, message_id, content, tag)
+
+
+async def test_a_board_too_old_to_edit_is_posted_afresh_and_the_old_one_unpinned(
+    service: ProgressService,
+) -> None:
+    clock = VirtualClock()
+    jobs = [await service.submit("t.job", owner="alice", room="r") for _ in range(4)]
+    ids = [int(j.id or 0) for j in jobs]
+    room = AgingRoom(clock, rate=1.0, burst=5)
+    driver = ProgressDriver(service, room, sleep=clock.sleep)
+    boards = RoomBoards(
+        driver,
+        BoardPolicy(mode="always"),
+        lambda v: Content(board_plain(v), board_plain(v)),
+        lambda c: True,
+        clock=clock,
+    )
+    for j in ids:
+        driver.offer(event(j, "running", 10), "r")
+    await run_until(clock, lambda: bool(room.board_ids()) and room.board_ids()[0] in room.pins)
+    first = room.board_ids()[0]
+    room.old.add(first)  # an hour later: the platform refuses edits of it
+    for j in ids:
+        driver.offer(event(j, "running", 60), "r")
+    await run_until(clock, lambda: len(room.board_ids()) == 2 and driver.pending() == 0)
+    second = room.board_ids()[1]
+    assert room.messages[second].count("░ 60") == len(ids)  # the fresh board shows the newest state
+    assert second in room.pins and first not in room.pins  # the fresh board is the pinned one
+    binding = await service.store.get_binding("fake", "board", ids[0])
+    assert binding is not None and binding.message_id == second
+    for j in ids:
+        driver.offer(event(j, "completed", 100), "r")
+    await run_until(clock, lambda: driver.pending() == 0 and not boards.boards)
+    assert len(room.board_ids()) == 2 and "board closed" in room.messages[second]
+    assert driver.stats.reposts == 1
+    await close(driver, room)
+
+
 def _two_hundred() -> Any:
     events = [event(j, "running", j % 100, message=f"step {j} @room **bold**") for j in range(1, 181)]
     events += [event(j, "completed", 100) for j in range(181, 196)]
