@@ -595,15 +595,7 @@ class MatrixAdapter(ChatAdapter):
 
     def _shown_here(self, reply: Reply, room_id: str) -> bool:
         """Whether the reply's outcome shows on a progress message in ``room_id`` (no words needed)."""
-        job = reply.job
-        if not (reply.ok and reply.on_progress and job is not None and job.id is not None):
-            return False
-        if job.batch_id is not None:
-            return False  # jobs inside a batch have no message of their own
-        shown_in = self.driver.message_room("job", job.id) if self.driver is not None else None
-        if shown_in is None:
-            shown_in = self._room_for(self.service.current_event(job))
-        return shown_in == room_id
+        return self.driver is not None and self.driver.acknowledges(reply, room_id, self._room_for)
 
     def _on_reaction(self, room_id: str, event: ReactionEvent) -> None:
         action = reaction_action(event.key)
