@@ -42,8 +42,15 @@ for (const name of ['alert', 'confirm', 'prompt']) {
 
 
 def browser_available() -> bool:
-    """Whether Debian's chromium and chromedriver are installed."""
-    return os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+    """Whether Debian's chromium and chromedriver are installed.
+
+    Under CI (``CI=true``) their absence is an error rather than a skip: the test command installs them,
+    so a CI run without them would silently test less.
+    """
+    found = os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+    if not found and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError(f"CI needs {CHROMIUM} and {CHROMEDRIVER} (Debian's chromium, chromium-driver)")
+    return found
 
 
 def free_port() -> int:
