@@ -61,7 +61,8 @@ def test_without_the_cookie_the_page_is_login_and_the_stream_is_401(driver, svc:
     # A wrong token is refused readably; the right one signs in with an HttpOnly, SameSite=Strict cookie.
     driver.find_element(By.ID, "token").send_keys("not-the-token")
     driver.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
-    assert "not valid" in driver.find_element(By.ID, "token-error").text
+    # The form posts and the answer replaces the page: wait for the new page's error text.
+    wait(driver, lambda d: "not valid" in d.find_element(By.ID, "token-error").text)
     login(driver, svc)
     cookie = driver.get_cookie("progressbot_session")
     assert cookie is not None and cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
