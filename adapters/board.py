@@ -631,14 +631,8 @@ class RoomBoards:
 
     def _too_old(self, board: Board) -> bool:
         """Whether the platform no longer lets the board message be edited (a transport that re-posts)."""
-        from .driver import Reposting  # the driver imports this module
-
-        transport = self.driver.transport
-        return (
-            board.message_id is not None
-            and isinstance(transport, Reposting)
-            and transport.needs_repost(board.message_id)
-        )
+        reposting, message_id = self.driver.reposting, board.message_id
+        return message_id is not None and reposting is not None and reposting.needs_repost(message_id)
 
     def _reply_call(self, board: Board, ev: JobProgressEvent) -> Callable[[], Any]:
         return lambda: self._reply(board, ev)

@@ -348,6 +348,11 @@ class ProgressDriver:
         """The tracked record whose message is ``message_id``."""
         return next((r for r in self._records.values() if r.message_id == message_id), None)
 
+    @property
+    def reposting(self) -> Reposting | None:
+        """The transport, when it replaces messages too old to edit (Discord's hour); else None."""
+        return self._reposting
+
     def recheck(self) -> int:
         """Look again at every idle open message whose transport wants it re-posted (a paused job's
         message growing too old to edit); returns how many were started."""

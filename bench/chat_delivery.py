@@ -52,6 +52,7 @@ from adapters.discord import DiscordAdapter, DiscordConfig
 from adapters.driver import Content, ProgressDriver
 from adapters.matrix import MatrixAdapter, MatrixConfig
 from adapters.render import STATUS_ICON
+from core.aio import cancel_and_wait
 from core.builtin import register_builtins
 from core.db import Database
 from core.events import JobProgressEvent, next_seq
@@ -267,9 +268,7 @@ async def _matrix_measure(
     try:
         await sample_until(history, ids, shown, t0, result, t0 + seconds + drain)
     finally:
-        asker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asker
+        await cancel_and_wait([asker])
 
     # Wait (bounded) for every final state to be on its message.
     def finals() -> int:
@@ -406,9 +405,7 @@ async def _discord_measure(
     try:
         await sample_until(history, ids, shown, t0, result, t0 + seconds + drain)
     finally:
-        asker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asker
+        await cancel_and_wait([asker])
     result.seconds = time.monotonic() - t0
 
 
