@@ -84,7 +84,20 @@ def make_engine(url: str, busy_timeout_ms: int = 10_000, pool_size: int = 8) -> 
         return engine
     if url.startswith("postgresql"):
         require_extra("postgres", "A PostgreSQL database")
-        return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        # The same "busy" rule as SQLite: a statement that waits longer than the busy timeout for a row
+        # or table lock held by another session gives up ("canceling statement due to lock timeout"),
+        # which callers map to "the database is busy" (HTTP 503) instead of hanging.
+        pg_engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+        @event.listens_for(pg_engine, "connect")
+        def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # A session setting, so options given in the URL stay as they are.
+            with dbapi_conn.cursor() as cur:
+                # lock_timeout = 0 would mean "wait forever"; 0 means "never wait" to SQLite: keep that.
+                cur.execute(f"SET lock_timeout = {max(1, int(busy_timeout_ms))}")
+            dbapi_conn.commit()
+
+        return pg_engine
     return create_engine(url, poolclass=NullPool)
 
 

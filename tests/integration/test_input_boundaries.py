@@ -129,6 +129,53 @@ async def test_http_answers_503_while_the_database_is_locked(
     assert "claim failed; retrying: the database is busy (database is locked)" in caplog.text
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_http_answers_503_while_a_postgres_row_is_locked(
+    postgres_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL has row locks instead of one write lock: a pause that waits longer than the busy timeout
+    for another session's lock on the job gets the same 503 + Retry-After, and works once it is released."""
+    import psycopg
+
+    name = "t_" + os.urandom(6).hex()
+    url = postgres_server.create_database(name)
+    reg = HandlerRegistry()
+    svc = ProgressService(
+        ServiceConfig(database_url=url, min_interval=0.1, poll_interval=0.1),
+        registry=reg,
+        database=Database(url, busy_timeout_ms=300),
+    )
+    register_builtins(reg, lambda: svc.store)
+    await svc.start()
+    api = HttpApi(svc, HttpSettings(listen="127.0.0.1:0", token=SecretStr("t" * 32)))
+    await api.start()
+    holder = await psycopg.AsyncConnection.connect(postgres_server.conninfo(name))
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer " + "t" * 32}) as s:
+            # A job that waits (run_at in an hour), so only the lock decides what the pause meets.
+            body = {"type": "demo.count", "payload": {"steps": 1}, "delay": 3600}
+            async with s.post(api.url + "/v1/jobs", json=body) as r:
+                assert r.status == 201, await r.text()
+                job_id = (await r.json())["id"]
+            # Another session (an operator's psql, a long report) holds the job's row lock.
+            await holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            async with s.post(f"{api.url}/v1/jobs/{job_id}/pause") as resp:
+                assert resp.status == 503, await resp.text()
+                assert resp.headers["Retry-After"] == "2"
+                assert (await resp.json())["error"] == "database_busy"
+            await holder.rollback()
+            async with s.post(f"{api.url}/v1/jobs/{job_id}/pause") as resp:
+                assert resp.status == 200, await resp.text()
+            async with s.get(f"{api.url}/v1/jobs/{job_id}") as resp:
+                assert (await resp.json())["status"] == "paused"
+    finally:
+        await holder.close()
+        await api.stop()
+        await svc.stop()
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
 def cli(
     *args: str | bytes, cfg: Path | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
