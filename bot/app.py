@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from typing import Any
 
 from adapters.base import ChatAdapter
 from adapters.commands import CommandRouter
+from core.aio import cancel_and_wait, on_stop_signals
 from core.builtin import register_builtins
 from core.cron import CronScheduler, ScheduleEntry
 from core.models import TERMINAL_STATUSES
@@ -201,22 +201,14 @@ class Application:
 
     async def run(self) -> None:
         """Start, wait for SIGINT/SIGTERM (or the demo's end), then stop gracefully."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
         watcher: asyncio.Task[None] | None = None
-        try:
-            await self.start()
-            if self.exit_when_done and self._demo_ids:
-                watcher = asyncio.create_task(self._watch_demo())
-            await self._stop.wait()
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            await self.stop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(sig)
+        with on_stop_signals(self.request_stop):
+            try:
+                await self.start()
+                if self.exit_when_done and self._demo_ids:
+                    watcher = asyncio.create_task(self._watch_demo())
+                await self._stop.wait()
+            finally:
+                if watcher is not None:
+                    await cancel_and_wait([watcher])
+                await self.stop()

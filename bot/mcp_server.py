@@ -18,17 +18,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from aiohttp import web
 from pydantic import Field
 
 from adapters.commands import LIST_FILTERS, Actor, CommandRouter, Reply, parse_batch_id, parse_job_id
 from adapters.render import render_plain
-from core.aio import cancel_and_wait
+from core.aio import cancel_and_wait, on_stop_signals
 from core.errors import JobNotFound, ProgressbotError
 from core.events import JobProgressEvent, Subscription, make_filter
 from core.serialize import job_to_dict
@@ -47,6 +48,7 @@ class McpNotInstalled(ProgressbotError, ImportError):
 try:
     from mcp.server.mcpserver import Context, MCPServer
     from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+    from mcp.server.stdio import stdio_server
     from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise McpNotInstalled(INSTALL_HINT) from _exc
@@ -414,11 +416,67 @@ async def serve_stdio(settings: Settings, *, run_worker: bool = False) -> None:
     await service.start()
     server = ProgressMcp(service, settings)
     await server.start()
+    serving = asyncio.create_task(_serve_stdio(server))
     try:
-        await server.app.run_stdio_async()
+        # SIGINT/SIGTERM end the session like a closed stdin does: stop serving, then shut down gracefully
+        # (a worker in this process requeues its running jobs from their checkpoints).
+        with on_stop_signals(serving.cancel):
+            await asyncio.wait([serving])
+        if not serving.cancelled():
+            serving.result()  # the session's own error, if any
     finally:
+        await cancel_and_wait([serving])
         await server.stop()
         await service.stop()
+
+
+#: The longest JSON-RPC line taken from stdin; a longer one is answered with a parse error, not a crash.
+STDIN_LINE_LIMIT = 16 * 1024 * 1024
+
+
+class _StdinLines:
+    """stdin as text lines read by the event loop itself, so a signal can end the session at once.
+
+    The SDK's default reads stdin in a worker thread, which a cancellation cannot interrupt: the process
+    would wait for the client's next line before it could shut down.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        """``reader``: the stream connected to a duplicate of fd 0."""
+        self.reader = reader
+
+    def __aiter__(self) -> _StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            line = await self.reader.readline()
+        except ValueError:
+            return "\n"  # over STDIN_LINE_LIMIT: the rest was dropped; the SDK answers an invalid message
+        if not line:
+            raise StopAsyncIteration
+        return line.decode("utf-8", errors="replace")
+
+
+async def _serve_stdio(server: ProgressMcp) -> None:
+    """Run the MCP session over stdin/stdout until stdin closes (or the task is cancelled)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=STDIN_LINE_LIMIT)
+    pipe = os.fdopen(os.dup(0), "rb", buffering=0)
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    except (OSError, ValueError):
+        # stdin is a regular file or a terminal the loop cannot watch: the SDK's threaded reader will do.
+        pipe.close()
+        await server.app.run_stdio_async()
+        return
+    # What MCPServer.run_stdio_async does, with our stdin: the SDK has no public hook for that.
+    low = server.app._lowlevel_server
+    try:
+        async with stdio_server(stdin=cast(Any, _StdinLines(reader))) as (read_stream, write_stream):
+            await low.run(read_stream, write_stream, low.create_initialization_options())
+    finally:
+        transport.close()
 
 
 # -------------------------------------------------------------------------- HTTP

@@ -8,6 +8,8 @@ import contextlib
 import json
 import os
 import secrets
+import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -109,6 +111,52 @@ async def test_stdio_tools_and_streamed_progress_from_another_process(tmp_path: 
 
         listed_jobs = structured(await s.call_tool("list_jobs", {"status": "completed"}))
         assert [j["id"] for j in listed_jobs["jobs"]] == [started["id"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_stdio_server_shuts_down_gracefully_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    """``progressbot mcp --worker`` stopped by SIGTERM/SIGINT while its worker runs a job: it exits 0 without
+    a traceback, and the job is requeued from its checkpoint (not left "running", not "interrupted")."""
+    db = tmp_path / "pb.db"
+    cfg = write_config(tmp_path / "config.toml", db)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "mcp",
+        "--worker",
+        "--config",
+        str(cfg),
+        env=child_env(),
+        stdin=asyncio.subprocess.PIPE,  # kept open: the session only ends by the signal
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        submit = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "bot.cli", "submit", "demo.count", "steps=200", "delay_ms=100", "--config", str(cfg)),
+            env=child_env(),
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        assert await submit.wait() == 0
+
+        def status() -> str | None:
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                row = conn.execute("SELECT status FROM jobs WHERE id = 1").fetchone()
+            return str(row[0]) if row else None
+
+        await wait_for(lambda: status() == "running", 30)  # the MCP process's own worker runs it
+        proc.send_signal(sig)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr, stderr.decode()
+    assert status() == "pending"
 
 
 @pytest.mark.slow
