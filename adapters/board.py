@@ -470,6 +470,10 @@ class RoomBoards:
                     continue
                 if step.call is None:
                     continue
+                if step.name == "post" and not self.driver.restored.is_set():
+                    # A restart's stored board of this room may still be adopted (see restore()).
+                    await self.driver.restored.wait()
+                    continue
                 try:
                     # Its own lane: the fair share between lanes gives a board (many jobs) half the
                     # turns of its room, not one turn per message like any single job.
@@ -798,22 +802,32 @@ class RoomBoards:
                 rest.append(b)
                 continue
             room = room_of(b.room)
-            if room is None or room in self.boards:
+            if room is None:
                 continue
             extra = b.extra or {}
-            board = Board(
-                room=room,
-                ident=int(b.target_id),
-                message_id=b.message_id,
-                pinned=b.pinned,
-                last_join=self._clock(),
-            )
+            board = self.boards.get(room)
+            if board is not None and board.message_id is None:
+                # Live events started a board here before this ran; it has not posted (it waits for
+                # this): it takes over the stored message and its binding, and no second board appears.
+                board.ident, board.message_id, board.pinned = int(b.target_id), b.message_id, b.pinned
+            elif board is not None:
+                continue
+            else:
+                board = Board(
+                    room=room,
+                    ident=int(b.target_id),
+                    message_id=b.message_id,
+                    pinned=b.pinned,
+                    last_join=self._clock(),
+                )
             board.shown_text = extra.get("shown")
             board.replied = {int(j) for j in extra.get("replied") or []}
             board.collapsed_done = int(extra.get("done") or 0)
             board.collapsed_cancelled = int(extra.get("cancelled") or 0)
             board.collapsed_failed = [int(j) for j in extra.get("failed") or []]
             for jid in extra.get("jobs") or []:
+                if int(jid) in board.jobs:
+                    continue  # a live event brought a newer state already
                 try:
                     ev = self.driver.service.current_event(await self.driver.service.store.get(int(jid)))
                 except LookupError:

@@ -254,6 +254,10 @@ class ProgressDriver:
         self._origins: dict[tuple[str, str], list[str]] = {}
         #: Keys that got a live event since start (the catch-up must not overwrite those).
         self._live: set[Key] | None = set()
+        #: Set once the stored messages are adopted (:meth:`catch_up`), or at once when none will be: a
+        #: room's new board waits for it, so a restart edits the stored board instead of posting a second.
+        self.restored = asyncio.Event()
+        self.restored.set()
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -464,6 +468,10 @@ class ProgressDriver:
         task.add_done_callback(done)
 
     # ------------------------------------------------------------------ restart catch-up
+    def expect_catch_up(self) -> None:
+        """The adapter will call :meth:`catch_up` once connected: new boards wait for it to post."""
+        self.restored.clear()
+
     async def catch_up(self, room_of: Callable[[str], str | None]) -> None:
         """After a start: bring every open message up to its job's current state; close orphans.
 
@@ -500,6 +508,7 @@ class ProgressDriver:
             log.exception("%s: catching up on open messages failed", self.platform)
         finally:
             self._live = None
+            self.restored.set()
 
     async def _close_orphan(self, b: Any) -> None:
         """Unpin the message of a job that no longer exists and close its binding."""

@@ -142,6 +142,7 @@ class DiscordAdapter(ChatAdapter):
         # The rate-limit headers of every response reach the outboxes through this hook.
         trace.on_request_end.append(self.transport.on_response)
         self.driver = ProgressDriver(self.service, self.transport)
+        self.driver.expect_catch_up()  # it runs once connected (restart continuity)
         if self.board is not None:
             RoomBoards(self.driver, self.board, board_content, board_fits)
         try:

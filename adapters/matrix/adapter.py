@@ -209,6 +209,7 @@ class MatrixAdapter(ChatAdapter):
         self.driver = ProgressDriver(
             self.service, self.transport, backoff_base=cfg.reconnect_min, backoff_max=cfg.reconnect_max
         )
+        self.driver.expect_catch_up()  # it runs once connected (restart continuity)
         if self.board is not None:
             matrix_boards(self.driver, self.board)
         if not cfg.rooms:

@@ -299,6 +299,47 @@ async def test_restart_mid_board_edits_the_same_board_message(service: ProgressS
     await close(driver2, room)
 
 
+async def test_live_events_before_the_catch_up_still_edit_the_stored_board(service: ProgressService) -> None:
+    """After a restart the jobs keep reporting: their events reach the new driver before it has read the
+    stored board. The board they start waits, then takes over the stored message: one board, no duplicate,
+    and the stored message ends pinned-then-unpinned as usual."""
+    clock = VirtualClock()
+    jobs = [await service.submit("t.job", owner="alice", room="r") for _ in range(3)]
+    ids = [int(j.id or 0) for j in jobs]
+    room, driver, _boards = make(service, clock, mode="always")
+    driver.offer(event(ids[0], "running", 10), "r")  # the stored board lists only the first job
+    await run_until(clock, lambda: bool(room.board_ids()) and driver.pending() == 0)
+    board = room.board_ids()[0]
+    await driver.aclose(0.5)
+
+    driver2 = ProgressDriver(service, room, sleep=clock.sleep)
+    boards2 = RoomBoards(
+        driver2,
+        BoardPolicy(mode="always"),
+        lambda v: Content(board_plain(v), board_plain(v)),
+        lambda c: True,
+        clock=clock,
+    )
+    driver2.expect_catch_up()
+    posts_before = len(room.posted)
+    for j in ids:  # live, before the catch-up: a new board starts for the room
+        driver2.offer(event(j, "running", 20), "r")
+    await run_for(clock, 30)
+    assert len(room.posted) == posts_before  # it waits for the catch-up instead of posting
+    await driver2.catch_up(lambda r: r)
+    for j in ids:
+        driver2.offer(event(j, "completed", 100), "r")
+    await run_until(clock, lambda: driver2.pending() == 0 and not boards2.boards)
+    assert len(room.posted) == posts_before  # no second board, no own messages
+    assert room.board_ids() == [board]
+    assert "board closed" in room.messages[board]
+    assert all(f"#{j}" in room.messages[board] for j in ids), room.messages[board]
+    assert board not in room.pins
+    binding = await service.store.get_binding("fake", "board", ids[0])
+    assert binding is not None and binding.finished and binding.message_id == board
+    await close(driver2, room)
+
+
 class AgingRoom(Room):
     """A platform whose messages in ``old`` can no longer be edited (Discord's one-hour rule)."""
 
