@@ -20,6 +20,29 @@ pytest_plugins = ["tests.servers.conftest_plugin"]
 ServiceFactory = Callable[..., Awaitable[ProgressService]]
 
 
+#: Test files whose Synapse runs get a homeserver of their own under pytest-xdist: the tests that wait out
+#: Synapse's default rate limits for minutes, split from the rest so the two halves run side by side.
+SLOW_SYNAPSE_FILES = ("test_matrix_delivery.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``), keep the tests of one homeserver on one worker, and start
+    them first: they are long and mostly wait for Synapse's rate limits, so the other workers run
+    everything else meanwhile. One Synapse per group instead of one per worker, and the same order of
+    Synapse tests as in a serial run (their rate-limit budgets are per account, so groups don't interfere).
+    """
+    synapse: list[pytest.Item] = []
+    rest: list[pytest.Item] = []
+    for item in items:
+        if "synapse_server" not in getattr(item, "fixturenames", ()):
+            rest.append(item)
+            continue
+        slow = item.path.name in SLOW_SYNAPSE_FILES
+        item.add_marker(pytest.mark.xdist_group("synapse-slow" if slow else "synapse"))
+        synapse.append(item)
+    items[:] = synapse + rest
+
+
 def _backend_params() -> list[Any]:
     return ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])]
 
