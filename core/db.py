@@ -52,6 +52,10 @@ def is_sqlite_url(url: str) -> bool:
     return make_url(normalize_url(url)).get_backend_name() == "sqlite"
 
 
+#: PostgreSQL ends a session idle inside a transaction for longer than this (ms), releasing its locks.
+IDLE_IN_TRANSACTION_MS = 10_000
+
+
 def make_engine(url: str, busy_timeout_ms: int = 10_000, pool_size: int = 8) -> Engine:
     """Create the synchronous SQLAlchemy engine for ``url`` with the pragmas and options we rely on."""
     url = normalize_url(url)
@@ -95,6 +99,11 @@ def make_engine(url: str, busy_timeout_ms: int = 10_000, pool_size: int = 8) -> 
             with dbapi_conn.cursor() as cur:
                 # lock_timeout = 0 would mean "wait forever"; 0 means "never wait" to SQLite: keep that.
                 cur.execute(f"SET lock_timeout = {max(1, int(busy_timeout_ms))}")
+                # A process frozen inside a transaction (SIGSTOP, a lost network) would keep its row locks
+                # and block the takeover of its jobs forever: the server ends such a session instead. Our
+                # transactions are milliseconds long; the floor leaves room for a starved CPU.
+                idle_ms = max(IDLE_IN_TRANSACTION_MS, busy_timeout_ms)
+                cur.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
             dbapi_conn.commit()
 
         return pg_engine

@@ -27,6 +27,7 @@ from tests.integration.http_helpers import ApiServer, ServerFactory
 pytest_plugins = ["tests.integration.http_fixtures"]
 
 PROGRESSBOT = [sys.executable, "-m", "bot.cli"]
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 async def total(srv: ApiServer) -> int:
@@ -174,6 +175,67 @@ async def test_http_answers_503_while_a_postgres_row_is_locked(
         await api.stop()
         await svc.stop()
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+FROZEN_HOLDER = """
+import os, signal, sys
+from sqlalchemy import text
+from core.db import Database
+db = Database(sys.argv[1])
+with db.engine.connect() as conn:
+    conn.execute(text("BEGIN"))
+    conn.execute(text("SELECT id FROM jobs WHERE id = :i FOR UPDATE"), {"i": int(sys.argv[2])})
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen inside the transaction, holding the row lock
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_a_process_frozen_in_a_transaction_does_not_block_its_rows_forever(
+    postgres_server: Any, tmp_path: Path
+) -> None:
+    """A progressbot process stopped (SIGSTOP) inside a transaction: PostgreSQL ends its session after
+    ``IDLE_IN_TRANSACTION_MS``, so the job it locked can be paused again instead of 503 forever."""
+    from core.db import IDLE_IN_TRANSACTION_MS
+
+    name = "t_" + os.urandom(6).hex()
+    url = postgres_server.create_database(name)
+    reg = HandlerRegistry()
+    svc = ProgressService(
+        ServiceConfig(database_url=url, min_interval=0.1, poll_interval=0.1, run_worker=False),
+        registry=reg,
+        database=Database(url, busy_timeout_ms=300),
+    )
+    register_builtins(reg, lambda: svc.store)
+    await svc.start()
+    job = await svc.submit("demo.count", {"steps": 1})
+    frozen = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", FROZEN_HOLDER, url, str(job.id)),
+        stdout=asyncio.subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
+    try:
+        assert frozen.stdout is not None
+        assert (await frozen.stdout.readline()).strip() == b"locked"
+        with pytest.raises(Exception) as busy:
+            await svc.pause(job.id or 0)
+        assert "lock timeout" in str(busy.value)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + IDLE_IN_TRANSACTION_MS / 1000 + 20
+        while True:
+            try:
+                result = await svc.pause(job.id or 0)
+                break
+            except Exception as exc:
+                assert "lock timeout" in str(exc), exc
+                assert loop.time() < deadline, "the frozen session kept its lock"
+                await asyncio.sleep(0.5)
+        assert result.job.status == "paused"
+    finally:
+        frozen.kill()
+        await frozen.wait()
+        await svc.stop()
 
 
 def cli(
