@@ -90,18 +90,24 @@ def locked_db(tmp_path: Path) -> Iterator[tuple[str, sqlite3.Connection]]:
     conn.close()
 
 
+async def busy_service(url: str, *, busy_timeout_ms: int, run_worker: bool = True) -> ProgressService:
+    """A started service on ``url`` that gives up on a lock after ``busy_timeout_ms``."""
+    reg = HandlerRegistry()
+    svc = ProgressService(
+        ServiceConfig(database_url=url, min_interval=0.1, poll_interval=0.1, run_worker=run_worker),
+        registry=reg,
+        database=Database(url, busy_timeout_ms=busy_timeout_ms),
+    )
+    register_builtins(reg, lambda: svc.store)
+    await svc.start()
+    return svc
+
+
 async def test_http_answers_503_while_the_database_is_locked(
     locked_db: tuple[str, sqlite3.Connection], caplog: pytest.LogCaptureFixture
 ) -> None:
     url, holder = locked_db
-    reg = HandlerRegistry()
-    svc = ProgressService(
-        ServiceConfig(database_url=url, min_interval=0.1, poll_interval=0.1),
-        registry=reg,
-        database=Database(url, busy_timeout_ms=200),
-    )
-    register_builtins(reg, lambda: svc.store)
-    await svc.start()
+    svc = await busy_service(url, busy_timeout_ms=200)
     api = HttpApi(svc, HttpSettings(listen="127.0.0.1:0", token=SecretStr("t" * 32)))
     await api.start()
     try:
@@ -141,14 +147,7 @@ async def test_http_answers_503_while_a_postgres_row_is_locked(
 
     name = "t_" + os.urandom(6).hex()
     url = postgres_server.create_database(name)
-    reg = HandlerRegistry()
-    svc = ProgressService(
-        ServiceConfig(database_url=url, min_interval=0.1, poll_interval=0.1),
-        registry=reg,
-        database=Database(url, busy_timeout_ms=300),
-    )
-    register_builtins(reg, lambda: svc.store)
-    await svc.start()
+    svc = await busy_service(url, busy_timeout_ms=300)
     api = HttpApi(svc, HttpSettings(listen="127.0.0.1:0", token=SecretStr("t" * 32)))
     await api.start()
     holder = await psycopg.AsyncConnection.connect(postgres_server.conninfo(name))
@@ -201,14 +200,7 @@ async def test_a_process_frozen_in_a_transaction_does_not_block_its_rows_forever
 
     name = "t_" + os.urandom(6).hex()
     url = postgres_server.create_database(name)
-    reg = HandlerRegistry()
-    svc = ProgressService(
-        ServiceConfig(database_url=url, min_interval=0.1, poll_interval=0.1, run_worker=False),
-        registry=reg,
-        database=Database(url, busy_timeout_ms=300),
-    )
-    register_builtins(reg, lambda: svc.store)
-    await svc.start()
+    svc = await busy_service(url, busy_timeout_ms=300, run_worker=False)
     job = await svc.submit("demo.count", {"steps": 1})
     frozen = await asyncio.create_subprocess_exec(
         *(sys.executable, "-c", FROZEN_HOLDER, url, str(job.id)),

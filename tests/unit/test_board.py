@@ -264,6 +264,21 @@ async def test_never_and_always(service: ProgressService) -> None:
     await close(driver, room)
 
 
+def always_boards(
+    service: ProgressService, room: Room, clock: VirtualClock
+) -> tuple[ProgressDriver, RoomBoards]:
+    """A driver with ``board = "always"`` on ``room`` (a second one on the same store: a restarted bot)."""
+    driver = ProgressDriver(service, room, sleep=clock.sleep)
+    boards = RoomBoards(
+        driver,
+        BoardPolicy(mode="always"),
+        lambda v: Content(board_plain(v), board_plain(v)),
+        lambda c: True,
+        clock=clock,
+    )
+    return driver, boards
+
+
 async def test_restart_mid_board_edits_the_same_board_message(service: ProgressService) -> None:
     """A board survives a restart: the new driver edits the same message, posts no duplicate."""
     clock = VirtualClock()
@@ -276,14 +291,7 @@ async def test_restart_mid_board_edits_the_same_board_message(service: ProgressS
     board = room.board_ids()[0]
     await driver.aclose(0.5)
 
-    driver2 = ProgressDriver(service, room, sleep=clock.sleep)
-    boards2 = RoomBoards(
-        driver2,
-        BoardPolicy(mode="always"),
-        lambda v: Content(board_plain(v), board_plain(v)),
-        lambda c: True,
-        clock=clock,
-    )
+    driver2, boards2 = always_boards(service, room, clock)
     await driver2.catch_up(lambda r: r)
     assert boards2.room_of(ids[0]) == "r"
     edits_before = room.edits.get(board, 0)
@@ -312,14 +320,7 @@ async def test_live_events_before_the_catch_up_still_edit_the_stored_board(servi
     board = room.board_ids()[0]
     await driver.aclose(0.5)
 
-    driver2 = ProgressDriver(service, room, sleep=clock.sleep)
-    boards2 = RoomBoards(
-        driver2,
-        BoardPolicy(mode="always"),
-        lambda v: Content(board_plain(v), board_plain(v)),
-        lambda c: True,
-        clock=clock,
-    )
+    driver2, boards2 = always_boards(service, room, clock)
     driver2.expect_catch_up()
     posts_before = len(room.posted)
     for j in ids:  # live, before the catch-up: a new board starts for the room
@@ -365,14 +366,7 @@ async def test_a_board_too_old_to_edit_is_posted_afresh_and_the_old_one_unpinned
     jobs = [await service.submit("t.job", owner="alice", room="r") for _ in range(4)]
     ids = [int(j.id or 0) for j in jobs]
     room = AgingRoom(clock, rate=1.0, burst=5)
-    driver = ProgressDriver(service, room, sleep=clock.sleep)
-    boards = RoomBoards(
-        driver,
-        BoardPolicy(mode="always"),
-        lambda v: Content(board_plain(v), board_plain(v)),
-        lambda c: True,
-        clock=clock,
-    )
+    driver, boards = always_boards(service, room, clock)
     for j in ids:
         driver.offer(event(j, "running", 10), "r")
     await run_until(clock, lambda: bool(room.board_ids()) and room.board_ids()[0] in room.pins)
