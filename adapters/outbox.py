@@ -121,6 +121,12 @@ class OutboxStats:
     failed: int = 0
     #: Granted calls by class.
     by_priority: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Seconds during which at least one caller waited for a turn, and how many such spells.
+    waited: float = 0.0
+    waits: int = 0
+    #: The tokens the scope held at the start of each spell, summed: with ``waited`` it gives what the
+    #: server allowed while something waited (``tokens_at_wait + rate * waited``).
+    tokens_at_wait: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -220,6 +226,9 @@ class Outbox:
         #: A rate was measured: until then, after a first 429, the bucket is a guess (one call at a time).
         self._learned = False
         self.stats = OutboxStats()
+        #: Callers waiting for a turn now, and since when one has been (for ``stats.waited``).
+        self._callers_waiting = 0
+        self._wait_since = 0.0
 
     # ------------------------------------------------------------------ public API
     @contextlib.asynccontextmanager
@@ -253,9 +262,11 @@ class Outbox:
         self._waiters.append(waiter)
         self._ensure_worker()
         self._wake.set()
+        self._count_waiting(1)
         try:
             await waiter.future
         except BaseException:
+            self._count_waiting(-1)
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
             elif waiter.future.done() and not waiter.future.cancelled():
@@ -264,6 +275,7 @@ class Outbox:
                 self.tokens += 1
                 self._wake.set()
             raise
+        self._count_waiting(-1)
         slot = Slot(self, waiter.priority)
         try:
             if self.parent is None:
@@ -315,6 +327,20 @@ class Outbox:
             self.tokens = min(self.tokens, float(remaining))
         self._wake.set()
 
+    def announce(self, limit: int, window: float) -> None:
+        """The platform announced this scope's bucket: ``limit`` events per ``window`` s (Discord's
+        ``X-RateLimit-Limit``). That is the burst and the ceiling; the rate in use follows it, unless
+        429s showed a lower sustained rate."""
+        if limit < 1 or not (window > 0 and math.isfinite(window)):
+            return
+        rate = limit / window
+        self.burst = float(limit)
+        self.max_rate = rate
+        self.min_rate = min(self.min_rate, rate)
+        self.rate = min(self.rate, rate) if self._learned else rate
+        self.tokens = min(self.tokens, self.burst)
+        self._wake.set()
+
     def nudge(self) -> None:
         """A waiter's class may have changed (its content did): decide again now."""
         self._wake.set()
@@ -344,6 +370,18 @@ class Outbox:
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"outbox:{self.name}")
+
+    def _count_waiting(self, delta: int) -> None:
+        """Keep ``stats.waited``: the time during which at least one caller waited for a turn."""
+        now = self._clock()
+        if delta > 0 and self._callers_waiting == 0:
+            self._wait_since = now
+            self._refill(now)
+            self.stats.waits += 1
+            self.stats.tokens_at_wait += max(0.0, self.tokens) if self.paused_until <= now else 0.0
+        self._callers_waiting += delta
+        if delta < 0 and self._callers_waiting == 0:
+            self.stats.waited += now - self._wait_since
 
     def _refill(self, now: float) -> None:
         if now > self._bucket_time:
