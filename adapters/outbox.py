@@ -305,12 +305,14 @@ class Outbox:
             self._in_flight -= 1
             self._wake.set()
 
-    def observe(self, remaining: int, reset_after: float, *, pace: bool = False) -> None:
+    def observe(self, remaining: int, reset_after: float, *, pace: bool = False, refill: float = 1.0) -> None:
         """Adapt to what the platform reported for this scope (rate-limit headers of a response).
 
         The bucket never holds more than ``remaining``; with nothing remaining the scope pauses until
-        the reset. ``pace`` spreads what remains evenly until the reset instead of spending it in a
-        burst (Discord's window is fixed: a burst leaves the channel frozen until it resets).
+        the reset, when it holds ``refill`` events (a leaky bucket lets one more through; Discord's fixed
+        window comes back whole, ``X-RateLimit-Limit``). ``pace`` spreads what remains evenly until the
+        reset instead of spending it in a burst (Discord's window is fixed: a burst leaves the channel
+        frozen until it resets).
         """
         now = self._clock()
         self._refill(now)
@@ -319,7 +321,7 @@ class Outbox:
             self.paused_until = max(self.paused_until, now + wait)
             self.tokens = 0.0
             self._bucket_time = max(self._bucket_time, self.paused_until)
-            self.tokens = 1.0
+            self.tokens = max(1.0, min(self.burst, float(refill)))
         elif pace:
             self.paused_until = max(self.paused_until, now + wait / (remaining + 1))
             self.tokens = min(self.tokens, float(remaining))

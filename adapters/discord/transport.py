@@ -157,6 +157,10 @@ class DiscordTransport:
                 rate=cfg.edit_rate,
                 burst=cfg.edit_burst,
                 reserve=cfg.answer_reserve,
+                # One request at a time per bucket: discord.py counts the requests in flight against
+                # what the bucket has left and, when that reaches 0, sleeps out the rest of the window
+                # although the window still had room. The calls take milliseconds; the rate is per s.
+                max_in_flight=1,
                 parent=self.global_scope,
             )
             self._boxes[key] = box
@@ -199,11 +203,14 @@ class DiscordTransport:
             elif box is not None and kind is not None and "X-RateLimit-Remaining" in headers:
                 remaining = int(headers["X-RateLimit-Remaining"])
                 reset = float(headers.get("X-RateLimit-Reset-After") or 0.0)
+                limit = int(headers.get("X-RateLimit-Limit") or 1)
                 if kind is not CallKind.EDIT and "X-RateLimit-Limit" in headers:
                     window = max(self._windows.get((room, kind), 0.0), reset)
                     self._windows[(room, kind)] = window
-                    box.announce(int(headers["X-RateLimit-Limit"]), window)
-                box.observe(remaining, reset, pace=self.config.pace_edits and kind is CallKind.EDIT)
+                    box.announce(limit, window)
+                # Discord's window is fixed: at its reset the whole limit is back.
+                pace = self.config.pace_edits and kind is CallKind.EDIT
+                box.observe(remaining, reset, pace=pace, refill=limit)
         except ValueError:
             return  # a garbled header: the outbox's own model stands
 
