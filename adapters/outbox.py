@@ -124,8 +124,9 @@ class OutboxStats:
     #: Seconds during which at least one caller waited for a turn, and how many such spells.
     waited: float = 0.0
     waits: int = 0
-    #: The tokens the scope held at the start of each spell, summed: with ``waited`` it gives what the
-    #: server allowed while something waited (``tokens_at_wait + rate * waited``).
+    #: The tokens the scope had at the start of a spell beyond those it kept from the previous one,
+    #: summed: with ``waited`` it gives what the server allowed while something waited, about
+    #: ``tokens_at_wait + rate * waited``.
     tokens_at_wait: float = 0.0
 
 
@@ -229,6 +230,7 @@ class Outbox:
         #: Callers waiting for a turn now, and since when one has been (for ``stats.waited``).
         self._callers_waiting = 0
         self._wait_since = 0.0
+        self._tokens_after_wait = 0.0
 
     # ------------------------------------------------------------------ public API
     @contextlib.asynccontextmanager
@@ -378,12 +380,17 @@ class Outbox:
         now = self._clock()
         if delta > 0 and self._callers_waiting == 0:
             self._wait_since = now
-            self._refill(now)
             self.stats.waits += 1
-            self.stats.tokens_at_wait += max(0.0, self.tokens) if self.paused_until <= now else 0.0
+            self.stats.tokens_at_wait += max(0.0, self._tokens_now(now) - self._tokens_after_wait)
         self._callers_waiting += delta
         if delta < 0 and self._callers_waiting == 0:
             self.stats.waited += now - self._wait_since
+            self._tokens_after_wait = self._tokens_now(now)
+
+    def _tokens_now(self, now: float) -> float:
+        """The tokens usable now (none while paused); a token kept from one spell to the next counts once."""
+        self._refill(now)
+        return max(0.0, self.tokens) if self.paused_until <= now else 0.0
 
     def _refill(self, now: float) -> None:
         if now > self._bucket_time:
