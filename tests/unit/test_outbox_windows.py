@@ -68,7 +68,7 @@ async def run_busy(refill: float, seconds: float) -> tuple[FixedWindow, Outbox]:
 async def test_a_fixed_window_comes_back_whole_at_its_reset() -> None:
     """With ``refill`` = the window's limit, every window carries its 5 calls, with no 429; a reset
     that brought back a single token would leave the reserve short and lose a call per window."""
-    server, box = await run_busy(refill=5, seconds=60.0)
+    server, _ = await run_busy(refill=5, seconds=60.0)
     assert server.refused == 0
     assert len(server.accepted) >= 11 * 5  # 12 windows in 60 s (the last may be cut short)
     spaced = [b - a for a, b in zip(server.accepted, server.accepted[1:], strict=False)]
