@@ -45,7 +45,12 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   class. A 429 marked ``is_global`` pauses the parent only; any other 429 pauses the child only.
 * **Headers.** :meth:`Outbox.observe` takes what the platform reported (Discord's
   ``X-RateLimit-Remaining`` / ``-Reset-After``): the bucket never holds more than ``remaining``, and
-  with nothing remaining the scope pauses until the reset.
+  with nothing remaining the scope pauses until the reset, which brings back ``refill`` events (one;
+  a fixed window such as Discord's, its whole limit). :meth:`Outbox.announce` takes an announced limit
+  (``X-RateLimit-Limit`` per window) as the scope's burst and rate.
+* **Measured.** ``stats.waited`` is the time during which some caller waited for a turn, and
+  ``stats.tokens_at_wait`` the tokens at hand when such a spell began: the allowance used while
+  something waited is ``sent / (tokens_at_wait + server rate * waited)`` (the benches print it).
 
 Time is injectable (``clock``, ``sleep``) so the tests run on virtual time. Nothing here imports a chat
 library or ``bot/``.
