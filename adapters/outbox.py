@@ -49,8 +49,9 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   a fixed window such as Discord's, its whole limit). :meth:`Outbox.announce` takes an announced limit
   (``X-RateLimit-Limit`` per window) as the scope's burst and rate.
 * **Measured.** ``stats.waited`` is the time during which some caller waited for a turn, and
-  ``stats.tokens_at_wait`` the tokens at hand when such a spell began: the allowance used while
-  something waited is ``sent / (tokens_at_wait + server rate * waited)`` (the benches print it).
+  ``stats.idle`` the time between such spells, each gap counted only until the bucket would be full
+  again: the allowance used while something waited is ``sent / (burst + rate * (waited + idle))``,
+  with the server's burst and rate (the benches print it).
 
 Time is injectable (``clock``, ``sleep``) so the tests run on virtual time. Nothing here imports a chat
 library or ``bot/``.
@@ -129,10 +130,10 @@ class OutboxStats:
     #: Seconds during which at least one caller waited for a turn, and how many such spells.
     waited: float = 0.0
     waits: int = 0
-    #: The tokens the scope had at the start of a spell beyond those it kept from the previous one,
-    #: summed: with ``waited`` it gives what the server allowed while something waited, about
-    #: ``tokens_at_wait + rate * waited``.
-    tokens_at_wait: float = 0.0
+    #: Seconds between two such spells, each counted up to the time the bucket takes to fill
+    #: (``burst / rate``): the allowance that built up for the next spell. What the server allowed
+    #: while something waited is about ``burst + rate * (waited + idle)``.
+    idle: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -235,7 +236,7 @@ class Outbox:
         #: Callers waiting for a turn now, and since when one has been (for ``stats.waited``).
         self._callers_waiting = 0
         self._wait_since = 0.0
-        self._tokens_after_wait = 0.0
+        self._wait_ended: float | None = None
 
     # ------------------------------------------------------------------ public API
     @contextlib.asynccontextmanager
@@ -386,16 +387,12 @@ class Outbox:
         if delta > 0 and self._callers_waiting == 0:
             self._wait_since = now
             self.stats.waits += 1
-            self.stats.tokens_at_wait += max(0.0, self._tokens_now(now) - self._tokens_after_wait)
+            if self._wait_ended is not None:
+                self.stats.idle += min(now - self._wait_ended, self.burst / self.rate)
         self._callers_waiting += delta
         if delta < 0 and self._callers_waiting == 0:
             self.stats.waited += now - self._wait_since
-            self._tokens_after_wait = self._tokens_now(now)
-
-    def _tokens_now(self, now: float) -> float:
-        """The tokens usable now (none while paused); a token kept from one spell to the next counts once."""
-        self._refill(now)
-        return max(0.0, self.tokens) if self.paused_until <= now else 0.0
+            self._wait_ended = now
 
     def _refill(self, now: float) -> None:
         if now > self._bucket_time:

@@ -13,8 +13,8 @@ adapter, it prints per run:
 * **429s** the platform returned;
 * **allowance used**: events sent / what the platform allowed over the busy span (Synapse: burst 10 +
   0.2/s for the account). Discord: only while something waited, as the channel's edit outbox measured
-  it (its ``waited`` seconds with an edit waiting for its turn, and the tokens it held when each wait
-  began): edits sent / (those tokens + 5 per 5 s over the waited time).
+  it: edits sent / (the bucket's 5 + 5 per 5 s over the seconds when an edit waited for its turn and
+  the gaps between, each gap only until the bucket would be full again).
 
 Both platforms run in the same invocation, so the figures sit side by side. Run from the repository root::
 
@@ -445,7 +445,7 @@ def _discord_allowance(transport: DiscordTransport, server: FakeDiscordServer, r
     edit = boxes.get(str(CallKind.EDIT))
     if edit is not None:
         st = edit.stats
-        allowed = st.tokens_at_wait + st.waited * server.edit_limit / server.edit_window
+        allowed = server.edit_limit + (st.waited + st.idle) * server.edit_limit / server.edit_window
         result.allowance_used = st.sent / allowed if allowed else 0.0
     result.classes = {kind: box.stats.sent for kind, box in boxes.items()}
 
