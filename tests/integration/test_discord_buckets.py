@@ -100,3 +100,41 @@ async def test_posts_pins_and_replies_do_not_spend_the_edit_bucket(
     finally:
         await adapter.stop()
         await service.stop()
+
+
+@pytest.mark.parametrize("fake_discord_options", [{"edit_limit": LIMIT, "edit_window": WINDOW}])
+async def test_a_429_on_pins_pauses_only_the_pin_bucket(
+    fake_discord: FakeDiscordServer, tmp_path: Path, fake_discord_options: dict[str, Any]
+) -> None:
+    """Discord refuses the first pin for 2 s: only the pin bucket waits (discord.py retries the pin
+    after it), the progress edits go on meanwhile, and in the end every message is pinned and
+    unpinned, with its final state."""
+    server = fake_discord
+    alice = server.guild.members[0]
+    service = await make_service(tmp_path, concurrency=3)
+    server.force_429(1, retry_after=2.0, route="PUT /channels/{channel_id}/messages/pins/{message_id}")
+    adapter = await make_adapter(server, service)
+    try:
+        jobs = [
+            await service.submit(
+                "demo.count", {"steps": 30, "delay_ms": 100}, owner=alice.id, room=server.channel_id
+            )
+            for _ in range(3)
+        ]
+        for job in jobs:
+            assert (await wait_job(service, job.id or 0)).status == JobStatus.COMPLETED
+        assert await adapter.flush(60)
+
+        [hit] = server.rate_limit_hits
+        assert hit.forced and "/pins/" in hit.path
+        paused = [e for e in server.edits if e.via == "rest" and hit.at < e.at < hit.at + hit.retry_after]
+        assert paused, "no progress edit while the pin bucket waited out its 429"
+        pins = [r for r in server.requests if "/pins/" in r.path and r.method == "PUT" and r.status < 300]
+        assert len(pins) == 3
+        for job in jobs:
+            (msg,) = progress_messages(server, f"#{job.id}")
+            assert "completed" in msg.content and not msg.pinned
+        assert adapter.transport is not None and adapter.transport.rate_limited == 1
+    finally:
+        await adapter.stop()
+        await service.stop()
