@@ -8,13 +8,16 @@ edits still get the whole edit bucket.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from adapters.discord import DiscordAdapter
 from adapters.driver import CallKind
-from core.models import JobStatus
+from core.models import Job, JobStatus
 from tests.fake_discord import FakeDiscordServer
 from tests.integration.discord_harness import (
     bucket_violations,
@@ -45,6 +48,31 @@ def edit_windows(server: FakeDiscordServer) -> list[tuple[float, float, int]]:
     return windows
 
 
+@contextlib.asynccontextmanager
+async def finished_jobs(
+    server: FakeDiscordServer, tmp_path: Path, n: int, steps: int
+) -> AsyncIterator[tuple[DiscordAdapter, list[Job]]]:
+    """``n`` of alice's ``demo.count`` jobs (``steps`` of 100 ms) in the channel, run to their end and
+    all delivered; the adapter stops after the block."""
+    alice = server.guild.members[0]
+    service = await make_service(tmp_path, concurrency=n)
+    adapter = await make_adapter(server, service)
+    try:
+        jobs = [
+            await service.submit(
+                "demo.count", {"steps": steps, "delay_ms": 100}, owner=alice.id, room=server.channel_id
+            )
+            for _ in range(n)
+        ]
+        for job in jobs:
+            assert (await wait_job(service, job.id or 0)).status == JobStatus.COMPLETED
+        assert await adapter.flush(60)
+        yield adapter, jobs
+    finally:
+        await adapter.stop()
+        await service.stop()
+
+
 @pytest.mark.parametrize("fake_discord_options", [{"edit_limit": LIMIT, "edit_window": WINDOW}])
 async def test_posts_pins_and_replies_do_not_spend_the_edit_bucket(
     fake_discord: FakeDiscordServer, tmp_path: Path, fake_discord_options: dict[str, Any]
@@ -53,20 +81,7 @@ async def test_posts_pins_and_replies_do_not_spend_the_edit_bucket(
     the edit outbox grants nothing but edits, and windows in which the bot also posted or pinned still
     carry the edit bucket's full 5 edits. No 429 at all, and every final state is on its message."""
     server = fake_discord
-    alice = server.guild.members[0]
-    service = await make_service(tmp_path, concurrency=20)
-    adapter = await make_adapter(server, service)
-    try:
-        jobs = [
-            await service.submit(
-                "demo.count", {"steps": 20, "delay_ms": 100}, owner=alice.id, room=server.channel_id
-            )
-            for _ in range(20)
-        ]
-        for job in jobs:
-            assert (await wait_job(service, job.id or 0)).status == JobStatus.COMPLETED
-        assert await adapter.flush(60)
-
+    async with finished_jobs(server, tmp_path, 20, steps=20) as (adapter, jobs):
         # What the people see: every job's final state, one reply each, nothing left pinned.
         for job in jobs:
             (msg,) = progress_messages(server, f"#{job.id}")
@@ -89,17 +104,13 @@ async def test_posts_pins_and_replies_do_not_spend_the_edit_bucket(
         assert set(boxes[CallKind.EDIT].stats.by_priority) <= {"answer", "status", "progress"}
 
         # Posts, pins and replies happened inside windows whose edits still reached the bucket's 5.
+        windows = edit_windows(server)
         others = [r.at for r in posts + pins]
         full_and_shared = [
-            (start, n)
-            for start, end, n in edit_windows(server)
-            if n == LIMIT and any(start <= at < end for at in others)
+            (start, n) for start, end, n in windows if n == LIMIT and any(start <= at < end for at in others)
         ]
-        assert full_and_shared, f"edit windows: {edit_windows(server)}"
-        assert max(n for _, _, n in edit_windows(server)) == LIMIT
-    finally:
-        await adapter.stop()
-        await service.stop()
+        assert full_and_shared, f"edit windows: {windows}"
+        assert max(n for _, _, n in windows) == LIMIT
 
 
 @pytest.mark.parametrize("fake_discord_options", [{"edit_limit": LIMIT, "edit_window": WINDOW}])
@@ -110,21 +121,8 @@ async def test_a_429_on_pins_pauses_only_the_pin_bucket(
     after it), the progress edits go on meanwhile, and in the end every message is pinned and
     unpinned, with its final state."""
     server = fake_discord
-    alice = server.guild.members[0]
-    service = await make_service(tmp_path, concurrency=3)
     server.force_429(1, retry_after=2.0, route="PUT /channels/{channel_id}/messages/pins/{message_id}")
-    adapter = await make_adapter(server, service)
-    try:
-        jobs = [
-            await service.submit(
-                "demo.count", {"steps": 30, "delay_ms": 100}, owner=alice.id, room=server.channel_id
-            )
-            for _ in range(3)
-        ]
-        for job in jobs:
-            assert (await wait_job(service, job.id or 0)).status == JobStatus.COMPLETED
-        assert await adapter.flush(60)
-
+    async with finished_jobs(server, tmp_path, 3, steps=30) as (adapter, jobs):
         [hit] = server.rate_limit_hits
         assert hit.forced and "/pins/" in hit.path
         paused = [e for e in server.edits if e.via == "rest" and hit.at < e.at < hit.at + hit.retry_after]
@@ -135,6 +133,3 @@ async def test_a_429_on_pins_pauses_only_the_pin_bucket(
             (msg,) = progress_messages(server, f"#{job.id}")
             assert "completed" in msg.content and not msg.pinned
         assert adapter.transport is not None and adapter.transport.rate_limited == 1
-    finally:
-        await adapter.stop()
-        await service.stop()
