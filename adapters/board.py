@@ -6,12 +6,12 @@ edit each every ``n / rate`` seconds. One message listing every job of the room 
 with one edit. This module adds that *board* to :class:`~adapters.driver.ProgressDriver`:
 
 * **When it engages** (:meth:`RoomBoards.take`, called by the driver for every event). The outbox of the
-  room's rate-limit scope knows the rate it has learned; a message fresher than ``max_staleness_s``
-  needs one edit per ``max_staleness_s``; a board takes half the scope's turns, so next to one the
-  scope keeps ``rate * max_staleness_s / 2`` own messages fresh (:meth:`RoomBoards.capacity`). When
-  a new job would push the scope's active messages (own messages plus boards) above that (and above
-  one), the job reports into its room's board instead, and so do the room's jobs whose own message is
-  not posted yet (a burst). Jobs that already have their own message keep it.
+  room's edit scope (edits bind progress) knows the rate it has learned; a message fresher than
+  ``max_staleness_s`` needs one edit per ``max_staleness_s``; a board takes half the scope's turns, so next
+  to one the scope keeps ``rate * max_staleness_s / 2`` own messages fresh (:meth:`RoomBoards.capacity`).
+  When a new job would push the scope's active messages (own messages plus boards) above that (and above
+  one), the job reports into its room's board instead, and so do the room's jobs whose own message is not
+  posted yet (a burst). Jobs that already have their own message keep it.
 * **Hysteresis.** Once a room has a board, new jobs keep joining it while it still has active jobs or
   while the scope is above ``low_water`` of its capacity; only then do new jobs get their own messages
   again, so jobs trickling in around the threshold do not flip modes on every job. The board ends (a
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from core.events import JobProgressEvent
 
+from .driver import CallKind, call_kind
 from .outbox import Outbox, PermanentError, Priority, RateLimited
 from .render import STATUS_ICON, bar, clip, defuse_mentions, label, outcome_text
 
@@ -368,7 +369,7 @@ class RoomBoards:
         """Active messages of the scope: own messages of active jobs plus boards with active jobs."""
         t = self.driver.transport
         own = self.driver.active_in_scope(box)
-        boards = sum(1 for b in self.boards.values() if b.active and t.outbox(b.room) is box)
+        boards = sum(1 for b in self.boards.values() if b.active and t.outbox(b.room, CallKind.EDIT) is box)
         return own + boards
 
     def take(self, ev: JobProgressEvent, room: str, has_own: bool) -> bool:
@@ -384,7 +385,8 @@ class RoomBoards:
             return True
         if has_own or ev.terminal or self.policy.mode == "never":
             return False
-        box = self.driver.transport.outbox(room)
+        # Progress is bound by the edits: the capacity is that of the room's edit scope.
+        box = self.driver.transport.outbox(room, CallKind.EDIT)
         board = self.boards.get(room)
         # A lone job never needs a board: a board of one job is one message too.
         wanted = self.policy.mode == "always" or self.load(box) + 1 > max(1.0, self.capacity(box))
@@ -441,7 +443,7 @@ class RoomBoards:
             if old is not None and old.terminal:
                 board.replied.discard(int(ev.id))  # retried: its new end gets its own reply
         if old is None or (old.status, old.control) != (ev.status, ev.control):
-            self.driver.transport.outbox(board.room).nudge()
+            self.driver.transport.outbox(board.room, CallKind.EDIT).nudge()
         self._kick(board)
 
     def _kick(self, board: Board) -> None:
@@ -477,11 +479,13 @@ class RoomBoards:
                 try:
                     # Its own lane: the fair share between lanes gives a board (many jobs) half the
                     # turns of its room, not one turn per message like any single job.
-                    async with t.outbox(board.room).slot(
+                    bucket = call_kind(step.name)
+                    async with t.outbox(board.room, bucket).slot(
                         step.priority, (board.room, "board"), current=lambda: self._priority(board)
                     ) as slot:
                         now = self._next(board)
-                        if now is None or now.call is None:
+                        # A step of another kind waits in its own bucket (Discord: per route).
+                        if now is None or now.call is None or call_kind(now.name) is not bucket:
                             slot.unused()
                             continue
                         try:

@@ -17,8 +17,9 @@ How it works:
     reply, one call at a time;
   - the **cosmetic lane** pins, unpins and adds reactions.
 
-  Each lane waits for its turn in the scope's :class:`~adapters.outbox.Outbox` with the class of its
-  next call (a status change is :data:`Priority.STATUS`, a new message :data:`Priority.NEW`, a
+  Each lane waits for its turn in the :class:`~adapters.outbox.Outbox` of the scope that limits its
+  next call's :class:`CallKind` (Discord limits edits, posts and pins of a channel separately), with
+  the class of that call (a status change is :data:`Priority.STATUS`, a new message :data:`Priority.NEW`, a
   routine edit :data:`Priority.PROGRESS`, pins and reactions :data:`Priority.COSMETIC`), and decides
   what to send only once its turn has come, so what goes out is always the newest state.
 * **Ordering.** One call per lane at a time, and every edit shows a state newer than the one shown
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from .board import RoomBoards
 
 __all__ = [
+    "CallKind",
     "Content",
     "DriverStats",
     "ErrorKind",
@@ -89,6 +91,34 @@ def classify_error(exc: BaseException) -> tuple[ErrorKind, float]:
     return ErrorKind.TRANSIENT, 0.0
 
 
+class CallKind(enum.StrEnum):
+    """The kinds of calls a platform may limit in separate buckets (Discord: one per route and channel).
+
+    A transport gives the outbox of the scope that limits each kind (:meth:`Transport.outbox`); on a
+    platform with one bucket for everything (Synapse's ``rc_message``) every kind shares one outbox.
+    """
+
+    #: Edits of a message (progress, status changes, a retired message's pointer).
+    EDIT = "edit"
+    #: New messages: progress messages, re-posts, completion replies.
+    POST = "post"
+    #: Pins and unpins.
+    PIN = "pin"
+    #: Reactions.
+    REACT = "react"
+
+
+def call_kind(step: str) -> CallKind:
+    """The kind of call a driver or board step makes, by its name (``post``, ``unpin-prev``...)."""
+    if step in ("post", "repost", "reply"):
+        return CallKind.POST
+    if step.startswith(("pin", "unpin")):
+        return CallKind.PIN
+    if step == "react":
+        return CallKind.REACT
+    return CallKind.EDIT
+
+
 @dataclass(slots=True, frozen=True)
 class Content:
     """One rendered state of a progress message: the platform's payload and its text (to compare)."""
@@ -111,8 +141,8 @@ class Transport(Protocol):
     pin_enabled: bool
     reply_enabled: bool
 
-    def outbox(self, room: str) -> Outbox:
-        """The outbox of the rate-limit scope that ``room`` belongs to."""
+    def outbox(self, room: str, kind: CallKind) -> Outbox:
+        """The outbox of the rate-limit scope that limits calls of ``kind`` in ``room``."""
 
     def render(self, ev: JobProgressEvent) -> Content:
         """The content of a progress message showing ``ev`` (clipped to the platform's limit)."""
@@ -298,7 +328,7 @@ class ProgressDriver:
             rec.desired = ev
             if changed:
                 # A waiting edit may have just become a status change: let the outbox decide again.
-                self.transport.outbox(rec.room).nudge()
+                self.transport.outbox(rec.room, CallKind.EDIT).nudge()
         self._kick(rec)
         return True
 
@@ -414,7 +444,7 @@ class ProgressDriver:
         return sum(
             1
             for r in self._records.values()
-            if not r.desired.terminal and not r.dead and t.outbox(r.room) is box
+            if not r.desired.terminal and not r.dead and t.outbox(r.room, CallKind.EDIT) is box
         )
 
     def release_unposted(self, room: str) -> list[JobProgressEvent]:
@@ -514,7 +544,7 @@ class ProgressDriver:
         """Unpin the message of a job that no longer exists and close its binding."""
         if b.pinned and self.transport.pin_enabled:
             with contextlib.suppress(Exception):
-                async with self.transport.outbox(b.room).slot(Priority.COSMETIC, b.room):
+                async with self.transport.outbox(b.room, CallKind.PIN).slot(Priority.COSMETIC, b.room):
                     await self.transport.pin(b.room, b.message_id, False)
         await self.service.store.save_binding(
             self.platform, b.target_kind, b.target_id, b.room, b.message_id, pinned=False, finished=True
@@ -590,9 +620,12 @@ class ProgressDriver:
     async def _attempt(self, rec: Record, lane: str, step: _Step) -> bool:
         """Wait for the scope's turn, decide again (newest state), make the call. True if one was made."""
         current = (lambda: self._content_priority(rec, step.priority)) if lane == "content" else None
-        async with self.transport.outbox(rec.room).slot(step.priority, rec.room, current=current) as slot:
+        bucket = call_kind(step.name)
+        box = self.transport.outbox(rec.room, bucket)
+        async with box.slot(step.priority, rec.room, current=current) as slot:
             now = self._next(rec, lane)
-            if now is None or now.call is None:
+            # A step of another kind (an edit that turned into a re-post) waits in its own bucket.
+            if now is None or now.call is None or call_kind(now.name) is not bucket:
                 slot.unused()
                 return False
             log.debug("%s: %s %s (%s)", self.platform, now.name, rec.tag, Priority(slot.priority).name)

@@ -45,7 +45,13 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   class. A 429 marked ``is_global`` pauses the parent only; any other 429 pauses the child only.
 * **Headers.** :meth:`Outbox.observe` takes what the platform reported (Discord's
   ``X-RateLimit-Remaining`` / ``-Reset-After``): the bucket never holds more than ``remaining``, and
-  with nothing remaining the scope pauses until the reset.
+  with nothing remaining the scope pauses until the reset, which brings back ``refill`` events (one;
+  a fixed window such as Discord's, its whole limit). :meth:`Outbox.announce` takes an announced limit
+  (``X-RateLimit-Limit`` per window) as the scope's burst and rate.
+* **Measured.** ``stats.waited`` is the time during which some caller waited for a turn, and
+  ``stats.idle`` the time between such spells, each gap counted only until the bucket would be full
+  again: the allowance used while something waited is ``sent / (burst + rate * (waited + idle))``,
+  with the server's burst and rate (the benches print it).
 
 Time is injectable (``clock``, ``sleep``) so the tests run on virtual time. Nothing here imports a chat
 library or ``bot/``.
@@ -121,6 +127,13 @@ class OutboxStats:
     failed: int = 0
     #: Granted calls by class.
     by_priority: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Seconds during which at least one caller waited for a turn, and how many such spells.
+    waited: float = 0.0
+    waits: int = 0
+    #: Seconds between two such spells, each counted up to the time the bucket takes to fill
+    #: (``burst / rate``): the allowance that built up for the next spell. What the server allowed
+    #: while something waited is about ``burst + rate * (waited + idle)``.
+    idle: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -220,6 +233,10 @@ class Outbox:
         #: A rate was measured: until then, after a first 429, the bucket is a guess (one call at a time).
         self._learned = False
         self.stats = OutboxStats()
+        #: Callers waiting for a turn now, and since when one has been (for ``stats.waited``).
+        self._callers_waiting = 0
+        self._wait_since = 0.0
+        self._wait_ended: float | None = None
 
     # ------------------------------------------------------------------ public API
     @contextlib.asynccontextmanager
@@ -253,9 +270,11 @@ class Outbox:
         self._waiters.append(waiter)
         self._ensure_worker()
         self._wake.set()
+        self._count_waiting(1)
         try:
             await waiter.future
         except BaseException:
+            self._count_waiting(-1)
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
             elif waiter.future.done() and not waiter.future.cancelled():
@@ -264,6 +283,7 @@ class Outbox:
                 self.tokens += 1
                 self._wake.set()
             raise
+        self._count_waiting(-1)
         slot = Slot(self, waiter.priority)
         try:
             if self.parent is None:
@@ -293,12 +313,14 @@ class Outbox:
             self._in_flight -= 1
             self._wake.set()
 
-    def observe(self, remaining: int, reset_after: float, *, pace: bool = False) -> None:
+    def observe(self, remaining: int, reset_after: float, *, pace: bool = False, refill: float = 1.0) -> None:
         """Adapt to what the platform reported for this scope (rate-limit headers of a response).
 
         The bucket never holds more than ``remaining``; with nothing remaining the scope pauses until
-        the reset. ``pace`` spreads what remains evenly until the reset instead of spending it in a
-        burst (Discord's window is fixed: a burst leaves the channel frozen until it resets).
+        the reset, when it holds ``refill`` events (a leaky bucket lets one more through; Discord's fixed
+        window comes back whole, ``X-RateLimit-Limit``). ``pace`` spreads what remains evenly until the
+        reset instead of spending it in a burst (Discord's window is fixed: a burst leaves the channel
+        frozen until it resets).
         """
         now = self._clock()
         self._refill(now)
@@ -307,12 +329,26 @@ class Outbox:
             self.paused_until = max(self.paused_until, now + wait)
             self.tokens = 0.0
             self._bucket_time = max(self._bucket_time, self.paused_until)
-            self.tokens = 1.0
+            self.tokens = max(1.0, min(self.burst, float(refill)))
         elif pace:
             self.paused_until = max(self.paused_until, now + wait / (remaining + 1))
             self.tokens = min(self.tokens, float(remaining))
         else:
             self.tokens = min(self.tokens, float(remaining))
+        self._wake.set()
+
+    def announce(self, limit: int, window: float) -> None:
+        """The platform announced this scope's bucket: ``limit`` events per ``window`` s (Discord's
+        ``X-RateLimit-Limit``). That is the burst and the ceiling; the rate in use follows it, unless
+        429s showed a lower sustained rate."""
+        if limit < 1 or not (window > 0 and math.isfinite(window)):
+            return
+        rate = limit / window
+        self.burst = float(limit)
+        self.max_rate = rate
+        self.min_rate = min(self.min_rate, rate)
+        self.rate = min(self.rate, rate) if self._learned else rate
+        self.tokens = min(self.tokens, self.burst)
         self._wake.set()
 
     def nudge(self) -> None:
@@ -344,6 +380,19 @@ class Outbox:
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"outbox:{self.name}")
+
+    def _count_waiting(self, delta: int) -> None:
+        """Keep ``stats.waited``: the time during which at least one caller waited for a turn."""
+        now = self._clock()
+        if delta > 0 and self._callers_waiting == 0:
+            self._wait_since = now
+            self.stats.waits += 1
+            if self._wait_ended is not None:
+                self.stats.idle += min(now - self._wait_ended, self.burst / self.rate)
+        self._callers_waiting += delta
+        if delta < 0 and self._callers_waiting == 0:
+            self.stats.waited += now - self._wait_since
+            self._wait_ended = now
 
     def _refill(self, now: float) -> None:
         if now > self._bucket_time:

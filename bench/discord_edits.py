@@ -9,7 +9,8 @@ prints:
   within the bucket). Discord's window is fixed and opens with its first edit, so a *sliding* 5 s may
   legitimately hold more than 5 (the end of one window and the start of the next);
 * the staleness of what the channel shows: sampled every 100 ms for every running job, how much older
-  the state shown in its message is than the newest state of the job (event timestamps); mean, p95, max.
+  the state shown in its message is than the newest state of the job (event timestamps; a job whose
+  message is not posted yet shows nothing, so it counts from its first event); mean, p95, max.
 
 Run::
 
@@ -122,10 +123,12 @@ async def _measure(
     # Every event's timestamp by (job, seq), and the newest event per job: what "shown" is compared to.
     stamps: dict[tuple[int | str, int], float] = {}
     newest: dict[int | str, JobProgressEvent] = {}
+    first: dict[int | str, float] = {}
 
     def record(ev: JobProgressEvent) -> None:
         if ev.type == "job":
             stamps[(ev.id, ev.seq)] = ev.timestamp
+            first.setdefault(ev.id, ev.timestamp)
             if ev.id not in newest or ev.seq > newest[ev.id].seq:
                 newest[ev.id] = ev
 
@@ -143,9 +146,8 @@ async def _measure(
         running = [i for i in ids if i in newest and not newest[i].terminal]
         for jid in running:
             shown = adapter.shown_version("job", jid)
-            if not shown:
-                continue  # not posted yet
-            ts = stamps.get((jid, shown))
+            # Not posted yet: nothing is shown since the job's first event.
+            ts = stamps.get((jid, shown)) if shown else first[jid]
             if ts is not None:
                 staleness.append(max(0.0, newest[jid].timestamp - ts))
         if all(i in newest and newest[i].terminal for i in ids):

@@ -1,12 +1,13 @@
 """The Discord adapter: slash commands, buttons, and one pinned progress message per job or batch.
 
 * **Progress messages** are the shared :class:`~adapters.driver.ProgressDriver`'s job, as on Matrix:
-  :meth:`DiscordAdapter.on_event` only routes an event to its channel and offers it to the driver,
-  which posts, edits, pins, re-posts (the 1-hour rule) and replies through
-  :class:`~adapters.discord.transport.DiscordTransport`, each call waiting in its channel's outbox
-  inside the global one. The message carries Pause / Resume / Cancel buttons whose ``custom_id``
-  (``pb:pause:12``) is matched by a dynamic item, so they work across restarts. A periodic check
-  (``age_check_interval``) re-posts idle (paused) messages before they turn an hour old.
+  :meth:`DiscordAdapter.on_event` only routes an event to its channel and offers it to the driver, which
+  posts, edits, pins, re-posts (the 1-hour rule) and replies through
+  :class:`~adapters.discord.transport.DiscordTransport`, each call waiting in the outbox of its channel's
+  bucket for that route (edits, posts, pins) inside the global one. The message carries Pause / Resume /
+  Cancel buttons whose ``custom_id`` (``pb:pause:12``) is matched by a dynamic item, so they work across
+  restarts. A periodic check (``age_check_interval``) re-posts idle (paused) messages before they turn an
+  hour old.
 * **Interactions.** ``/run``'s answer *is* the job's progress message (the interaction is answered with
   it, or deferred and then filled with it; no "Started" notice). A successful pause / resume / cancel
   / retry of a job shown in the same channel is acknowledged by the progress message itself ("paused by
@@ -577,12 +578,15 @@ class DiscordAdapter(ChatAdapter):
         }
 
     def stats(self) -> dict[str, Any]:
-        """Counters for benches and ``/v1/stats``, with each channel's outbox."""
+        """Counters for benches and ``/v1/stats``, with each channel's outboxes (one per call kind)."""
         t = self.transport
         return {
             **self.counters,
             "pending": self.driver.pending() if self.driver is not None else 0,
-            "channels": {c: dataclasses.asdict(b.snapshot()) for c, b in (t.outboxes() if t else {}).items()},
+            "channels": {
+                c: {k: dataclasses.asdict(b.snapshot()) for k, b in boxes.items()}
+                for c, boxes in (t.outboxes() if t else {}).items()
+            },
         }
 
     async def flush(self, timeout: float = 10.0) -> bool:

@@ -27,9 +27,10 @@ class DiscordConfig:
     allow_manage_messages: bool = True
     #: Pin progress messages while their job is active.
     pin: bool = True
-    #: Each channel's outbox: every call in the channel (post, edit, pin, unpin, reply) costs one event;
-    #: ``edit_rate`` events/s sustained after a burst of ``edit_burst`` (Discord's edit bucket is 5 per
-    #: 5 s). The edit route's ``X-RateLimit-*`` headers adjust it as Discord reports.
+    #: Each channel's edit outbox: ``edit_rate`` edits/s sustained after a burst of ``edit_burst``
+    #: (Discord's edit bucket is 5 per 5 s); the edit route's ``X-RateLimit-*`` headers pace it as
+    #: Discord reports. Posts (with replies) and pins have outboxes of their own (Discord's buckets are
+    #: per route), which start at the same guess and then follow the limit their route announces.
     edit_rate: float = 1.0
     edit_burst: int = 5
     #: The bot's global limit (requests/s, Discord allows 50): one outbox above every channel's.

@@ -3,13 +3,16 @@
 It implements :class:`adapters.driver.Transport` (post, edit, pin, unpin, reply, classify errors) and
 :class:`adapters.driver.Reposting` (Discord's 1-hour rule), and holds the outboxes:
 
-* **Scopes.** Discord limits each channel's bucket and, above that, the bot globally. Every channel has
-  its own :class:`~adapters.outbox.Outbox` (``edit_rate`` / ``edit_burst``) nested in one global outbox
-  (``global_rate``): a call waits for its channel's turn, then the global one. The ``X-RateLimit-*``
-  headers of the edit route (seen through an aiohttp trace hook, :meth:`DiscordTransport.on_response`)
-  feed :meth:`Outbox.observe`, so the outbox waits *before* a 429 instead of discord.py waiting *after*
-  one; a 429 (discord.py waits it out and retries: its handling stays the safety net) pauses the
-  channel, or with ``X-RateLimit-Global`` every channel.
+* **Scopes.** Discord limits each route of a channel in a bucket of its own (edits 5 per 5 s; new
+  messages and replies; pins and unpins) and, above those, the bot globally. So every channel has one
+  :class:`~adapters.outbox.Outbox` per :class:`~adapters.driver.CallKind`, each nested in one global
+  outbox (``global_rate``): a call waits for its bucket's turn, then the global one, and posts, pins and
+  replies never spend the edits that show progress. Each route's ``X-RateLimit-*`` headers (seen through
+  an aiohttp trace hook, :meth:`DiscordTransport.on_response`) feed its own outbox
+  (:meth:`Outbox.observe`; the post and pin buckets also take the announced limit as their rate,
+  :meth:`Outbox.announce`), so an outbox waits *before* a 429 instead of discord.py waiting *after* one;
+  a 429 (discord.py waits it out and retries: its handling stays the safety net) pauses the bucket it
+  came from, or with ``X-RateLimit-Global`` every channel.
 * **The answer to** ``/run`` **is the progress message.** The adapter :meth:`holds <hold>` the
   interaction; the driver's first post of that job (``reply_to`` = the interaction id) answers it with
   the progress message itself (or fills the deferred "thinking…" placeholder), so no "Started" notice is
@@ -39,7 +42,7 @@ import discord
 
 from core.events import JobProgressEvent
 
-from ..driver import Content, ErrorKind, classify_error
+from ..driver import CallKind, Content, ErrorKind, classify_error
 from ..outbox import Outbox
 from .board import BoardMessage, board_controls
 from .config import DiscordConfig
@@ -53,7 +56,28 @@ EDIT_WINDOW_SECONDS = 3600.0
 ERR_UNKNOWN_MESSAGE = 10008
 ERR_OLD_MESSAGE_EDITS = 30046
 
-_CHANNEL_PATH = re.compile(r"/channels/(\d+)(/messages/\d+)?")
+_CHANNEL_PATH = re.compile(r"/channels/(\d+)(/[^?]*)?$")
+_MESSAGE = re.compile(r"/messages/\d+")
+
+
+def _route(method: str, path: str) -> tuple[str, CallKind | None] | None:
+    """The channel of a REST call and the kind of bucket it is limited in (None: a call the outboxes do
+    not make, such as a read); None for calls outside channels (interactions, webhooks)."""
+    m = _CHANNEL_PATH.search(path)
+    if m is None:
+        return None
+    rest = m.group(2) or ""
+    kind: CallKind | None = None
+    if "/pins/" in rest and method in ("PUT", "DELETE"):
+        kind = CallKind.PIN
+    elif "/reactions/" in rest and method in ("PUT", "DELETE"):
+        kind = CallKind.REACT
+    elif method == "PATCH" and _MESSAGE.fullmatch(rest):
+        kind = CallKind.EDIT
+    elif method == "POST" and rest == "/messages":
+        kind = CallKind.POST
+    return m.group(1), kind
+
 
 __all__ = ["DiscordTransport", "Held", "MustRepost"]
 
@@ -80,7 +104,7 @@ class Held:
 
 
 class DiscordTransport:
-    """Discord calls for the driver, through each channel's outbox inside the global one."""
+    """Discord calls for the driver, through each channel's per-route outboxes inside the global one."""
 
     platform = "discord"
     #: The controls are buttons on the message, not reactions.
@@ -104,7 +128,10 @@ class DiscordTransport:
         self.global_scope = Outbox(
             "discord:global", rate=config.global_rate, burst=config.global_rate, reserve=0, max_in_flight=50
         )
-        self._channels: dict[str, Outbox] = {}
+        self._boxes: dict[tuple[str, CallKind], Outbox] = {}
+        #: The longest ``X-RateLimit-Reset-After`` seen per bucket: a window's first request sees the
+        #: whole window, so this converges on its length (Discord does not send it).
+        self._windows: dict[tuple[str, CallKind], float] = {}
         #: Messages that must be re-posted whatever their age (deleted, or refused with 30046).
         self._stale: set[str] = set()
         self._held: dict[str, Held] = {}
@@ -113,52 +140,77 @@ class DiscordTransport:
         self.answers = 0
 
     # ------------------------------------------------------------------ scopes
-    def outbox(self, room: str) -> Outbox:
-        """The outbox of a channel's bucket (created on first use), nested in the global one."""
-        box = self._channels.get(room)
+    def outbox(self, room: str, kind: CallKind) -> Outbox:
+        """The outbox of the channel's bucket for ``kind`` (created on first use), inside the global one.
+
+        Discord limits each route of a channel in a bucket of its own: edits (5 per 5 s), new messages
+        (progress messages and replies) and pins each have one, so a post, pin or reply never spends an
+        edit. Every bucket starts at ``edit_rate`` / ``edit_burst``; posts and pins then follow the
+        limit their route announces (:meth:`on_response`).
+        """
+        key = (room, kind)
+        box = self._boxes.get(key)
         if box is None:
             cfg = self.config
             box = Outbox(
-                f"discord:{room}",
+                f"discord:{room}:{kind}",
                 rate=cfg.edit_rate,
                 burst=cfg.edit_burst,
                 reserve=cfg.answer_reserve,
+                # One request at a time per bucket: discord.py counts the requests in flight against
+                # what the bucket has left and, when that reaches 0, sleeps out the rest of the window
+                # although the window still had room. The calls take milliseconds; the rate is per s.
+                max_in_flight=1,
                 parent=self.global_scope,
             )
-            self._channels[room] = box
+            self._boxes[key] = box
         return box
 
-    def outboxes(self) -> dict[str, Outbox]:
-        """Every channel's outbox so far."""
-        return dict(self._channels)
+    def outboxes(self) -> dict[str, dict[str, Outbox]]:
+        """Every outbox so far: channel -> call kind -> outbox."""
+        out: dict[str, dict[str, Outbox]] = {}
+        for (room, kind), box in self._boxes.items():
+            out.setdefault(room, {})[str(kind)] = box
+        return out
 
     async def aclose(self) -> None:
         """Stop every outbox's worker."""
-        for box in [*self._channels.values(), self.global_scope]:
+        for box in [*self._boxes.values(), self.global_scope]:
             await box.aclose()
 
     async def on_response(
         self, session: aiohttp.ClientSession, ctx: Any, params: aiohttp.TraceRequestEndParams
     ) -> None:
-        """aiohttp trace hook: feed the edit route's ``X-RateLimit-*`` headers and 429s to the scopes."""
-        m = _CHANNEL_PATH.search(params.url.path)
-        if m is None:
+        """aiohttp trace hook: feed each route's ``X-RateLimit-*`` headers and 429s to its bucket's outbox.
+
+        The edit bucket keeps its configured rate (Discord's edit limits are partly unannounced) and is
+        paced by what remains; the other buckets follow the limit their route announces.
+        """
+        route = _route(params.method, params.url.path)
+        if route is None:
             return
+        room, kind = route
         headers = params.response.headers
-        box = self._channels.get(m.group(1))
+        box = self._boxes.get((room, kind)) if kind is not None else None
         try:
             if params.response.status == 429:
                 self.rate_limited += 1
                 retry = float(headers.get("Retry-After") or headers.get("X-RateLimit-Reset-After") or 1.0)
+                # A global 429 pauses every channel; any other only the bucket it came from.
                 scope = self.global_scope if headers.get("X-RateLimit-Global") == "true" else box
                 if scope is not None:
                     scope.observe(0, retry)
-            elif params.method == "PATCH" and m.group(2) and box is not None:
-                # The edit route's bucket is the one that binds (posts and pins have roomier ones).
-                if "X-RateLimit-Remaining" in headers:
-                    remaining = int(headers["X-RateLimit-Remaining"])
-                    reset = float(headers.get("X-RateLimit-Reset-After") or 0.0)
-                    box.observe(remaining, reset, pace=self.config.pace_edits)
+            elif box is not None and kind is not None and "X-RateLimit-Remaining" in headers:
+                remaining = int(headers["X-RateLimit-Remaining"])
+                reset = float(headers.get("X-RateLimit-Reset-After") or 0.0)
+                limit = int(headers.get("X-RateLimit-Limit") or 1)
+                if kind is not CallKind.EDIT and "X-RateLimit-Limit" in headers:
+                    window = max(self._windows.get((room, kind), 0.0), reset)
+                    self._windows[(room, kind)] = window
+                    box.announce(limit, window)
+                # Discord's window is fixed: at its reset the whole limit is back.
+                pace = self.config.pace_edits and kind is CallKind.EDIT
+                box.observe(remaining, reset, pace=pace, refill=limit)
         except ValueError:
             return  # a garbled header: the outbox's own model stands
 

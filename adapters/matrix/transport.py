@@ -27,7 +27,7 @@ from nio import AsyncClient, ErrorResponse, RoomGetStateEventResponse
 
 from core.events import JobProgressEvent
 
-from ..driver import Content, ErrorKind, classify_error
+from ..driver import CallKind, Content, ErrorKind, classify_error
 from ..outbox import Outbox, PermanentError, Priority, RateLimited
 from .config import MatrixConfig
 from .content import OFFERED_REACTIONS, edit_content, finish_reply, is_user_id, progress_content
@@ -180,8 +180,8 @@ class MatrixTransport:
             raise
 
     # ------------------------------------------------------------------ Transport
-    def outbox(self, room: str) -> Outbox:
-        """The account's outbox (the same for every room)."""
+    def outbox(self, room: str, kind: CallKind) -> Outbox:
+        """The account's outbox, for every room and every kind (Synapse's ``rc_message`` is one bucket)."""
         return self.account
 
     def render(self, ev: JobProgressEvent) -> Content:

@@ -388,9 +388,10 @@ async def test_twenty_fast_jobs_share_the_channel_budget(
             rec = await server.dispatch_slash_command("status", {"id": str(job.id)}, user=alice)
             resp = await server.wait_interaction_response(rec, timeout=5)
             assert resp.at - rec.dispatched_at < 3.0 and f"#{job.id}" in (resp.content or "")
-        # /run too: its answer is the new job's progress message, at once or after a deferral.
+        # /run too: its answer is the new job's progress message, at once or after a deferral. (bob asks:
+        # alice's 20 jobs are over the per-user cap of active jobs.)
         rec = await server.dispatch_slash_command(
-            "run", {"type": "demo.count", "args": "steps=3 delay_ms=10"}, user=alice
+            "run", {"type": "demo.count", "args": "steps=3 delay_ms=10"}, user=server.make_user(name="bob")
         )
         resp = await server.wait_interaction_response(rec, timeout=5)
         assert resp.at - rec.dispatched_at < 3.0 and not resp.ephemeral

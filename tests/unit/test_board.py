@@ -18,7 +18,7 @@ import pytest
 from adapters.board import BoardPolicy, RoomBoards, board_plain, board_view
 from adapters.discord.board import board_content as discord_board
 from adapters.discord.board import board_fits as discord_fits
-from adapters.driver import Content, ErrorKind, ProgressDriver, classify_error
+from adapters.driver import CallKind, Content, ErrorKind, ProgressDriver, classify_error
 from adapters.matrix.board import board_content as matrix_board
 from adapters.matrix.board import board_fits as matrix_fits
 from adapters.matrix.content import edit_content
@@ -63,7 +63,7 @@ class Room:
             raise RateLimited((self.level + 1 - self.burst) / self.rate)
         self.level += 1
 
-    def outbox(self, room: str) -> Outbox:
+    def outbox(self, room: str, kind: CallKind) -> Outbox:
         return self.box
 
     def render(self, ev: JobProgressEvent) -> Content:

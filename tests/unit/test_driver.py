@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from adapters.driver import Content, ErrorKind, ProgressDriver, classify_error
+from adapters.driver import CallKind, Content, ErrorKind, ProgressDriver, classify_error
 from adapters.outbox import Outbox, PermanentError
 from core.events import JobProgressEvent, next_seq
 from core.registry import HandlerRegistry
@@ -33,7 +33,7 @@ class FakeTransport:
         self.box = Outbox("fake", rate=1000, burst=1000, reserve=0)
         self._ids = 0
 
-    def outbox(self, room: str) -> Outbox:
+    def outbox(self, room: str, kind: CallKind) -> Outbox:
         return self.box
 
     def render(self, ev: JobProgressEvent) -> Content:
