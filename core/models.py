@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import JSON, Column, Index, UniqueConstraint
@@ -109,12 +110,20 @@ class Progress:
 
     def columns(self) -> dict[str, Any]:
         """The job row's progress columns with these values."""
-        return {column: getattr(self, name) for name, column in PROGRESS_COLUMNS.items()}
+        return dict(zip(_COLUMN_NAMES, _progress_values(self), strict=True))
 
     @classmethod
     def of(cls, row: Any) -> Progress:
         """The progress held in a job row (anything with the row's progress attributes)."""
-        return cls(**{name: getattr(row, column) for name, column in PROGRESS_COLUMNS.items()})
+        return cls(*_row_progress(row))
+
+
+# Read all seven at once (these run for every job event and write): the fields in declaration order,
+# which PROGRESS_COLUMNS follows, and the row's columns in the same order.
+_COLUMN_NAMES = tuple(PROGRESS_COLUMNS.values())
+_progress_values = attrgetter(*(f.name for f in fields(Progress)))
+_row_progress = attrgetter(*_COLUMN_NAMES)
+assert [f.name for f in fields(Progress)] == list(PROGRESS_COLUMNS)
 
 
 class JobTable(SQLModel, table=True):

@@ -84,8 +84,8 @@ class JobView:
     worker_id: str | None = None
 
     @classmethod
-    def from_job(cls, job: Job) -> JobView:
-        """Build a view from a stored job."""
+    def from_job(cls, job: Job, *, progress: Progress | None = None) -> JobView:
+        """Build a view from a stored job (with ``progress`` known newer than its row's, if given)."""
         return cls(
             id=job.id or 0,
             type=job.type,
@@ -101,7 +101,7 @@ class JobView:
             interrupted=bool(job.interrupted),
             control=job.control,
             control_by=job.control_by,
-            progress=Progress.of(job),
+            progress=Progress.of(job) if progress is None else progress,
             started_at=_ts(job.started_at),
             finished_at=_ts(job.finished_at),
             updated_at=job.updated_at,
