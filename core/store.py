@@ -193,6 +193,36 @@ class _SqliteHotPath:
             + " WHERE id = ? AND worker_id = ? AND status = ?"
         )
 
+        # The claim, compiled from _CLAIM_SQLITE itself: its SQL with the type list left to expand, and its
+        # parameters in order, the statement's own literals included (see claim_params).
+        claim = _CLAIM_SQLITE.compile(dialect=db.engine.dialect)
+        if not claim.string.endswith(" RETURNING " + ", ".join(self.jobs.columns)):
+            raise RuntimeError("the claim must return every column in table order")  # (load reads it so)
+        self._claim_sql = claim.string
+        self._claim_names = list(claim.positiontup or [])
+        self._claim_literals = claim.construct_params(_check=False)
+        self._claim_by_count: dict[int, str] = {}
+
+    def claim_sql(self, types: list[str] | None) -> str:
+        """The claim for this many types (an empty list, for all types, is legal SQL in SQLite)."""
+        n = len(types or ())
+        sql = self._claim_by_count.get(n)
+        if sql is None:
+            sql = self._claim_sql.replace("__[POSTCOMPILE_c_types]", ", ".join("?" * n))
+            self._claim_by_count[n] = sql
+        return sql
+
+    def claim_params(self, values: dict[str, Any]) -> list[Any]:
+        """The claim's parameters in order (``values`` by name over the literals; c_types expanded)."""
+        merged = {**self._claim_literals, **values}
+        out: list[Any] = []
+        for name in self._claim_names:
+            if name == "c_types":
+                out.extend(merged[name])
+            else:
+                out.append(merged[name])
+        return out
+
     def insert_sql(self, columns: tuple[str, ...]) -> str:
         """The job insert for these columns."""
         sql = self.insert_jobs.get(columns)
@@ -720,14 +750,24 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             "c_origin": self.origin,
         }
         with self.db.engine.begin() as conn:
-            if self.db.is_sqlite:
+            if self._sqlite is not None:
                 # BEGIN IMMEDIATE already serialises writers: one UPDATE ... WHERE id IN (SELECT) suffices.
-                rows = conn.execute(_CLAIM_SQLITE, params).all()
+                jobs = self._claim_sqlite(conn, params)
             else:
-                rows = conn.execute(_CLAIM_PG, params).all()
-        jobs = [row_to_job(r) for r in rows]
+                jobs = [row_to_job(r) for r in conn.execute(_CLAIM_PG, params).all()]
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id or 0))
         return jobs
+
+    def _claim_sqlite(self, conn: Connection, params: dict[str, Any]) -> list[Job]:
+        """_CLAIM_SQLITE as prepared SQL on the driver's cursor (see _SqliteHotPath), rows read as
+        SQLAlchemy would: the claim returns every column of up to a few dozen rows."""
+        assert self._sqlite is not None
+        sq, t = self._sqlite, self._sqlite.jobs
+        types = params["c_types"] if not params["c_all_types"] else []
+        values = dict(params, c_types=types, c_now=t.value("run_at", params["c_now"]))
+        values["c_lease"] = t.value("lease_until", params["c_lease"])
+        rows = driver_connection(conn).execute(sq.claim_sql(types), sq.claim_params(values)).fetchall()
+        return [Job(**t.load(r)) for r in rows]
 
     @in_db
     def next_run_at(self, types: Iterable[str] | None = None) -> datetime | None:

@@ -94,10 +94,16 @@ def _is_datetime(column: Any) -> bool:
 
 
 def _last_value_memo(proc: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``proc`` remembering its last argument (by identity) and answer: immutable values only."""
+    """``proc`` remembering its last argument (by identity) and answer: immutable values only.
+
+    None (an unset stamp, common between two set ones) is answered apart, so it never evicts the value.
+    """
     last: list[tuple[Any, Any]] = [(object(), None)]
+    none = proc(None)
 
     def process(value: Any) -> Any:
+        if value is None:
+            return none
         seen, out = last[0]  # one tuple, replaced whole: a reader never sees a torn pair
         if seen is value:
             return out

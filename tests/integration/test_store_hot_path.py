@@ -92,3 +92,15 @@ async def test_submits_and_completions_at_once_each_get_their_own_answer(store: 
         assert stored.status == JobStatus.COMPLETED and stored.result == i
     for j in [answers[1], *answers[3]]:
         assert await store.get(j.id or 0) == j
+
+
+async def test_a_claimed_job_reads_back_as_the_claim_answered(store: JobStore) -> None:
+    first = await store.submit(NewJob(type="t", payload=PAYLOAD, priority=1, max_attempts=3))
+    other = await store.submit(NewJob(type="u", name="other"))
+    assert await store.claim("w1", 5, types=["v"]) == []  # no job of that type
+    [claimed] = await store.claim("w1", 5, types=["t", "v"])
+    assert claimed.id == first.id and claimed == await store.get(first.id or 0)
+    assert (claimed.status, claimed.worker_id, claimed.attempts) == (JobStatus.RUNNING, "w1", 1)
+    assert claimed.payload == PAYLOAD and claimed.started_at and claimed.lease_until
+    [rest] = await store.claim("w2", 5)  # every type
+    assert rest.id == other.id and rest == await store.get(other.id or 0) and rest.worker_id == "w2"
