@@ -217,6 +217,17 @@ class Job:
     finished_at: datetime | None = None
     updated_at: datetime = field(default_factory=utcnow)
 
+    def copy(self, **changes: Any) -> Job:
+        """A copy with ``changes`` applied: ``dataclasses.replace`` without its per-field checks (a fifth
+        of its cost; the submit path copies every job it hands to a worker)."""
+        new = Job(*_job_values(self))
+        for name, value in changes.items():
+            setattr(new, name, value)
+        return new
+
+
+_job_values = attrgetter(*(f.name for f in fields(Job)))
+
 
 class Batch(SQLModel, table=True):
     """A group of jobs shown as one chat message with aggregate progress."""

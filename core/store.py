@@ -20,7 +20,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypedDict
 
@@ -601,8 +601,8 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             if hand and nj.handoff is not None:
                 nj.handoff.claimed = row  # committed: the claim is real
                 # The submitter sees the job as submitted; its claim happened in the same transaction.
-                row = replace(
-                    row, status=S.PENDING, attempts=0, worker_id=None, lease_until=None, started_at=None
+                row = row.copy(
+                    status=S.PENDING, attempts=0, worker_id=None, lease_until=None, started_at=None
                 )
             out.append(row)
         return out
