@@ -118,12 +118,61 @@ class Progress:
         return cls(*_row_progress(row))
 
 
+#: No progress reported (Progress is frozen, so one value serves every holder).
+NO_PROGRESS = Progress()
+
+
+class ProgressFields:
+    """The fields of a held :class:`Progress` (``self.progress``), readable as the holder's own attributes."""
+
+    __slots__ = ()
+    progress: Progress
+
+    @property
+    def current(self) -> float | None:
+        """:attr:`Progress.current`."""
+        return self.progress.current
+
+    @property
+    def total(self) -> float | None:
+        """:attr:`Progress.total`."""
+        return self.progress.total
+
+    @property
+    def message(self) -> str | None:
+        """:attr:`Progress.message`."""
+        return self.progress.message
+
+    @property
+    def stage_name(self) -> str | None:
+        """:attr:`Progress.stage_name`."""
+        return self.progress.stage_name
+
+    @property
+    def stage_index(self) -> int | None:
+        """:attr:`Progress.stage_index`."""
+        return self.progress.stage_index
+
+    @property
+    def stage_count(self) -> int | None:
+        """:attr:`Progress.stage_count`."""
+        return self.progress.stage_count
+
+    @property
+    def weighted_percent(self) -> float | None:
+        """:attr:`Progress.weighted_percent`."""
+        return self.progress.weighted_percent
+
+
 # Read all seven at once (these run for every job event and write): the fields in declaration order,
 # which PROGRESS_COLUMNS follows, and the row's columns in the same order.
 _COLUMN_NAMES = tuple(PROGRESS_COLUMNS.values())
 _progress_values = attrgetter(*(f.name for f in fields(Progress)))
 _row_progress = attrgetter(*_COLUMN_NAMES)
-assert [f.name for f in fields(Progress)] == list(PROGRESS_COLUMNS)
+if [f.name for f in fields(Progress)] != list(PROGRESS_COLUMNS) or not all(
+    isinstance(getattr(ProgressFields, name, None), property) for name in PROGRESS_COLUMNS
+):
+    raise TypeError("Progress, PROGRESS_COLUMNS and ProgressFields must list the same fields in one order")
 
 
 class JobTable(SQLModel, table=True):

@@ -292,23 +292,21 @@ class JobProgressMonitor:
             indeterminate = False
         if status in TERMINAL_STATUSES:
             eta = None
+        if wpct is not None:
+            wpct = round(wpct, 2)
+        if current is not p.current or wpct != p.weighted_percent:
+            p = replace(p, current=current, weighted_percent=wpct)  # what is shown differs from the report
         return JobProgressEvent(
             id=view.id,
             type="job",
             status=status,
             seq=next_seq(),
             timestamp=time.time(),
-            message=p.message,
+            progress=p,
             name=view.name or view.type,
-            current=current,
-            total=total,
             percentage=None if pct is None else round(pct, 2),
-            weighted_percent=None if wpct is None else round(wpct, 2),
             indeterminate=indeterminate,
             eta_seconds=eta,
-            stage_name=p.stage_name,
-            stage_index=p.stage_index,
-            stage_count=p.stage_count,
             job_type=view.type,
             priority=view.priority,
             retry_count=max(0, view.attempts - 1),
@@ -512,12 +510,14 @@ class JobProgressMonitor:
             status=str(summary.status),
             seq=next_seq(),
             timestamp=time.time(),
-            message=summary.current_operation or ", ".join(parts),
+            progress=Progress(
+                current=done,
+                total=total,
+                message=summary.current_operation or ", ".join(parts),
+                weighted_percent=pct,
+            ),
             name=b.name,
-            current=done,
-            total=total,
             percentage=pct,
-            weighted_percent=pct,
             indeterminate=total == 0,
             owner=b.owner,
             room=b.room,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import pytest
 
 from core.context import JobContext
 from core.events import EventBus, JobProgressEvent
+from core.models import Progress
 from core.registry import HandlerRegistry
 from tests.conftest import ServiceFactory, wait_until
 
@@ -282,3 +284,30 @@ async def test_a_job_that_finishes_before_its_pause_point_still_shows_completed(
         return bool(statuses) and statuses[-1][0] == "completed"
 
     await wait_until(completion_shown, timeout=5)
+
+
+def test_an_event_holds_one_progress_value_and_reads_flat() -> None:
+    """The event carries the reporter's Progress value; readers and the wire shape still see flat fields."""
+    progress = Progress(
+        current=3, total=12, message="step 3", stage_name="render", stage_index=1, stage_count=3
+    )
+    ev = JobProgressEvent(id=7, type="job", status="running", seq=1, timestamp=0.0, progress=progress)
+    assert ev.progress is progress
+    assert (ev.current, ev.total, ev.message, ev.stage_name) == (3, 12, "step 3", "render")
+    built_flat = JobProgressEvent(
+        id=7,
+        type="job",
+        status="running",
+        seq=1,
+        timestamp=0.0,
+        current=3,
+        total=12,
+        message="step 3",
+        stage_name="render",
+        stage_index=1,
+        stage_count=3,
+    )
+    assert built_flat == ev and dataclasses.replace(ev) == ev
+    d = ev.to_dict()
+    assert d["progress"] == {"current": 3, "total": 12, "percentage": None} and d["message"] == "step 3"
+    assert d["stage"] == {"name": "render", "index": 1, "count": 3} and "current" not in d
