@@ -105,9 +105,11 @@ _CLAIM_VALUES = {
     "updated_at": bindparam("c_now"),
     "origin": bindparam("c_origin"),
 }
+# (No second status test outside the pick: BEGIN IMMEDIATE holds off every other writer, and with it SQLite
+# would find the rows by scanning all pending jobs, not by their ids.)
 _CLAIM_SQLITE = (
     update(jobs_t)
-    .where(jobs_t.c.id.in_(_CLAIM_PICK.scalar_subquery()), jobs_t.c.status == JobStatus.PENDING)
+    .where(jobs_t.c.id.in_(_CLAIM_PICK.scalar_subquery()))
     .values(**_CLAIM_VALUES)
     .returning(*jobs_t.c)
 )
@@ -414,6 +416,19 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
     async def init(self) -> None:
         """Create the schema if needed."""
         await self.db.run(self.db.create_schema)
+        if self.db.is_sqlite:
+            await self.db.run(self._migrate_sqlite)
+
+    def _migrate_sqlite(self) -> None:
+        """Bring a database made by an older version up to date (create_schema only adds missing tables).
+
+        SQLite only: one process serves a SQLite database, so nothing races this. ``ix_jobs_claim`` (status,
+        priority, run_at) made every claim sort all pending jobs; ``ix_jobs_due`` gives the claim order.
+        """
+        due = next(ix for ix in jobs_t.indexes if ix.name == "ix_jobs_due")
+        with self.db.engine.begin() as conn:
+            due.create(conn, checkfirst=True)
+            conn.exec_driver_sql("DROP INDEX IF EXISTS ix_jobs_claim")
 
     # ----------------------------------------------------------------- submit
     async def submit(self, job: NewJob, *, actor: str | None = None) -> Job:
