@@ -19,7 +19,8 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypedDict
@@ -186,6 +187,8 @@ class _SqliteHotPath:
         #: INSERT per column list (every insert of the store uses the same one).
         self.insert_jobs: dict[tuple[str, ...], str] = {}
         self.due_top_priority = "SELECT max(priority) FROM jobs WHERE status = ? AND kind = ? AND run_at <= ?"
+        # Which of the completions just written applied (_complete_many, when some job was taken away).
+        self.completed_at = "SELECT id FROM jobs WHERE status = ? AND finished_at = ? AND id IN ({})"
         progress = list(PROGRESS_COLUMNS.values())
         self.progress_columns = progress
         self.complete = (
@@ -514,11 +517,39 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             return self._submit_groups(groups), []
         now = self.db.now()
         outcomes = [oc for ocs in finishes for oc in ocs]
-        with self.db.engine.begin() as conn:
+        with self._transaction(prepared=all(oc.status == S.COMPLETED for oc in outcomes)) as conn:
             res = self._finish_in(conn, outcomes, now)
             flat, actors = self._flatten(groups)
             rows = self._submit_in(conn, flat, now, None, actors) if flat else []
         return self._split(groups, self._after_submit(flat, rows)), self._split_finish(res, finishes)
+
+    def _transaction(self, *, prepared: bool) -> AbstractContextManager[Any]:
+        """A write transaction: SQLAlchemy's, or for a body that runs only prepared SQL (``prepared``) on
+        SQLite, the sqlite3 connection's own (see _sqlite_transaction)."""
+        if prepared and self._sqlite is not None:
+            return self._sqlite_transaction()
+        return self.db.engine.begin()
+
+    @contextmanager
+    def _sqlite_transaction(self) -> Iterator[Any]:
+        """A BEGIN IMMEDIATE transaction on a pooled sqlite3 connection, which the body gets as it is.
+
+        For bodies that run prepared SQL only (see _SqliteHotPath): SQLAlchemy's Connection around the
+        transaction costs half as much again as the SQL of a sequential submit's group commit.
+        """
+        fairy = self.db.engine.raw_connection()
+        try:
+            raw = fairy.driver_connection
+            assert raw is not None
+            raw.execute("BEGIN IMMEDIATE")
+            try:
+                yield raw
+            except BaseException:
+                raw.rollback()
+                raise
+            raw.commit()
+        finally:
+            fairy.close()
 
     @staticmethod
     def _split_finish(res: FinishResult, finishes: list[list[Outcome]]) -> list[FinishResult]:
@@ -592,7 +623,7 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         if not jobs:
             return []
         now = self.db.now()
-        with self.db.engine.begin() as conn:
+        with self._transaction(prepared=True) as conn:
             rows = self._submit_in(conn, jobs, now, actor, actors)
         return self._after_submit(jobs, rows)
 
@@ -862,6 +893,12 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         ids = [oc.job_id for oc in done]
         if rowcount == len(ids):
             applied = set(ids)  # every fenced update hit its row
+        elif self._sqlite is not None:
+            # Some job was taken away (recovered meanwhile): find out which updates applied.
+            sq = self._sqlite
+            sql = sq.completed_at.format(", ".join("?" * len(ids)))
+            stamp = sq.jobs.value("finished_at", now)
+            applied = {r[0] for r in driver_connection(conn).execute(sql, (S.COMPLETED, stamp, *ids))}
         else:
             # Some job was taken away (lease lost): find out which updates applied.
             applied = {

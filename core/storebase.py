@@ -114,9 +114,9 @@ def _last_value_memo(proc: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return process
 
 
-def driver_connection(conn: Connection) -> Any:
-    """The DBAPI connection under ``conn`` (its open transaction included)."""
-    return conn.connection.driver_connection
+def driver_connection(conn: Connection | Any) -> Any:
+    """The DBAPI connection under ``conn`` (its open transaction included); a DBAPI connection itself."""
+    return conn.connection.driver_connection if isinstance(conn, Connection) else conn
 
 
 class StoreBase:

@@ -286,7 +286,7 @@ async def test_a_job_that_finishes_before_its_pause_point_still_shows_completed(
     await wait_until(completion_shown, timeout=5)
 
 
-def test_an_event_holds_one_progress_value_and_reads_flat() -> None:
+async def test_an_event_holds_one_progress_value_and_reads_flat() -> None:
     """The event carries the reporter's Progress value; readers and the wire shape still see flat fields."""
     progress = Progress(
         current=3, total=12, message="step 3", stage_name="render", stage_index=1, stage_count=3
