@@ -89,7 +89,7 @@ class JobProgressEvent(ProgressFields):
     weighted_percent: InitVar[float | None] = None
 
     def __post_init__(self, *flat: Any) -> None:
-        if any(v is not None for v in flat):
+        if flat != _NO_FLAT_PROGRESS:  # (one tuple comparison: every job event passes here)
             self.progress = Progress(*flat)
 
     @property
@@ -149,6 +149,8 @@ class JobProgressEvent(ProgressFields):
                 d["result"] = self.result
         return d
 
+
+_NO_FLAT_PROGRESS = (None,) * len(PROGRESS_COLUMNS)
 
 # The InitVars' class defaults would hide ProgressFields' properties; the generated __init__ keeps them.
 for _name in PROGRESS_COLUMNS:
