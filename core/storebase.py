@@ -52,7 +52,15 @@ class SqliteTable:
             if proc is not None and _is_datetime(c):
                 shared = memos.setdefault(type(c.type), _last_value_memo(proc))
                 self._bind[c.name] = shared
-        self._read = {c.name: c.type.dialect_impl(dialect).result_processor(dialect, None) for c in table.c}
+        self._read: dict[str, Callable[[Any], Any] | None] = {
+            c.name: c.type.dialect_impl(dialect).result_processor(dialect, None) for c in table.c
+        }
+        # Rows read together mostly share their stamps (jobs inserted, or claimed, in one transaction): each
+        # datetime column parses a stored text once while it repeats.
+        for c in table.c:
+            proc = self._read[c.name]
+            if proc is not None and _is_datetime(c):
+                self._read[c.name] = _last_value_memo(proc, equal=True)
         # (index, processor) of the columns whose stored value needs converting on the way out.
         self._result = [(i, proc) for i, proc in enumerate(self._read.values()) if proc is not None]
 
@@ -93,8 +101,9 @@ def _is_datetime(column: Any) -> bool:
     return isinstance(getattr(column.type, "impl_instance", column.type), DateTime)
 
 
-def _last_value_memo(proc: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``proc`` remembering its last argument (by identity) and answer: immutable values only.
+def _last_value_memo(proc: Callable[[Any], Any], *, equal: bool = False) -> Callable[[Any], Any]:
+    """``proc`` remembering its last argument (by identity, or ``equal`` value) and answer: immutable
+    values only.
 
     None (an unset stamp, common between two set ones) is answered apart, so it never evicts the value.
     """
@@ -105,7 +114,7 @@ def _last_value_memo(proc: Callable[[Any], Any]) -> Callable[[Any], Any]:
         if value is None:
             return none
         seen, out = last[0]  # one tuple, replaced whole: a reader never sees a torn pair
-        if seen is value:
+        if seen is value or (equal and seen == value):
             return out
         out = proc(value)
         last[0] = (value, out)
