@@ -13,10 +13,18 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
-from .models import TERMINAL_STATUSES, JobStatus, stage_json
+from .models import (
+    NO_PROGRESS,
+    PROGRESS_COLUMNS,
+    TERMINAL_STATUSES,
+    JobStatus,
+    Progress,
+    ProgressFields,
+    stage_json,
+)
 
 #: Event sequence numbers start at the current time in microseconds, so they keep growing across restarts.
 log = logging.getLogger(__name__)
@@ -30,25 +38,26 @@ def next_seq() -> int:
 
 
 @dataclass(slots=True)
-class JobProgressEvent:
-    """The state of one job or batch at one moment: what the HTTP stream and the chat adapters receive."""
+class JobProgressEvent(ProgressFields):
+    """The state of one job or batch at one moment: what the HTTP stream and the chat adapters receive.
+
+    Its progress is one :class:`~core.models.Progress` value (:attr:`progress`), the one the reporter's
+    state and the job's row hold; its fields read as the event's own (``ev.current``, ``ev.message``...),
+    and may be given as such when building one (``JobProgressEvent(..., current=3, total=10)``).
+    """
 
     id: int | str
     type: str  # "job" or "batch"
     status: str
     seq: int
     timestamp: float
-    message: str | None = None
+    #: What is shown: a completed job's is at its total and 100%.
+    progress: Progress = NO_PROGRESS
     name: str | None = None
-    current: float | None = None
-    total: float | None = None
+    #: ``current`` of ``total``, rounded (derived from :attr:`progress`, kept for readers).
     percentage: float | None = None
-    weighted_percent: float | None = None
     indeterminate: bool = False
     eta_seconds: float | None = None
-    stage_name: str | None = None
-    stage_index: int | None = None
-    stage_count: int | None = None
     job_type: str | None = None
     priority: int = 0
     retry_count: int = 0
@@ -70,6 +79,18 @@ class JobProgressEvent:
     errors: list[str] = field(default_factory=list)
     #: True when the status changed with this event (as opposed to a progress-only update).
     status_changed: bool = False
+    # The progress fields, one by one, for building an event (see the class doc); read through properties.
+    current: InitVar[float | None] = None
+    total: InitVar[float | None] = None
+    message: InitVar[str | None] = None
+    stage_name: InitVar[str | None] = None
+    stage_index: InitVar[int | None] = None
+    stage_count: InitVar[int | None] = None
+    weighted_percent: InitVar[float | None] = None
+
+    def __post_init__(self, *flat: Any) -> None:
+        if flat != _NO_FLAT_PROGRESS:  # (one tuple comparison: every job event passes here)
+            self.progress = Progress(*flat)
 
     @property
     def key(self) -> tuple[str, int | str]:
@@ -128,6 +149,14 @@ class JobProgressEvent:
                 d["result"] = self.result
         return d
 
+
+_NO_FLAT_PROGRESS = (None,) * len(PROGRESS_COLUMNS)
+
+# The InitVars' class defaults would hide ProgressFields' properties; the generated __init__ keeps them.
+for _name in PROGRESS_COLUMNS:
+    delattr(JobProgressEvent, _name)
+if list(JobProgressEvent.__dataclass_fields__)[-len(PROGRESS_COLUMNS) :] != list(PROGRESS_COLUMNS):
+    raise TypeError("JobProgressEvent's progress InitVars must come last, in Progress's order")
 
 EventFilter = Callable[[JobProgressEvent], bool]
 

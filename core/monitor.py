@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -84,8 +84,8 @@ class JobView:
     worker_id: str | None = None
 
     @classmethod
-    def from_job(cls, job: Job) -> JobView:
-        """Build a view from a stored job."""
+    def from_job(cls, job: Job, *, progress: Progress | None = None) -> JobView:
+        """Build a view from a stored job (with ``progress`` known newer than its row's, if given)."""
         return cls(
             id=job.id or 0,
             type=job.type,
@@ -101,7 +101,7 @@ class JobView:
             interrupted=bool(job.interrupted),
             control=job.control,
             control_by=job.control_by,
-            progress=Progress.of(job),
+            progress=Progress.of(job) if progress is None else progress,
             started_at=_ts(job.started_at),
             finished_at=_ts(job.finished_at),
             updated_at=job.updated_at,
@@ -232,7 +232,7 @@ class JobProgressMonitor:
         if force or self._last_status.get(key) != view.status:
             if view.batch_id is not None:
                 self._batch_urgent.add(view.batch_id)
-            return self._emit_job(key, status_changed=True)
+            return self._emit_job(key, status_changed=True, fresh=True)
         if old is None or old.progress != view.progress or old.control != view.control:
             self._dirty.add(key)
         return None
@@ -242,15 +242,19 @@ class JobProgressMonitor:
         self._pending_logs.append((job_id, level, message, context))
 
     # --------------------------------------------------------------- emitting
-    def _emit_job(self, key: Key, *, status_changed: bool) -> JobProgressEvent | None:
+    def _emit_job(self, key: Key, *, status_changed: bool, fresh: bool = False) -> JobProgressEvent | None:
+        """Publish a job's event; ``fresh`` when its view's progress is its live state's already."""
         view = self._views.get(key)
         if view is None:
             return None
-        ev = self.build_job_event(view, status_changed=status_changed)
+        st = self._live.get(view.id)
+        if st is not None and not fresh:
+            view.progress = st.snapshot()
+        ev = self._job_event(view, st, status_changed)
         self._dirty.discard(key)
         self._last_emit[key] = self.clock()
         self._last_status[key] = view.status
-        if view.persisted and isinstance(view.id, int) and view.id in self._live:
+        if st is not None and view.persisted and isinstance(view.id, int):
             self._unsaved.add(view.id)
         self.events_emitted += 1
         self.bus.publish(ev)
@@ -261,24 +265,24 @@ class JobProgressMonitor:
     def build_job_event(self, view: JobView, *, status_changed: bool = False) -> JobProgressEvent:
         """An event for a job from its view and (when it runs here) its live progress."""
         st = self._live.get(view.id)
-        now = self.clock()
         if st is not None:
-            current, total, message = st.current, st.total, st.message
-            pct = st.percentage()
-            wpct = st.weighted_percent()
-            stage_name, stage_index = st.stage_name, st.stage_index
-            stage_count = len(st.stage_names) or None
+            view = replace(view, progress=st.snapshot())  # (the caller's view stays as it was)
+        return self._job_event(view, st, status_changed)
+
+    def _job_event(self, view: JobView, st: ProgressState | None, status_changed: bool) -> JobProgressEvent:
+        """The event of ``view``, whose progress is current (the live state's, for a job running here)."""
+        p = view.progress
+        status = view.status
+        current, total = p.current, p.total
+        pct = p.percentage()
+        if st is not None:
+            wpct = p.weighted_percent  # the live state's weighted percent (see ProgressState.snapshot)
             indeterminate = st.indeterminate and not st.stage_names
-            eta = st.eta_seconds(now) if view.status == JobStatus.RUNNING else None
+            eta = st.eta_seconds(self.clock()) if status == JobStatus.RUNNING else None
         else:
-            p = view.progress
-            current, total, message = p.current, p.total, p.message
-            pct = p.percentage()
             wpct = p.weighted_percent if p.weighted_percent is not None else pct
-            stage_name, stage_index, stage_count = p.stage_name, p.stage_index, p.stage_count
             indeterminate = not total
             eta = None
-        status = view.status
         if status == JobStatus.COMPLETED:
             # A completed job is at 100%, whatever it last reported.
             if total:
@@ -288,23 +292,21 @@ class JobProgressMonitor:
             indeterminate = False
         if status in TERMINAL_STATUSES:
             eta = None
+        if wpct is not None:
+            wpct = round(wpct, 2)
+        if current is not p.current or wpct != p.weighted_percent:
+            p = replace(p, current=current, weighted_percent=wpct)  # what is shown differs from the report
         return JobProgressEvent(
             id=view.id,
             type="job",
             status=status,
             seq=next_seq(),
             timestamp=time.time(),
-            message=message,
+            progress=p,
             name=view.name or view.type,
-            current=current,
-            total=total,
             percentage=None if pct is None else round(pct, 2),
-            weighted_percent=None if wpct is None else round(wpct, 2),
             indeterminate=indeterminate,
             eta_seconds=eta,
-            stage_name=stage_name,
-            stage_index=stage_index,
-            stage_count=stage_count,
             job_type=view.type,
             priority=view.priority,
             retry_count=max(0, view.attempts - 1),
@@ -508,12 +510,14 @@ class JobProgressMonitor:
             status=str(summary.status),
             seq=next_seq(),
             timestamp=time.time(),
-            message=summary.current_operation or ", ".join(parts),
+            progress=Progress(
+                current=done,
+                total=total,
+                message=summary.current_operation or ", ".join(parts),
+                weighted_percent=pct,
+            ),
             name=b.name,
-            current=done,
-            total=total,
             percentage=pct,
-            weighted_percent=pct,
             indeterminate=total == 0,
             owner=b.owner,
             room=b.room,

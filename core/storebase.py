@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, DateTime, Table
 from sqlalchemy.engine import Dialect, Row
 
 from .db import Database
@@ -41,8 +41,26 @@ class SqliteTable:
     def __init__(self, table: Table, dialect: Dialect) -> None:
         self.name = table.name
         self.columns = [c.name for c in table.c]
-        self._bind = {c.name: c.type.dialect_impl(dialect).bind_processor(dialect) for c in table.c}
-        self._read = {c.name: c.type.dialect_impl(dialect).result_processor(dialect, None) for c in table.c}
+        self._bind: dict[str, Callable[[Any], Any] | None] = {
+            c.name: c.type.dialect_impl(dialect).bind_processor(dialect) for c in table.c
+        }
+        # A transaction stamps several columns (created, updated, run_at, started, lease) and rows with the
+        # same datetime: converting it once, not per column and row, saves most of the binding's time.
+        memos: dict[type, Callable[[Any], Any]] = {}
+        for c in table.c:
+            proc = self._bind[c.name]
+            if proc is not None and _is_datetime(c):
+                shared = memos.setdefault(type(c.type), _last_value_memo(proc))
+                self._bind[c.name] = shared
+        self._read: dict[str, Callable[[Any], Any] | None] = {
+            c.name: c.type.dialect_impl(dialect).result_processor(dialect, None) for c in table.c
+        }
+        # Rows read together mostly share their stamps (jobs inserted, or claimed, in one transaction): each
+        # datetime column parses a stored text once while it repeats.
+        for c in table.c:
+            proc = self._read[c.name]
+            if proc is not None and _is_datetime(c):
+                self._read[c.name] = _last_value_memo(proc, equal=True)
         # (index, processor) of the columns whose stored value needs converting on the way out.
         self._result = [(i, proc) for i, proc in enumerate(self._read.values()) if proc is not None]
 
@@ -78,9 +96,36 @@ class SqliteTable:
         return dict(zip(self.columns, values, strict=True))
 
 
-def driver_connection(conn: Connection) -> Any:
-    """The DBAPI connection under ``conn`` (its open transaction included)."""
-    return conn.connection.driver_connection
+def _is_datetime(column: Any) -> bool:
+    """Whether a column stores datetimes (a TypeDecorator such as SQLModel's UTCDateTime included)."""
+    return isinstance(getattr(column.type, "impl_instance", column.type), DateTime)
+
+
+def _last_value_memo(proc: Callable[[Any], Any], *, equal: bool = False) -> Callable[[Any], Any]:
+    """``proc`` remembering its last argument (by identity, or ``equal`` value) and answer: immutable
+    values only.
+
+    None (an unset stamp, common between two set ones) is answered apart, so it never evicts the value.
+    """
+    last: list[tuple[Any, Any]] = [(object(), None)]
+    none = proc(None)
+
+    def process(value: Any) -> Any:
+        if value is None:
+            return none
+        seen, out = last[0]  # one tuple, replaced whole: a reader never sees a torn pair
+        if seen is value or (equal and seen == value):
+            return out
+        out = proc(value)
+        last[0] = (value, out)
+        return out
+
+    return process
+
+
+def driver_connection(conn: Connection | Any) -> Any:
+    """The DBAPI connection under ``conn`` (its open transaction included); a DBAPI connection itself."""
+    return conn.connection.driver_connection if isinstance(conn, Connection) else conn
 
 
 class StoreBase:

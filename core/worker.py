@@ -233,8 +233,8 @@ class Worker:
         if claimed is None or inserted is None:
             self._slot_freed.set()
             return
-        # Its pending state first (the submitter announces nothing when its job was handed over).
-        self.monitor.job_changed(inserted)
+        # No "pending" event: the row was inserted running, so no reader ever saw it pending (the
+        # submitter announces nothing when its job was handed over; the first event says "running").
         if self.reap_expired:
             self._deadlines[claimed.id or 0] = offered_at + self.lease_seconds
         if not self._accepting:
@@ -433,12 +433,19 @@ class Worker:
         by_id = {j.id: j for j in res.changed}
         for oc, rj in batch:
             if oc.job_id in res.completed_ids and rj is not None:
-                # Build the final view from what we know instead of re-reading the row.
-                view = JobView.from_job(rj.job)
+                # Build the final view from what we know instead of re-reading the row (its progress is
+                # the outcome's, which the live state gives the event anyway).
+                view = JobView.from_job(rj.job, progress=oc.progress)
                 view.status = JobStatus.COMPLETED
                 view.result = oc.result
                 view.error = None
-                view.finished_at = res.finished_at.timestamp() if res.finished_at else time.time()
+                if res.finished_at is not None:
+                    # The row's new stamp: a view announced meanwhile (a pause requested that the
+                    # handler never reached) is older, and must not hide the completion as stale.
+                    view.updated_at = res.finished_at
+                    view.finished_at = res.finished_at.timestamp()
+                else:
+                    view.finished_at = time.time()
                 self.monitor.job_changed(view)
                 self.completed_count += 1
             else:
@@ -450,7 +457,8 @@ class Worker:
     # ----------------------------------------------------------------- runs
     def _start_job(self, job: Job) -> None:
         assert job.id is not None
-        state = self.monitor.attach(job)
+        view = JobView.from_job(job)  # one view, attached and announced
+        state = self.monitor.attach(view)
         ctx = JobContext(
             job_id=job.id,
             job_type=job.type,
@@ -464,7 +472,7 @@ class Worker:
         )
         rj = RunningJob(job=job, ctx=ctx, lease_deadline=self._deadlines.get(job.id, math.inf))
         self.running[job.id] = rj
-        self.monitor.job_changed(job)
+        self.monitor.job_changed(view)
         rj.task = asyncio.create_task(self._run(rj), name=f"job-{job.id}")
 
     async def _run(self, rj: RunningJob) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -92,3 +93,46 @@ async def test_submits_and_completions_at_once_each_get_their_own_answer(store: 
         assert stored.status == JobStatus.COMPLETED and stored.result == i
     for j in [answers[1], *answers[3]]:
         assert await store.get(j.id or 0) == j
+
+
+async def test_a_claimed_job_reads_back_as_the_claim_answered(store: JobStore) -> None:
+    first = await store.submit(NewJob(type="t", payload=PAYLOAD, priority=1, max_attempts=3))
+    other = await store.submit(NewJob(type="u", name="other"))
+    assert await store.claim("w1", 5, types=["v"]) == []  # no job of that type
+    [claimed] = await store.claim("w1", 5, types=["t", "v"])
+    assert claimed.id == first.id and claimed == await store.get(first.id or 0)
+    assert (claimed.status, claimed.worker_id, claimed.attempts) == (JobStatus.RUNNING, "w1", 1)
+    assert claimed.payload == PAYLOAD and claimed.started_at and claimed.lease_until
+    [rest] = await store.claim("w2", 5)  # every type
+    assert rest.id == other.id and rest == await store.get(other.id or 0) and rest.worker_id == "w2"
+
+
+async def test_claims_follow_priority_then_age_and_an_old_claim_index_is_replaced(db_url: str) -> None:
+    """Claims take the highest priority first, then the oldest, then the lowest id; a SQLite database made
+    before the claim-order index gets it at start (and loses the old one, which only cost writes)."""
+    db = Database(db_url)
+    try:
+        if db.is_sqlite:
+            db.create_schema()
+            with db.engine.begin() as conn:  # the schema as an older version left it
+                conn.exec_driver_sql("DROP INDEX ix_jobs_due")
+                conn.exec_driver_sql("CREATE INDEX ix_jobs_claim ON jobs (status, priority, run_at)")
+        store = JobStore(db)
+        await store.init()
+        if db.is_sqlite:
+            with db.engine.connect() as conn:
+                names = {
+                    r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='index'")
+                }
+            assert "ix_jobs_due" in names and "ix_jobs_claim" not in names
+        now = store.now()
+        specs = [(0, 0), (5, 2), (5, 1), (9, 3), (0, -1), (5, 1)]  # (priority, seconds before now)
+        ids = [
+            (await store.submit(NewJob(type="t", priority=p, run_at=now - timedelta(seconds=s)))).id
+            for p, s in specs
+        ]
+        order = [j.id for j in await store.claim("w1", 2)] + [j.id for j in await store.claim("w1", 10)]
+        # priority 9; then priority 5, oldest first (ties by id); then priority 0 (the one due in 1 s waits).
+        assert order == [ids[3], ids[1], ids[2], ids[5], ids[0]]
+    finally:
+        db.close()
