@@ -146,6 +146,8 @@ class Worker:
         self._next_due_check = 0.0
         self._stopping = False
         self._accepting = True
+        #: The claim on its way to the store whose answer the claim loop has not taken yet (see :meth:`stop`).
+        self._inflight_claim: asyncio.Future[list[Job]] | None = None
         #: Slots offered to jobs being submitted in this process (see :meth:`offer_slot`).
         self._offered = 0
         self.completed_count = 0
@@ -176,10 +178,7 @@ class Worker:
         grace = self.shutdown_grace if grace is None else grace
         # Jobs claimed ahead but never started go straight back to the queue.
         for job in self._ready:
-            self._outcomes.append(
-                (Outcome(job_id=job.id or 0, worker_id=self.worker_id, status=JobStatus.PENDING), None)
-            )
-            self._deadlines.pop(job.id or 0, None)
+            self._release(job)
         self._ready.clear()
         for rj in list(self.running.values()):
             rj.ctx.set_control(Control.SHUTDOWN)
@@ -200,7 +199,23 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        # A claim that was on its way when the stop began: the claim loop hands back what it returns, unless
+        # it was cancelled before the answer came; then that answer is handed back here. Either way no job
+        # stays "running" with nobody running it.
+        inflight, self._inflight_claim = self._inflight_claim, None
+        if inflight is not None:
+            with contextlib.suppress(Exception):
+                for job in await inflight:
+                    self._release(job)
         await self._flush_outcomes()
+
+    def _release(self, job: Job) -> None:
+        """Hand a job this worker claimed but will not start back to the queue (written by the finisher)."""
+        self._outcomes.append(
+            (Outcome(job_id=job.id or 0, worker_id=self.worker_id, status=JobStatus.PENDING), None)
+        )
+        self._deadlines.pop(job.id or 0, None)
+        self._outcome_ready.set()
 
     def wake(self, run_at_delay: float | None = None) -> None:
         """Look for work now (called on submit in this process, and on NOTIFY from other processes);
@@ -238,11 +253,7 @@ class Worker:
         if self.reap_expired:
             self._deadlines[claimed.id or 0] = offered_at + self.lease_seconds
         if not self._accepting:
-            # Stopping meanwhile: back to the queue, like the jobs claimed ahead (see stop).
-            self._outcomes.append(
-                (Outcome(job_id=claimed.id or 0, worker_id=self.worker_id, status=JobStatus.PENDING), None)
-            )
-            self._outcome_ready.set()
+            self._release(claimed)  # stopping meanwhile: back to the queue, like the jobs claimed ahead
             return
         self._start_job(claimed)
 
@@ -297,9 +308,20 @@ class Worker:
                 # Claiming a few jobs ahead turns one claim transaction per job into one per batch.
                 want = free + (self.prefetch if deep else 0)
                 sent = time.monotonic()
-                jobs = await self.store.claim(
-                    self.worker_id, want, types=types, lease_seconds=self.lease_seconds
+                claim = asyncio.ensure_future(
+                    self.store.claim(self.worker_id, want, types=types, lease_seconds=self.lease_seconds)
                 )
+                self._inflight_claim = claim
+                try:
+                    # Shielded: a stop that cancels this loop must still learn what the claim took.
+                    jobs = await asyncio.shield(claim)
+                finally:
+                    if claim.done():
+                        self._inflight_claim = None
+                if not self._accepting:
+                    for job in jobs:
+                        self._release(job)  # the stop began while the claim was on its way
+                    continue
                 deep = len(jobs) == want
                 lost = 0 if jobs else lost + woken
                 if self.reap_expired:

@@ -552,6 +552,38 @@ async def test_graceful_stop_requeues_from_checkpoint(make_service: ServiceFacto
     assert done.result == {"steps": 30, "executions": 30}
 
 
+async def test_a_stop_during_a_claim_hands_the_claimed_job_back(make_service: ServiceFactory) -> None:
+    """A stop (SIGTERM) that lands while a claim is on its way: the claim commits (the job is "running" in the
+    store) but its answer reaches the worker only after the stop began. The job goes back to the queue
+    instead of staying "running" with nobody running it, and another process then runs it."""
+    svc = await make_service(shutdown_grace=1)
+    assert svc.worker is not None
+    real_claim = svc.store.claim
+    committed, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow_answer(*args: Any, **kwargs: Any) -> list[Job]:
+        jobs = await real_claim(*args, **kwargs)
+        if jobs:
+            committed.set()
+            await answer.wait()  # a loaded machine: the answer comes back late
+        return jobs
+
+    svc.store.claim = slow_answer  # type: ignore[method-assign]
+    writer = await make_service(run_worker=False)  # another process submits (no hand-over to a free slot)
+    job = await writer.submit("demo.count", {"steps": 2, "delay_ms": 1})
+    svc.worker.wake()
+    await asyncio.wait_for(committed.wait(), 10)
+    assert (await writer.store.get(job.id or 0)).status == JobStatus.RUNNING
+    stopping = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0.1)
+    answer.set()
+    await stopping
+    stored = await writer.store.get(job.id or 0)
+    assert stored.status == JobStatus.PENDING and stored.worker_id is None
+    other = await make_service()
+    assert (await other.wait_for(job.id or 0, timeout=15)).status == JobStatus.COMPLETED
+
+
 async def test_lease_fencing_blocks_a_stale_worker(make_service: ServiceFactory) -> None:
     svc = await make_service(run_worker=False)
     job = await svc.submit("demo.count", {"steps": 1})
