@@ -42,7 +42,7 @@ import contextlib
 import enum
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -50,7 +50,7 @@ from core.events import JobProgressEvent
 from core.service import ProgressService
 
 from .commands import Reply
-from .outbox import Outbox, PermanentError, Priority, RateLimited
+from .outbox import Outbox, PermanentError, Priority, RateLimited, Slot
 
 if TYPE_CHECKING:
     from .board import RoomBoards
@@ -203,6 +203,9 @@ class Record:
     prev_message_id: str | None = None
     prev_pinned: bool = False
     lanes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    #: When each lane first asked for a turn for its pending work (outbox clock): a call refused with a
+    #: 429 keeps its place, and a progress edit is paced by how long its message has been out of date.
+    asked: dict[str, float] = field(default_factory=dict)
 
     @property
     def key(self) -> Key:
@@ -581,7 +584,7 @@ class ProgressDriver:
     async def _attempt(self, rec: Record, lane: str, step: _Step) -> bool:
         """Wait for the scope's turn, decide again (newest state), make the call. True if one was made."""
         current = (lambda: self._content_priority(rec, step.priority)) if lane == "content" else None
-        async with self.transport.outbox(rec.room).slot(step.priority, rec.room, current=current) as slot:
+        async with self._turn(rec, lane, step.priority, current) as slot:
             now = self._next(rec, lane)
             if now is None or now.call is None:
                 slot.unused()
@@ -599,6 +602,25 @@ class ProgressDriver:
                     raise PermanentError(str(exc)) from exc
                 raise
         return True
+
+    @contextlib.asynccontextmanager
+    async def _turn(
+        self, rec: Record, lane: str, priority: Priority, current: Callable[[], int] | None
+    ) -> AsyncIterator[Slot]:
+        """The scope's turn for the next call of ``rec``'s ``lane``. The outbox learns since when the lane
+        has been asking: the outbox paces progress edits by how long their message has been out of
+        date, and a call refused with a 429 asks again with the same instant, so it keeps its place."""
+        box = self.transport.outbox(rec.room)
+        since = rec.asked.setdefault(lane, box.now())
+        try:
+            async with box.slot(priority, rec.room, current=current, since=since) as slot:
+                yield slot
+        except RateLimited:
+            raise
+        except BaseException:
+            rec.asked.pop(lane, None)
+            raise
+        rec.asked.pop(lane, None)
 
     def _content_priority(self, rec: Record, default: Priority) -> int:
         """The class of the content lane's next call now (pure: no bookkeeping, unlike ``_next``)."""

@@ -148,8 +148,9 @@ async def test_pins_and_reactions_age_up_and_never_starve(clock: VirtualClock) -
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await outbox.aclose()
-    # At most ``share`` turns (one event each, 5 s apart) until the longest waiter's shared turn.
-    assert pin.result() - asked <= (5 + 1) / 0.2
+    # The edits starve (they always wait, every token goes as it comes), so the lower classes get one
+    # turn in twice ``share``: at most that many turns (one event each, 5 s apart) until the pin's.
+    assert pin.result() - asked <= (2 * 5 + 1) / 0.2
 
 
 async def test_rooms_share_the_account_fairly(clock: VirtualClock) -> None:
