@@ -19,8 +19,10 @@ How it works:
 
   Each lane waits for its turn in the scope's :class:`~adapters.outbox.Outbox` with the class of its
   next call (a status change is :data:`Priority.STATUS`, a new message :data:`Priority.NEW`, a
-  routine edit :data:`Priority.PROGRESS`, pins and reactions :data:`Priority.COSMETIC`), and decides
-  what to send only once its turn has come, so what goes out is always the newest state.
+  routine edit :data:`Priority.PROGRESS`, pins and reactions :data:`Priority.COSMETIC`) and the
+  instant it first asked (for an edit: when its message went out of date, which the outbox uses to
+  refresh the stalest message first; after a 429 the call keeps its place), and decides what to send
+  only once its turn has come, so what goes out is always the newest state.
 * **Ordering.** One call per lane at a time, and every edit shows a state newer than the one shown
   before: an older state is never sent after a newer one. Each finished step is remembered (and
   stored in the binding), so a step refused half way (a 429) resumes where it stopped, and nothing is

@@ -17,16 +17,26 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   value). A ``reserve`` of tokens is kept for :data:`Priority.ANSWER`: other classes are granted only
   while more than ``reserve`` tokens are left, so a person's command is answered at once whenever the
   server allows one more event.
-* **Cosmetics wait for a full half.** Outside their shared turns (and when nothing else waits), pins
-  and reactions are granted only while at least half the burst is left, so they never spend the
-  tokens that the next status changes and edits need.
+* **Cosmetics wait for a full half.** Outside their shared turns, pins and reactions are granted only
+  while at least half the burst is left, even when nothing else waits, so they never spend the tokens
+  that the next new messages, status changes and edits need (four jobs submitted together: the burst
+  goes to their posts and first edits, not to their pins).
 * **No starvation.** While lower classes wait, every ``share``-th turn goes to the lower-class caller
-  that has waited longest (but never ahead of a person's answer). Pins and reactions
-  therefore still arrive while progress edits are always waiting, and they take at most one turn in
-  ``share`` from the classes above them.
+  that has waited longest (but never ahead of a person's answer). While progress edits *starve*
+  (they wait, and the budget is spent: every token goes as soon as it comes) that is every
+  ``2 * share``-th turn. Pins and reactions therefore still arrive while progress edits are always
+  waiting, and they take at most one turn in ``share`` from the classes above them.
 * **Fairness.** Within the same effective class, the lane (room) served longest ago goes first; within
-  a lane, the oldest waiter. A caller that comes back after its call queues behind the others, so
+  a lane, the oldest waiter (by ``since``: when the caller first asked, so a call that comes back
+  after a 429 keeps its place). A caller that comes back after its call queues behind the others, so
   messages of one room are served round-robin.
+* **Paced progress edits** (``pace``; Matrix). A progress edit's ``since`` is when its message went
+  out of date. A fresh one may spend only a full bucket; the longer its message has waited, the
+  deeper it may dig, down to the reserve's floor once it has waited one *round* (the progress edits
+  waiting, divided by the rate: the time to refresh each once at the sustained rate). So the burst is
+  not spent on refreshing messages a second old: it is kept for new messages and status changes, and
+  spent gradually on the stalest messages, which are refreshed at about even intervals. A full bucket
+  is always spent (its refill would be lost), so the whole allowance is still used.
 * **One at a time on the refill.** Up to ``max_in_flight`` calls run at once while the burst lasts;
   on the refill (and after a 429 until the rate is measured), one at a time, so a wrong guess of the
   server's budget costs one 429, not several.
@@ -43,6 +53,9 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
 * **Nested scopes.** An outbox may have a ``parent`` (Discord: each channel's bucket inside the
   bot's global limit): a call granted by the child also waits for a turn of the parent, in the same
   class. A 429 marked ``is_global`` pauses the parent only; any other 429 pauses the child only.
+* **Events around the outbox.** :meth:`Outbox.charge` takes from the bucket the events the server
+  counted that did not go through a slot (on Synapse, the bot joining a room), so the bucket stays
+  what the server has.
 * **Headers.** :meth:`Outbox.observe` takes what the platform reported (Discord's
   ``X-RateLimit-Remaining`` / ``-Reset-After``): the bucket never holds more than ``remaining``, and
   with nothing remaining the scope pauses until the reset.
