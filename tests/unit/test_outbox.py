@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Hashable
 
 import pytest
@@ -454,7 +455,7 @@ async def test_paced_edits_keep_the_burst_and_refresh_the_stalest_first() -> Non
     assert len(server.accepted) >= 10 + 0.2 * 300 - 2
     # Steady state: stalest first, so each message gets one edit per round of four (at 0.2/s: 20 s).
     for name, times in edits.items():
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False) if a > 120]
+        gaps = [b - a for a, b in itertools.pairwise(times) if a > 120]
         assert gaps and max(gaps) <= 20 + 5 and min(gaps) >= 20 - 5, (name, gaps)
 
 
@@ -497,7 +498,9 @@ async def test_new_messages_get_the_burst_not_their_pins(clock: VirtualClock) ->
     changes; the rest of them follow on the refill."""
     server = LeakyServer(clock)
     outbox = make(clock)
-    posts = [asyncio.create_task(one_call(outbox, server, Priority.NEW, "room", f"post{i}")) for i in range(4)]
+    posts = [
+        asyncio.create_task(one_call(outbox, server, Priority.NEW, "room", f"post{i}")) for i in range(4)
+    ]
     await clock.settle()
     cosmetics = [
         asyncio.create_task(one_call(outbox, server, Priority.COSMETIC, "room", f"pin{i}")) for i in range(8)
