@@ -18,14 +18,16 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   while more than ``reserve`` tokens are left, so a person's command is answered at once whenever the
   server allows one more event.
 * **Cosmetics wait for a full half.** Outside their shared turns, pins and reactions are granted only
-  while at least half the burst is left, even when nothing else waits, so they never spend the tokens
-  that the next new messages, status changes and edits need (four jobs submitted together: the burst
-  goes to their posts and first edits, not to their pins).
+  while at least half the burst is left, so they never spend the tokens that the next new messages,
+  status changes and edits need. When nothing else waits they may drain the burst, unless edits are
+  paced (below): then the half is kept even so (four jobs submitted together: the burst goes to
+  their posts and first edits, not to their pins).
 * **No starvation.** While lower classes wait, every ``share``-th turn goes to the lower-class caller
-  that has waited longest (but never ahead of a person's answer). While progress edits *starve*
-  (they wait, and the budget is spent: every token goes as soon as it comes) that is every
-  ``2 * share``-th turn. Pins and reactions therefore still arrive while progress edits are always
-  waiting, and they take at most one turn in ``share`` from the classes above them.
+  that has waited longest (but never ahead of a person's answer). With paced edits (below), while
+  progress edits *starve* (they wait, and the budget is spent: every token goes as soon as it comes)
+  that is every ``2 * share``-th turn: at 0.2 events/s each cosmetic costs an edit that people would
+  see. Pins and reactions therefore still arrive while progress edits are always waiting, and they
+  take at most one turn in ``share`` from the classes above them.
 * **Fairness.** Within the same effective class, the lane (room) served longest ago goes first; within
   a lane, the oldest waiter (by ``since``: when the caller first asked, so a call that comes back
   after a 429 keeps its place). A caller that comes back after its call queues behind the others, so
@@ -457,8 +459,10 @@ class Outbox:
         return best, 1 if lower else 0
 
     def _share(self) -> int:
-        """One turn in this many goes to the lower classes: ``share``, or twice that while progress
-        edits starve (they wait, and the budget is spent: every token goes as soon as it comes)."""
+        """One turn in this many goes to the lower classes: ``share``, or, paced, twice that while
+        progress edits starve (they wait, and the budget is spent: every token goes as it comes)."""
+        if not self.pace:
+            return self.share
         if self.tokens < 2.0 + self.reserve and any(w.priority == Priority.PROGRESS for w in self._waiters):
             return 2 * self.share
         return self.share
@@ -519,7 +523,10 @@ class Outbox:
             picked = self._pick(now)
             assert picked is not None
             w, turns = picked
-            wait = self._wait_for_budget(w, now, shared=turns < 0)
+            # Unpaced, cosmetics may drain the burst when nothing else waits; paced, the burst is kept
+            # for the posts and first edits that follow (see the module docstring).
+            alone = not self.pace and all(x.priority >= Priority.COSMETIC for x in self._waiters)
+            wait = self._wait_for_budget(w, now, shared=turns < 0 or alone)
             if wait > 0:
                 # A new waiter (maybe a person) or a finished call may change the decision: wake early.
                 await self._wait_or_wake(wait)
