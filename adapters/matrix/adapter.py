@@ -344,7 +344,8 @@ class MatrixAdapter(ChatAdapter):
 
     def _charge_join(self) -> None:
         """A join is a membership event, and Synapse counts it in the account's ``rc_message`` like any
-        other event: the account's outbox must know, or its next call runs into a 429."""
+        other event: the account's outbox must know, or its next call runs into a 429. (Joining a room
+        the bot is already in may cost nothing: one token too few is harmless, a 429 is not.)"""
         if self.transport is not None:
             self.transport.account.charge()
 
