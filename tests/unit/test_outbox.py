@@ -321,13 +321,19 @@ async def test_a_waiting_edit_that_becomes_a_status_change_is_served_as_one(cloc
     assert waiting.result() - changed <= 2 / 0.2  # the next event, not the end of the line (6 x 5 s)
 
 
-async def test_slow_start_finds_a_lifted_limit_and_costs_little_on_a_default_one(clock: VirtualClock) -> None:
-    """Starting at Synapse's default guess: on a roomier server the rate doubles up to the ceiling;
-    on a default server it costs at most two 429s to learn, then none."""
+@pytest.mark.parametrize("pace", [False, True])
+async def test_slow_start_finds_a_lifted_limit_and_costs_little_on_a_default_one(
+    clock: VirtualClock, pace: bool
+) -> None:
+    """Starting at Synapse's default guess: on a roomier server the rate doubles up to the ceiling
+    (as fast with paced edits, which spend the burst a little at a time); on a default server it costs
+    at most two 429s to learn, then none."""
     roomy = LeakyServer(clock, rate=5, burst=10)
-    fast = Outbox("roomy", rate=10, burst=10, start_rate=0.2, clock=clock, sleep=clock.sleep)
+    fast = Outbox("roomy", rate=10, burst=10, start_rate=0.2, pace=pace, clock=clock, sleep=clock.sleep)
     tasks = [asyncio.create_task(busy(fast, roomy, Priority.PROGRESS, "r", f"m{i}")) for i in range(4)]
-    await clock.advance(200)
+    await clock.advance(120)
+    assert fast.rate >= 4.5 * 0.97  # found within two minutes
+    await clock.advance(80)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -337,7 +343,7 @@ async def test_slow_start_finds_a_lifted_limit_and_costs_little_on_a_default_one
     assert late >= 0.8 * 5 * 50
 
     default = LeakyServer(clock)
-    slow = Outbox("default", rate=10, burst=10, start_rate=0.2, clock=clock, sleep=clock.sleep)
+    slow = Outbox("default", rate=10, burst=10, start_rate=0.2, pace=pace, clock=clock, sleep=clock.sleep)
     start = clock.now
     tasks = [asyncio.create_task(busy(slow, default, Priority.PROGRESS, "r", f"m{i}")) for i in range(4)]
     await clock.advance(600)
