@@ -23,10 +23,21 @@ from adapters.outbox import Outbox, Priority, RateLimited
 from core.events import JobProgressEvent, next_seq
 from core.registry import HandlerRegistry
 from core.service import ProgressService, ServiceConfig
-from tests.unit.test_board import Room, run_for
+from tests.unit.test_board import Room
 from tests.unit.virtual_clock import VirtualClock
 
 JOBS, SECONDS = 4, 60
+#: Real seconds given per half virtual second: the bindings are stored in a real SQLite database, and
+#: virtual time must not run ahead of it (on a loaded machine too).
+REAL_STEP = 0.005
+
+
+async def run_for(clock: VirtualClock, seconds: float) -> None:
+    """Let ``seconds`` of virtual time pass in half seconds, giving the database real time in between."""
+    end = clock.now + seconds
+    while clock.now < end - 1e-9:
+        await asyncio.sleep(REAL_STEP)
+        await clock.advance(0.5)
 
 
 class MatrixLikeRoom(Room):
@@ -115,7 +126,7 @@ async def one_minute_of_four_jobs(db: Path, pace: bool) -> dict[str, Any]:
             else:
                 emit(job, "completed", None)
     pins_in_run = len(room.pin_log)
-    await run_for(clock, 240, step=0.5)
+    await run_for(clock, 240)
     asker.cancel()
     await asyncio.gather(asker, return_exceptions=True)
     finals = [room.messages[own[j]].split(" ")[1] for j in range(1, JOBS + 1)]
@@ -143,7 +154,7 @@ async def test_paced_edits_keep_four_busy_jobs_fresher_at_synapse_default_budget
     assert paced["stale"] <= unpaced["stale"] - 3, (paced["stale"], unpaced["stale"])
     assert paced["stale"] <= 12
     for r in (paced, unpaced):
-        assert r["posted_by"] <= 1.0  # all four messages at once
+        assert r["posted_by"] <= 5.0  # all four messages at once (the issue saw 46 s and 87 s)
         assert r["finals"] == ["completed"] * JOBS
         assert r["replies"] == JOBS
         assert r["pinned_after"] == set()  # every pin undone at the end
