@@ -20,8 +20,10 @@ How it works:
   Each lane waits for its turn in the :class:`~adapters.outbox.Outbox` of the scope that limits its
   next call's :class:`CallKind` (Discord limits edits, posts and pins of a channel separately), with
   the class of that call (a status change is :data:`Priority.STATUS`, a new message :data:`Priority.NEW`, a
-  routine edit :data:`Priority.PROGRESS`, pins and reactions :data:`Priority.COSMETIC`), and decides
-  what to send only once its turn has come, so what goes out is always the newest state.
+  routine edit :data:`Priority.PROGRESS`, pins and reactions :data:`Priority.COSMETIC`) and the
+  instant it first asked (for an edit: when its message went out of date, which the outbox uses to
+  refresh the stalest message first; after a 429 the call keeps its place), and decides what to send
+  only once its turn has come, so what goes out is always the newest state.
 * **Ordering.** One call per lane at a time, and every edit shows a state newer than the one shown
   before: an older state is never sent after a newer one. Each finished step is remembered (and
   stored in the binding), so a step refused half way (a 429) resumes where it stopped, and nothing is
@@ -43,7 +45,7 @@ import contextlib
 import enum
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -51,7 +53,7 @@ from core.events import JobProgressEvent
 from core.service import ProgressService
 
 from .commands import Reply
-from .outbox import Outbox, PermanentError, Priority, RateLimited
+from .outbox import Outbox, PermanentError, Priority, RateLimited, Slot
 
 if TYPE_CHECKING:
     from .board import RoomBoards
@@ -233,6 +235,9 @@ class Record:
     prev_message_id: str | None = None
     prev_pinned: bool = False
     lanes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    #: When each lane first asked for a turn for its pending work (outbox clock): a call refused with a
+    #: 429 keeps its place, and a progress edit is paced by how long its message has been out of date.
+    asked: dict[str, float] = field(default_factory=dict)
 
     @property
     def key(self) -> Key:
@@ -621,8 +626,7 @@ class ProgressDriver:
         """Wait for the scope's turn, decide again (newest state), make the call. True if one was made."""
         current = (lambda: self._content_priority(rec, step.priority)) if lane == "content" else None
         bucket = call_kind(step.name)
-        box = self.transport.outbox(rec.room, bucket)
-        async with box.slot(step.priority, rec.room, current=current) as slot:
+        async with self._turn(rec, lane, step.priority, current, bucket) as slot:
             now = self._next(rec, lane)
             # A step of another kind (an edit that turned into a re-post) waits in its own bucket.
             if now is None or now.call is None or call_kind(now.name) is not bucket:
@@ -641,6 +645,26 @@ class ProgressDriver:
                     raise PermanentError(str(exc)) from exc
                 raise
         return True
+
+    @contextlib.asynccontextmanager
+    async def _turn(
+        self, rec: Record, lane: str, priority: Priority, current: Callable[[], int] | None, kind: CallKind
+    ) -> AsyncIterator[Slot]:
+        """The turn of the scope limiting ``kind`` for the next call of ``rec``'s ``lane``. The outbox learns
+        since when the lane has been asking: the outbox paces progress edits by how long their message has
+        been out of date, and a call refused with a 429 asks again with the same instant, so it keeps its
+        place."""
+        box = self.transport.outbox(rec.room, kind)
+        since = rec.asked.setdefault(lane, box.now())
+        try:
+            async with box.slot(priority, rec.room, current=current, since=since) as slot:
+                yield slot
+        except RateLimited:
+            raise
+        except BaseException:
+            rec.asked.pop(lane, None)
+            raise
+        rec.asked.pop(lane, None)
 
     def _content_priority(self, rec: Record, default: Priority) -> int:
         """The class of the content lane's next call now (pure: no bookkeeping, unlike ``_next``)."""

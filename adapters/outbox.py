@@ -17,16 +17,28 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   value). A ``reserve`` of tokens is kept for :data:`Priority.ANSWER`: other classes are granted only
   while more than ``reserve`` tokens are left, so a person's command is answered at once whenever the
   server allows one more event.
-* **Cosmetics wait for a full half.** Outside their shared turns (and when nothing else waits), pins
-  and reactions are granted only while at least half the burst is left, so they never spend the
-  tokens that the next status changes and edits need.
+* **Cosmetics wait for a full half.** Outside their shared turns, pins and reactions are granted only
+  while at least half the burst is left, so they never spend the tokens that the next new messages,
+  status changes and edits need. When nothing else waits they may drain the burst, unless edits are
+  paced (below): then the half is kept even so (four jobs submitted together: the burst goes to
+  their posts and first edits, not to their pins).
 * **No starvation.** While lower classes wait, every ``share``-th turn goes to the lower-class caller
-  that has waited longest (but never ahead of a person's answer). Pins and reactions
-  therefore still arrive while progress edits are always waiting, and they take at most one turn in
-  ``share`` from the classes above them.
+  that has waited longest (but never ahead of a person's answer). With paced edits (below), while
+  progress edits *starve* (they wait, and the budget is spent: every token goes as soon as it comes)
+  that is every ``2 * share``-th turn: at 0.2 events/s each cosmetic costs an edit that people would
+  see. Pins and reactions therefore still arrive while progress edits are always waiting, and they
+  take at most one turn in ``share`` from the classes above them.
 * **Fairness.** Within the same effective class, the lane (room) served longest ago goes first; within
-  a lane, the oldest waiter. A caller that comes back after its call queues behind the others, so
+  a lane, the oldest waiter (by ``since``: when the caller first asked, so a call that comes back
+  after a 429 keeps its place). A caller that comes back after its call queues behind the others, so
   messages of one room are served round-robin.
+* **Paced progress edits** (``pace``; Matrix). A progress edit's ``since`` is when its message went
+  out of date. A fresh one may spend only a full bucket; the longer its message has waited, the
+  deeper it may dig, down to the reserve's floor once it has waited one *round* (the progress edits
+  waiting, divided by the rate: the time to refresh each once at the sustained rate). So the burst is
+  not spent on refreshing messages a second old: it is kept for new messages and status changes, and
+  spent gradually on the stalest messages, which are refreshed at about even intervals. A full bucket
+  is always spent (its refill would be lost), so the whole allowance is still used.
 * **One at a time on the refill.** Up to ``max_in_flight`` calls run at once while the burst lasts;
   on the refill (and after a 429 until the rate is measured), one at a time, so a wrong guess of the
   server's budget costs one 429, not several.
@@ -34,8 +46,10 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
   ``retry_after``; at its end the server allows one more event, and the bucket refills from there.
   Other scopes (other outboxes) never wait for it.
 * **Use the whole allowance, learn the real rate.** It starts at ``start_rate`` and doubles after
-  each burst's worth of calls that the server took while others waited (slow start). Two 429s
-  bracket the events the server accepted between them: both mean "the server's bucket is full", so
+  each burst's worth of calls that the server took while others waited with the bucket at its
+  floor (slow start; paced, that starts once the savings are spent, so a lifted limit is found a
+  little later). Two 429s bracket the events the server accepted between them: both mean "the
+  server's bucket is full", so
   ``accepted / time between the two resume instants`` is the server's sustained rate. The outbox
   continues at that rate (never above ``rate``, never below ``min_rate``): it does not halve on every
   429, so it cannot collapse far below what the server allows. After ``probe_after`` seconds without
@@ -43,6 +57,9 @@ Invariants (each has a test in ``tests/unit/test_outbox.py``):
 * **Nested scopes.** An outbox may have a ``parent`` (Discord: each channel's bucket inside the
   bot's global limit): a call granted by the child also waits for a turn of the parent, in the same
   class. A 429 marked ``is_global`` pauses the parent only; any other 429 pauses the child only.
+* **Events around the outbox.** :meth:`Outbox.charge` takes from the bucket the events the server
+  counted that did not go through a slot (on Synapse, the bot joining a room), so the bucket stays
+  what the server has.
 * **Headers.** :meth:`Outbox.observe` takes what the platform reported (Discord's
   ``X-RateLimit-Remaining`` / ``-Reset-After``): the bucket never holds more than ``remaining``, and
   with nothing remaining the scope pauses until the reset, which brings back ``refill`` events (one;
@@ -185,6 +202,7 @@ class Outbox:
         max_in_flight: int = 4,
         min_rate: float = 0.02,
         probe_after: float = 300.0,
+        pace: bool = False,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         parent: Outbox | None = None,
@@ -214,6 +232,10 @@ class Outbox:
         self.max_in_flight = max_in_flight
         self.min_rate = float(min_rate)
         self.probe_after = probe_after
+        #: Progress edits spend the tokens above the reserve by how stale their message is (see _pace_need).
+        self.pace = pace
+        #: Progress edits waiting at the last progress grant, the granted one included (see _round).
+        self._last_round = 0
         self._clock = clock
         self._sleep = sleep
         self.tokens = float(burst)
@@ -246,12 +268,16 @@ class Outbox:
         lane: Hashable = None,
         *,
         current: Callable[[], int] | None = None,
+        since: float | None = None,
         nested: bool = False,
     ) -> AsyncIterator[Slot]:
         """Wait for this scope's next event for a call of class ``priority`` in ``lane``.
 
         ``current`` (optional) tells the caller's class at any moment while it waits, so a waiting
         call whose content became more urgent (latest wins) is served as what it is now.
+        ``since`` (optional, on this outbox's clock, see :meth:`now`): when the caller first asked for
+        this work, so a call that comes back after a 429 keeps its place, and a progress edit is paced
+        by how long its message has been out of date; default: now.
         Inside the ``async with``, make one call. Raising :class:`RateLimited` from it pauses the
         scope (and propagates); any other exception counts as a failure (and propagates).
         ``nested``: this is the parent's turn for a call a child scope granted (only a global 429
@@ -259,10 +285,11 @@ class Outbox:
         """
         if self._closed:
             raise RuntimeError(f"outbox {self.name} is closed")
+        now = self._clock()
         waiter = _Waiter(
             int(priority),
             lane,
-            self._clock(),
+            now if since is None else min(since, now),
             next(self._order),
             asyncio.get_running_loop().create_future(),
             current,
@@ -350,6 +377,17 @@ class Outbox:
         self.rate = min(self.rate, rate) if self._learned else rate
         self.tokens = min(self.tokens, self.burst)
         self._wake.set()
+
+    def charge(self, events: int = 1) -> None:
+        """``events`` the server counted against this scope although they went around the outbox (the
+        bot joining a room is an event of its account on Synapse): take them from the bucket, so it
+        stays what the server has and the next calls do not run into a 429."""
+        self._refill(self._clock())
+        self.tokens = max(0.0, self.tokens - events)
+
+    def now(self) -> float:
+        """This scope's clock (the time base of ``since`` in :meth:`slot`)."""
+        return self._clock()
 
     def nudge(self) -> None:
         """A waiter's class may have changed (its content did): decide again now."""
@@ -450,22 +488,48 @@ class Outbox:
         """The highest class waiting, within it the lane served longest ago; but every ``share``-th
         turn, while lower classes wait too, the lower-class waiter that has waited longest.
 
-        A person's answer is never passed over for the share. Also returns how to change the count
-        of strict turns when this waiter is granted.
+        A person's answer is never passed over for the share. Paced progress edits: those due now
+        (:meth:`_pace_need`), else the stalest, which is due first. Also returns how to change the
+        count of strict turns when this waiter is granted.
         """
         if not self._waiters:
             return None
         prio = {id(w): w.priority for w in self._waiters}
         top = min(prio.values())
         lower = [w for w in self._waiters if prio[id(w)] != top]
-        if top != Priority.ANSWER and lower and self._strict_turns >= self.share - 1:
+        if top != Priority.ANSWER and lower and self._strict_turns >= self._share() - 1:
             # The shared turn (the counter restarts when it is granted).
             return min(lower, key=lambda w: (w.since, w.order)), -self._strict_turns
-        best = min(
-            (w for w in self._waiters if prio[id(w)] == top),
-            key=lambda w: (self._lane_served.get(w.lane, -1), w.order),
-        )
+        pool = [w for w in self._waiters if prio[id(w)] == top]
+        if top == Priority.PROGRESS and self.pace:
+            self._refill(now)
+            n = self._round(len(pool))
+            due = [w for w in pool if self._pace_need(now - w.since, n) <= self.tokens + _EPS]
+            pool = due or [min(pool, key=lambda w: (w.since, w.order))]
+        best = min(pool, key=lambda w: (self._lane_served.get(w.lane, -1), w.since, w.order))
         return best, 1 if lower else 0
+
+    def _share(self) -> int:
+        """One turn in this many goes to the lower classes: ``share``, or, paced, twice that while
+        progress edits starve (they wait, and the budget is spent: every token goes as it comes)."""
+        if not self.pace:
+            return self.share
+        if self.tokens < 2.0 + self.reserve and any(w.priority == Priority.PROGRESS for w in self._waiters):
+            return 2 * self.share
+        return self.share
+
+    def _round(self, waiting: int) -> int:
+        """The messages one round of paced edits refreshes: those waiting, or as many as waited at the
+        last progress grant (the message just served comes back with its next state)."""
+        return max(waiting, self._last_round)
+
+    def _pace_need(self, age: float, waiting: int) -> float:
+        """The tokens a paced progress edit needs when its message has been out of date for ``age`` s
+        and ``waiting`` progress edits wait: all of the burst when the message is fresh, falling
+        linearly to the reserve's floor once it has waited one *round* (``waiting / rate``: the time
+        it takes to refresh every waiting message once at the sustained rate)."""
+        floor = 1.0 + self.reserve
+        return max(floor, self.burst - (self.burst - floor) * age * self.rate / max(1, waiting))
 
     def _wait_for_budget(self, w: _Waiter, now: float, shared: bool = False) -> float:
         """Seconds until ``w`` may be granted (0 = now)."""
@@ -476,9 +540,19 @@ class Outbox:
         if w.priority >= Priority.COSMETIC and not shared:
             # Cosmetics do not drain the burst: the second half is kept for the edits to come.
             need = max(need, self.burst / 2)
+        start = max(now, self._bucket_time)
+        if w.priority == Priority.PROGRESS and self.pace and not shared:
+            # The need falls as the message ages while the bucket fills: they meet after ``x`` seconds.
+            waiting = self._round(sum(1 for x in self._waiters if x.priority == Priority.PROGRESS))
+            # The need falls by ``falls`` tokens a second as the message ages.
+            falls = (self.burst - 1.0 - self.reserve) * self.rate / max(1, waiting)
+            pace_need = self._pace_need(start - w.since, waiting)
+            if self.tokens >= max(need, pace_need) - _EPS:
+                return start - now
+            meet = (pace_need - self.tokens) / (self.rate + falls)
+            return (start - now) + max(0.0, meet, (need - self.tokens) / self.rate)
         if self.tokens >= need - _EPS:
             return 0.0
-        start = max(now, self._bucket_time)
         return (start - now) + (need - self.tokens) / self.rate
 
     async def _run(self) -> None:
@@ -500,8 +574,10 @@ class Outbox:
             picked = self._pick(now)
             assert picked is not None
             w, turns = picked
-            only_cosmetic = all(x.priority >= Priority.COSMETIC for x in self._waiters)
-            wait = self._wait_for_budget(w, now, shared=turns < 0 or only_cosmetic)
+            # Unpaced, cosmetics may drain the burst when nothing else waits; paced, the burst is kept
+            # for the posts and first edits that follow (see the module docstring).
+            alone = not self.pace and all(x.priority >= Priority.COSMETIC for x in self._waiters)
+            wait = self._wait_for_budget(w, now, shared=turns < 0 or alone)
             if wait > 0:
                 # A new waiter (maybe a person) or a finished call may change the decision: wake early.
                 await self._wait_or_wake(wait)
@@ -513,6 +589,8 @@ class Outbox:
             self._in_flight += 1
             # A turn number, not a time: several turns at one instant (a burst) still alternate lanes.
             self._lane_served[w.lane] = self.stats.granted
+            if w.priority == Priority.PROGRESS:
+                self._last_round = 1 + sum(1 for x in self._waiters if x.priority == Priority.PROGRESS)
             self.stats.granted += 1
             name = Priority(min(max(w.priority, 0), 4)).name.lower()
             self.stats.by_priority[name] = self.stats.by_priority.get(name, 0) + 1

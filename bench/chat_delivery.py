@@ -14,7 +14,8 @@ adapter, it prints per run:
 * **allowance used**: events sent / what the platform allowed over the busy span (Synapse: burst 10 +
   0.2/s for the account). Discord: only while something waited, as the channel's edit outbox measured
   it: edits sent / (the bucket's 5 + 5 per 5 s over the seconds when an edit waited for its turn and
-  the gaps between, each gap only until the bucket would be full again).
+  the gaps between, each gap only until the bucket would be full again);
+* on Matrix, the events by kind in the first 10 s (where the burst went) and while the jobs ran.
 
 Both platforms run in the same invocation, so the figures sit side by side. Run from the repository root::
 
@@ -69,6 +70,8 @@ from tests.unit.test_board import Room
 from tests.unit.virtual_clock import VirtualClock
 
 SAMPLE_EVERY = 0.5
+#: The first seconds of a run, whose events show where the burst went.
+EARLY = 10.0
 #: Synapse's default rc_message for one account.
 SYNAPSE_BURST, SYNAPSE_RATE = 10, 0.2
 
@@ -98,6 +101,9 @@ class Result:
     #: Granted events by class (Matrix: from the account's outbox), or sent by outbox (Discord: per
     #: call kind).
     classes: dict[str, int] = field(default_factory=dict)
+    #: Events by kind in the first ``EARLY`` seconds (where the burst went), and while the jobs ran.
+    early: Counter[str] = field(default_factory=Counter)
+    running: Counter[str] = field(default_factory=Counter)
 
     def row(self) -> str:
         """One line of the table."""
@@ -288,22 +294,15 @@ async def _matrix_measure(
     pins = [
         e for e in alice.room(room) if e.get("sender") == bot_id and e.get("type") == "m.room.pinned_events"
     ]
-    for e in bot_events:
-        c, rel = content_of(e), relates(e)
-        if e.get("type") == "m.reaction":
-            result.events["react"] += 1
-        elif rel.get("rel_type") == "m.replace":
-            result.events["edit"] += 1
-        elif "m.in_reply_to" in rel:
-            # A reply to the bot's own message is a completion reply; to a person's, a command answer.
-            target = (rel.get("m.in_reply_to") or {}).get("event_id")
-            mine = any(x.get("event_id") == target and x.get("sender") == bot_id for x in bot_events)
-            result.events["reply" if mine else "answer"] += 1
-        elif c.get("msgtype") == "m.notice":
-            result.events["post"] += 1
-        else:
-            result.events["other"] += 1
-    result.events["pin"] += len(pins)
+    ended = t0 + seconds
+    for e in bot_events + pins:
+        kind = _matrix_kind(e, bot_events, bot_id)
+        result.events[kind] += 1
+        at = alice.seen_at.get(str(e.get("event_id")), t0)
+        if at - t0 <= EARLY:
+            result.early[kind] += 1
+        if at <= ended:
+            result.running[kind] += 1
     seen = [alice.seen_at.get(str(e.get("event_id")), t0) for e in bot_events + pins]
     span = (max(seen) if seen else time.monotonic()) - t0
     result.seconds = span
@@ -313,6 +312,23 @@ async def _matrix_measure(
     transport = getattr(adapter, "transport", None)
     if transport is not None:
         result.classes = dict(transport.account.stats.by_priority)
+
+
+def _matrix_kind(e: dict[str, Any], bot_events: list[dict[str, Any]], bot_id: str) -> str:
+    """What one of the bot's events is: post, edit, pin, react, reply (completion) or answer (command)."""
+    c, rel = content_of(e), relates(e)
+    if e.get("type") == "m.room.pinned_events":
+        return "pin"
+    if e.get("type") == "m.reaction":
+        return "react"
+    if rel.get("rel_type") == "m.replace":
+        return "edit"
+    if "m.in_reply_to" in rel:
+        # A reply to the bot's own message is a completion reply; to a person's, a command answer.
+        target = (rel.get("m.in_reply_to") or {}).get("event_id")
+        mine = any(x.get("event_id") == target and x.get("sender") == bot_id for x in bot_events)
+        return "reply" if mine else "answer"
+    return "post" if c.get("msgtype") == "m.notice" else "other"
 
 
 # ---------------------------------------------------------------------------------------------- Discord
@@ -660,6 +676,12 @@ async def main_async(args: argparse.Namespace) -> None:
         if r.classes:
             by = "by class" if r.platform == "matrix" else "sent by each of the channel's outboxes"
             print(f"{r.platform} {r.jobs} jobs, events {by}: {r.classes}")
+        if r.early:
+            early, running = dict(sorted(r.early.items())), dict(sorted(r.running.items()))
+            print(
+                f"{r.platform} {r.jobs} jobs, events in the first {EARLY:g} s: {early};",
+                f"in the run: {running}",
+            )
     print(
         "goals: reply p95 <= 5.5 s (Matrix), <= 1 s (Discord); 4 jobs on Matrix stale mean <= 15 s; "
         ">= 80% of the allowance used while anything waits"

@@ -343,6 +343,13 @@ class MatrixAdapter(ChatAdapter):
         self._logged_in = True
         log.info("matrix: resumed session of %s (device %s)", who.user_id, device or "?")
 
+    def _charge_join(self) -> None:
+        """A join is a membership event, and Synapse counts it in the account's ``rc_message`` like any
+        other event: the account's outbox must know, or its next call runs into a 429. (Joining a room
+        the bot is already in may cost nothing: one token too few is harmless, a 429 is not.)"""
+        if self.transport is not None:
+            self.transport.account.charge()
+
     async def _join_rooms(self) -> None:
         """Join every configured room (ids or aliases) and remember their ids."""
         assert self.client is not None
@@ -350,6 +357,7 @@ class MatrixAdapter(ChatAdapter):
             resp = await self.client.join(wanted)
             if isinstance(resp, JoinResponse):
                 room_id = resp.room_id
+                self._charge_join()
             else:
                 if isinstance(resp, JoinError) and _errcode(resp) == "M_LIMIT_EXCEEDED":
                     raise MatrixRequestError(f"join {wanted}", "M_LIMIT_EXCEEDED", resp.message)
@@ -479,6 +487,7 @@ class MatrixAdapter(ChatAdapter):
                 joined = await self.client.join(room_id)
                 if isinstance(joined, JoinResponse):
                     log.info("matrix: accepted the invite to %s", room_id)
+                    self._charge_join()
                     self._room_ids.add(room_id)
                     if not first:
                         self._fresh_rooms.add(room_id)

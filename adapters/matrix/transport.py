@@ -156,6 +156,8 @@ class MatrixTransport:
             start_rate=config.start_rate,
             reserve=config.answer_reserve,
             max_in_flight=max(1, config.max_in_flight),
+            # Progress edits keep the burst for what needs it and refresh the stalest message first.
+            pace=True,
         )
         self._pin_locks: dict[str, asyncio.Lock] = {}
         self._pin_warned: set[str] = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Hashable
 
 import pytest
@@ -135,10 +136,12 @@ async def test_classes_in_order_when_the_budget_is_spent(clock: VirtualClock) ->
     await outbox.aclose()
 
 
-async def test_pins_and_reactions_age_up_and_never_starve(clock: VirtualClock) -> None:
-    """A cosmetic call gets through although progress edits are always waiting."""
+@pytest.mark.parametrize("pace", [False, True])
+async def test_pins_and_reactions_age_up_and_never_starve(clock: VirtualClock, pace: bool) -> None:
+    """A cosmetic call gets through although progress edits are always waiting (paced: they starve,
+    so the cosmetics' share is halved, but never zero)."""
     server = LeakyServer(clock)
-    outbox = make(clock, share=5)
+    outbox = make(clock, share=5, pace=pace)
     tasks = [asyncio.create_task(busy(outbox, server, Priority.PROGRESS, "room", f"m{i}")) for i in range(6)]
     await clock.advance(60)
     asked = clock.now
@@ -148,8 +151,10 @@ async def test_pins_and_reactions_age_up_and_never_starve(clock: VirtualClock) -
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await outbox.aclose()
-    # At most ``share`` turns (one event each, 5 s apart) until the longest waiter's shared turn.
-    assert pin.result() - asked <= (5 + 1) / 0.2
+    # At most ``share`` turns (one event each, 5 s apart) until the longest waiter's shared turn;
+    # paced, while the edits starve, twice as many.
+    share = 2 * 5 if pace else 5
+    assert pin.result() - asked <= (share + 1) / 0.2
 
 
 async def test_rooms_share_the_account_fairly(clock: VirtualClock) -> None:
@@ -253,15 +258,19 @@ async def test_headers_bound_the_bucket(clock: VirtualClock) -> None:
         max_size=40,
     ),
     configured=st.sampled_from([0.2, 1.0, 10.0]),
+    pace=st.booleans(),
 )
-def test_invariants_hold_for_any_traffic(calls: list[tuple[float, Priority, str]], configured: float) -> None:
-    """Any arrival pattern: every call is made once, answers never wait behind lower classes, the
-    rate never falls far below the server's, and with the right rate configured there is no 429."""
+def test_invariants_hold_for_any_traffic(
+    calls: list[tuple[float, Priority, str]], configured: float, pace: bool
+) -> None:
+    """Any arrival pattern, paced or not: every call is made once, answers never wait behind lower
+    classes, the rate never falls far below the server's, and with the right rate configured there is
+    no 429."""
 
     async def scenario() -> None:
         clock = VirtualClock()
         server = LeakyServer(clock)
-        outbox = Outbox("h", rate=configured, burst=10, clock=clock, sleep=clock.sleep)
+        outbox = Outbox("h", rate=configured, burst=10, pace=pace, clock=clock, sleep=clock.sleep)
         done: list[tuple[Priority, float, float]] = []
 
         async def caller(at: float, prio: Priority, room: str) -> None:
@@ -312,11 +321,15 @@ async def test_a_waiting_edit_that_becomes_a_status_change_is_served_as_one(cloc
     assert waiting.result() - changed <= 2 / 0.2  # the next event, not the end of the line (6 x 5 s)
 
 
-async def test_slow_start_finds_a_lifted_limit_and_costs_little_on_a_default_one(clock: VirtualClock) -> None:
-    """Starting at Synapse's default guess: on a roomier server the rate doubles up to the ceiling;
-    on a default server it costs at most two 429s to learn, then none."""
+@pytest.mark.parametrize("pace", [False, True])
+async def test_slow_start_finds_a_lifted_limit_and_costs_little_on_a_default_one(
+    clock: VirtualClock, pace: bool
+) -> None:
+    """Starting at Synapse's default guess: on a roomier server the rate doubles up to the ceiling
+    (paced edits spend the burst a little at a time first, so the doubling starts later); on a
+    default server it costs at most two 429s to learn, then none."""
     roomy = LeakyServer(clock, rate=5, burst=10)
-    fast = Outbox("roomy", rate=10, burst=10, start_rate=0.2, clock=clock, sleep=clock.sleep)
+    fast = Outbox("roomy", rate=10, burst=10, start_rate=0.2, pace=pace, clock=clock, sleep=clock.sleep)
     tasks = [asyncio.create_task(busy(fast, roomy, Priority.PROGRESS, "r", f"m{i}")) for i in range(4)]
     await clock.advance(200)
     for t in tasks:
@@ -328,7 +341,7 @@ async def test_slow_start_finds_a_lifted_limit_and_costs_little_on_a_default_one
     assert late >= 0.8 * 5 * 50
 
     default = LeakyServer(clock)
-    slow = Outbox("default", rate=10, burst=10, start_rate=0.2, clock=clock, sleep=clock.sleep)
+    slow = Outbox("default", rate=10, burst=10, start_rate=0.2, pace=pace, clock=clock, sleep=clock.sleep)
     start = clock.now
     tasks = [asyncio.create_task(busy(slow, default, Priority.PROGRESS, "r", f"m{i}")) for i in range(4)]
     await clock.advance(600)
@@ -387,3 +400,135 @@ async def test_nested_scopes_channel_buckets_inside_a_global_limit(clock: Virtua
     await asyncio.gather(*tasks, return_exceptions=True)
     for box in (a, b, glob):
         await box.aclose()
+
+
+async def busy_messages(
+    outbox: Outbox, server: LeakyServer, names: list[str], edits: dict[str, list[float]]
+) -> list[asyncio.Task[None]]:
+    """Busy jobs' messages: each is out of date again right after every edit (its job moves on), and
+    its next edit waits in the outbox from that instant; ``edits`` gets the instants each was refreshed."""
+
+    async def message(name: str) -> None:
+        while True:
+            edits[name].append(await one_call(outbox, server, Priority.PROGRESS, "room", name))
+
+    for name in names:
+        edits[name] = [0.0]  # posted at 0
+    return [asyncio.create_task(message(n)) for n in names]
+
+
+def mean_staleness(edits: dict[str, list[float]], start: float, end: float) -> float:
+    """What people see, sampled every 0.5 s: how long each message has shown an outdated state."""
+    samples = []
+    t = start
+    while t < end:
+        for times in edits.values():
+            samples.append(t - max(x for x in times if x <= t))
+        t += 0.5
+    return sum(samples) / len(samples)
+
+
+async def four_busy_messages(pace: bool) -> tuple[int, float, dict[str, list[float]], LeakyServer]:
+    """Four busy messages just posted, for 300 s: (edits in the first 3 s, mean staleness over the first
+    minute, the instants each message was refreshed, the server)."""
+    clock = VirtualClock()
+    server = LeakyServer(clock)
+    outbox = make(clock, pace=pace)
+    edits: dict[str, list[float]] = {}
+    tasks = await busy_messages(outbox, server, ["a", "b", "c", "d"], edits)
+    await clock.advance(3)
+    early = len(server.accepted)
+    await clock.advance(57)
+    first_minute = mean_staleness(edits, 0, 60)
+    await clock.advance(240)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await outbox.aclose()
+    return early, first_minute, edits, server
+
+
+async def test_paced_edits_keep_the_burst_and_refresh_the_stalest_first() -> None:
+    """Paced, the burst is not spent at once on refreshing messages a moment old (only a full bucket
+    is spent at once); it goes, a little at a time, to the stalest message. So what people see is
+    fresher over the first minute; later each message is refreshed at about even intervals; and the
+    whole allowance is used, without a 429."""
+    early, first_minute, _, server = await four_busy_messages(pace=False)
+    assert early >= 8 and server.refused == []  # unpaced: the burst is gone at once
+    early_paced, paced, edits, server = await four_busy_messages(pace=True)
+    assert early_paced <= 2
+    assert paced <= first_minute - 2, (paced, first_minute)
+    assert server.refused == []
+    assert len(server.accepted) >= 10 + 0.2 * 300 - 2
+    # Steady state: stalest first, so each message gets one edit per round of four (at 0.2/s: 20 s).
+    for name, times in edits.items():
+        gaps = [b - a for a, b in itertools.pairwise(times) if a > 120]
+        assert gaps and max(gaps) <= 20 + 5 and min(gaps) >= 20 - 5, (name, gaps)
+
+
+async def test_a_call_refused_with_a_429_keeps_its_place(clock: VirtualClock) -> None:
+    """A caller that asks again after a 429 with the instant it first asked goes before later ones."""
+    outbox = make(clock, burst=1, reserve=0)
+    order: list[str] = []
+    refused = {"first": True}
+
+    async def first() -> None:
+        since = clock.now
+        while True:
+            try:
+                async with outbox.slot(Priority.PROGRESS, "room", since=since):
+                    if refused["first"]:
+                        refused["first"] = False
+                        await clock.sleep(1.0)  # the others ask meanwhile
+                        raise RateLimited(5.0)
+                    order.append("first")
+                    return
+            except RateLimited:
+                continue
+
+    async def later(name: str) -> None:
+        async with outbox.slot(Priority.PROGRESS, "room"):
+            order.append(name)
+
+    a = asyncio.create_task(first())
+    await clock.advance(0.5)
+    others = [asyncio.create_task(later(n)) for n in ("second", "third")]
+    await clock.run_until(lambda: len(order) == 3)
+    assert order == ["first", "second", "third"]
+    await asyncio.gather(a, *others)
+    await outbox.aclose()
+
+
+async def test_new_messages_get_the_burst_not_their_pins(clock: VirtualClock) -> None:
+    """Paced (Matrix): four jobs submitted together, nothing else waiting: the posts go at once, and
+    their pins and reactions take the burst only down to its half, which stays for the first edits and
+    status changes; the rest of them follow on the refill."""
+    server = LeakyServer(clock)
+    outbox = make(clock, pace=True)
+    posts = [
+        asyncio.create_task(one_call(outbox, server, Priority.NEW, "room", f"post{i}")) for i in range(4)
+    ]
+    await clock.settle()
+    cosmetics = [
+        asyncio.create_task(one_call(outbox, server, Priority.COSMETIC, "room", f"pin{i}")) for i in range(8)
+    ]
+    await clock.advance(0.1)
+    assert all(p.done() for p in posts)
+    assert sum(1 for _, w in server.accepted if w.startswith("pin")) <= 2
+    assert outbox.tokens >= 10 / 2 - 1
+    await clock.run_until(lambda: all(c.done() for c in cosmetics))
+    assert server.refused == []
+    await outbox.aclose()
+
+
+async def test_a_charged_event_is_one_the_next_calls_do_not_have(clock: VirtualClock) -> None:
+    """An event the server counted around the outbox (Synapse: the bot's join) is charged, so the
+    burst that follows stays within the server's bucket: no 429."""
+    server = LeakyServer(clock)
+    server.call("join")
+    outbox = make(clock, reserve=0)
+    outbox.charge()
+    tasks = [asyncio.create_task(one_call(outbox, server, Priority.NEW, "room", f"m{i}")) for i in range(12)]
+    await clock.run_until(lambda: all(t.done() for t in tasks))
+    assert server.refused == []
+    await outbox.aclose()
