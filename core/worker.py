@@ -25,7 +25,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .context import JobContext, SyncJobContext
 from .errors import JobCancelled, JobInterrupt, JobPaused, LeaseLost
@@ -46,6 +46,19 @@ LOST_CLAIM_BACKOFF_MAX = 0.032
 def make_worker_id() -> str:
     """A worker id unique across hosts and processes."""
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class ClaimTurnLike(Protocol):
+    """Who answers a work announcement among idle workers (:class:`core.notify.ClaimTurn` on PostgreSQL)."""
+
+    @property
+    def leads(self) -> bool:
+        """Whether this worker answers announcements now."""
+        ...
+
+    def want(self, yes: bool) -> None:
+        """Queue for the turn (the worker has free slots), or pass it on."""
+        ...
 
 
 @dataclass(slots=True)
@@ -149,6 +162,9 @@ class Worker:
         #: Slots offered to jobs being submitted in this process (see :meth:`offer_slot`).
         self._offered = 0
         self.completed_count = 0
+        #: The claim turn (PostgreSQL with LISTEN/NOTIFY; set by the service before start): with one, only
+        #: the holder answers other processes' work announcements (see :meth:`wake_announced`).
+        self.turn: ClaimTurnLike | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> list[Job]:
@@ -173,6 +189,7 @@ class Worker:
         Jobs still running after ``grace`` seconds are cancelled as tasks and requeued as well.
         """
         self._accepting = False
+        self._want_turn(False)
         grace = self.shutdown_grace if grace is None else grace
         # Jobs claimed ahead but never started go straight back to the queue.
         for job in self._ready:
@@ -210,6 +227,27 @@ class Worker:
             if self._next_due is None or due < self._next_due:
                 self._next_due = due
         self._wakeup.set()
+
+    def wake_announced(self) -> None:
+        """Another process announced new work (NOTIFY): look for it if this worker answers announcements.
+
+        With a claim turn only its holder does (the others would claim nothing: one NOTIFY reaches every
+        worker). A holder without a free slot cannot take the work: it passes the turn on, and the next
+        idle worker claims when the turn reaches it.
+        """
+        turn = self.turn
+        if turn is None or turn.leads:
+            self._wakeup.set()
+            if turn is not None and self._full():
+                turn.want(False)
+
+    def _full(self) -> bool:
+        """No free slot, or jobs claimed ahead wait for one."""
+        return bool(self._ready) or len(self.running) + self._offered >= self.concurrency
+
+    def _want_turn(self, yes: bool) -> None:
+        if self.turn is not None:
+            self.turn.want(yes)
 
     def offer_slot(self) -> Handoff | None:
         """Offer a free slot to a job this process is submitting (see :class:`~core.store.Handoff`).
@@ -279,6 +317,9 @@ class Worker:
                     await asyncio.sleep(3600)
                 free = self.concurrency - len(self.running) - self._offered
                 if free <= 0:
+                    if self._ready:
+                        # Claimed ahead: the queue is deep. The next idle worker in line claims its share.
+                        self._want_turn(False)
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     continue
@@ -292,6 +333,7 @@ class Worker:
                     free -= 1
                 if free <= 0:
                     continue
+                self._want_turn(True)  # free slots: queue for the turn (or keep it)
                 types = self.registry.types()
                 self._wakeup.clear()
                 # Claiming a few jobs ahead turns one claim transaction per job into one per batch.
