@@ -98,6 +98,7 @@ class ClaimTurn:
         *,
         reconnect_delay: float,
         max_reconnect_delay: float,
+        check_interval: float = 5.0,
     ) -> None:
         self._connect = connect
         #: The job types of the workers sharing this turn (workers serving other types have their own).
@@ -105,6 +106,8 @@ class ClaimTurn:
         self.on_grant = on_grant
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
+        #: Seconds between checks of the connection while holding the turn (see _hold).
+        self.check_interval = check_interval
         self._wanted = False
         self._want_changed: asyncio.Event | None = None
         self._up = False
@@ -163,7 +166,7 @@ class ClaimTurn:
                     self.grants += 1
                     if self._wanted:
                         self._granted()
-                    await self._until_wanted(False)
+                    await self._hold(conn)
                     self.held = False
                     await conn.execute(_TURN_UNLOCK, key)
             except asyncio.CancelledError:
@@ -178,6 +181,16 @@ class ClaimTurn:
                         await conn.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_reconnect_delay)
+
+    async def _hold(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Hold the turn until the worker gives it up, checking the connection now and then: a holder whose
+        connection died has lost the lock to the next in line, and must stop answering announcements."""
+        while self._wanted:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.check_interval):
+                    await self._until_wanted(False)
+            if self._wanted:
+                await conn.execute("SELECT 1")
 
     def _granted(self) -> None:
         try:

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 #: Backoff after a wake-up whose claim found nothing (see Worker._claim_loop): 1 ms, doubling, at most 32 ms.
 LOST_CLAIM_BACKOFF = 0.001
 LOST_CLAIM_BACKOFF_MAX = 0.032
+#: How long the holder of the claim turn may leave work it knows of unclaimed (its slots are busy) before it
+#: passes the turn on. Short jobs free a slot sooner than that, and the holder claims the work itself (a
+#: handover costs the next worker a claim); long jobs wait this little longer for an idle worker.
+TURN_PASS_DELAY = 0.05
 
 
 def make_worker_id() -> str:
@@ -165,6 +169,9 @@ class Worker:
         #: The claim turn (PostgreSQL with LISTEN/NOTIFY; set by the service before start): with one, only
         #: the holder answers other processes' work announcements (see :meth:`wake_announced`).
         self.turn: ClaimTurnLike | None = None
+        #: Claims sent to the store (for tests and figures).
+        self.claims_sent = 0
+        self._pass_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> list[Job]:
@@ -190,6 +197,9 @@ class Worker:
         """
         self._accepting = False
         self._want_turn(False)
+        if self._pass_timer is not None:
+            self._pass_timer.cancel()
+            self._pass_timer = None
         grace = self.shutdown_grace if grace is None else grace
         # Jobs claimed ahead but never started go straight back to the queue.
         for job in self._ready:
@@ -238,8 +248,8 @@ class Worker:
         turn = self.turn
         if turn is None or turn.leads:
             self._wakeup.set()
-            if turn is not None and self._full():
-                turn.want(False)
+            if self._full():
+                self._pass_turn_later()
 
     def _full(self) -> bool:
         """No free slot, or jobs claimed ahead wait for one."""
@@ -248,6 +258,19 @@ class Worker:
     def _want_turn(self, yes: bool) -> None:
         if self.turn is not None:
             self.turn.want(yes)
+
+    def _pass_turn_later(self) -> None:
+        """Work we know of waits while our slots are busy: pass the turn on unless we claim it soon."""
+        if self.turn is None or self._pass_timer is not None:
+            return
+        self._pass_timer = asyncio.get_running_loop().call_later(
+            TURN_PASS_DELAY, self._pass_turn, self.claims_sent
+        )
+
+    def _pass_turn(self, claims_then: int) -> None:
+        self._pass_timer = None
+        if self.claims_sent == claims_then and self._full():
+            self._want_turn(False)
 
     def offer_slot(self) -> Handoff | None:
         """Offer a free slot to a job this process is submitting (see :class:`~core.store.Handoff`).
@@ -317,9 +340,9 @@ class Worker:
                     await asyncio.sleep(3600)
                 free = self.concurrency - len(self.running) - self._offered
                 if free <= 0:
-                    if self._ready:
-                        # Claimed ahead: the queue is deep. The next idle worker in line claims its share.
-                        self._want_turn(False)
+                    if deep or self._ready:
+                        # The queue is deep: unless a slot frees soon, the next idle worker claims its share.
+                        self._pass_turn_later()
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     continue
@@ -339,6 +362,7 @@ class Worker:
                 # Claiming a few jobs ahead turns one claim transaction per job into one per batch.
                 want = free + (self.prefetch if deep else 0)
                 sent = time.monotonic()
+                self.claims_sent += 1
                 jobs = await self.store.claim(
                     self.worker_id, want, types=types, lease_seconds=self.lease_seconds
                 )
