@@ -7,6 +7,8 @@
   once after :meth:`Worker.wake_controls`, which LISTEN/NOTIFY calls) or, in this process, at once through
   :meth:`Worker.request_control`.
 * A graceful stop asks running jobs to stop at their next checkpoint and requeues them from it.
+* Wake-one (PostgreSQL): one NOTIFY reaches every worker, so only the holder of the claim turn
+  (:class:`core.notify.ClaimTurn`) answers it; a busy holder passes the turn to the next idle worker.
 * Leases (PostgreSQL, ``reap_expired``): every claimed job holds a lease the heartbeat renews. The worker
   also keeps a local deadline per job (when the lease it last renewed runs out, by our monotonic clock) and
   stops a job whose deadline passed at its next checkpoint, without a round trip: after a stall (a frozen
@@ -41,10 +43,13 @@ log = logging.getLogger(__name__)
 #: Backoff after a wake-up whose claim found nothing (see Worker._claim_loop): 1 ms, doubling, at most 32 ms.
 LOST_CLAIM_BACKOFF = 0.001
 LOST_CLAIM_BACKOFF_MAX = 0.032
-#: How long the holder of the claim turn may leave work it knows of unclaimed (its slots are busy) before it
-#: passes the turn on. Short jobs free a slot sooner than that, and the holder claims the work itself (a
-#: handover costs the next worker a claim); long jobs wait this little longer for an idle worker.
+#: The holder of the claim turn whose slots are busy while work waits keeps the turn if its jobs typically
+#: run shorter than this: a slot frees soon and it claims the work itself (a handover would cost the next
+#: worker a claim, and spread the jobs thinner: smaller batches, more transactions per job). With longer
+#: jobs it passes the turn at once; before it knows how long its jobs run, after this long.
 TURN_PASS_DELAY = 0.05
+#: Weight of the latest run in the worker's typical run time (an exponential moving average).
+RUN_TIME_WEIGHT = 0.1
 
 
 def make_worker_id() -> str:
@@ -76,6 +81,8 @@ class RunningJob:
     pending_logs: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)
     #: When its lease runs out by our monotonic clock, as far as we know (infinite without leases).
     lease_deadline: float = math.inf
+    #: When it started (monotonic), for the worker's typical run time.
+    started: float = field(default_factory=time.monotonic)
 
 
 class _QueuedBackend:
@@ -172,6 +179,8 @@ class Worker:
         #: Claims sent to the store (for tests and figures).
         self.claims_sent = 0
         self._pass_timer: asyncio.TimerHandle | None = None
+        #: Typical seconds a job runs here (None until one ended).
+        self._run_time: float | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> list[Job]:
@@ -230,8 +239,8 @@ class Worker:
         await self._flush_outcomes()
 
     def wake(self, run_at_delay: float | None = None) -> None:
-        """Look for work now (called on submit in this process, and on NOTIFY from other processes);
-        ``run_at_delay`` for a delayed job."""
+        """Look for work now (called on submit in this process, on NOTIFY from other processes without a
+        claim turn, and when the turn comes to this worker); ``run_at_delay`` for a delayed job."""
         if run_at_delay is not None and run_at_delay > 0:
             due = time.monotonic() + run_at_delay
             if self._next_due is None or due < self._next_due:
@@ -242,8 +251,8 @@ class Worker:
         """Another process announced new work (NOTIFY): look for it if this worker answers announcements.
 
         With a claim turn only its holder does (the others would claim nothing: one NOTIFY reaches every
-        worker). A holder without a free slot cannot take the work: it passes the turn on, and the next
-        idle worker claims when the turn reaches it.
+        worker). A holder without a free slot cannot take the work now: unless its jobs are short (see
+        TURN_PASS_DELAY) it passes the turn on, and the next idle worker claims when the turn reaches it.
         """
         turn = self.turn
         if turn is None or turn.leads:
@@ -260,12 +269,15 @@ class Worker:
             self.turn.want(yes)
 
     def _pass_turn_later(self) -> None:
-        """Work we know of waits while our slots are busy: pass the turn on unless we claim it soon."""
+        """Work we know of waits while our slots are busy: pass the turn on unless we will claim it soon."""
         if self.turn is None or self._pass_timer is not None:
             return
-        self._pass_timer = asyncio.get_running_loop().call_later(
-            TURN_PASS_DELAY, self._pass_turn, self.claims_sent
-        )
+        if self._run_time is None:
+            self._pass_timer = asyncio.get_running_loop().call_later(
+                TURN_PASS_DELAY, self._pass_turn, self.claims_sent
+            )
+        elif self._run_time >= TURN_PASS_DELAY:
+            self._want_turn(False)
 
     def _pass_turn(self, claims_then: int) -> None:
         self._pass_timer = None
@@ -575,6 +587,9 @@ class Worker:
             if rj.cancel_timer is not None:
                 rj.cancel_timer.cancel()
             self.running.pop(job.id, None)
+            took = time.monotonic() - rj.started
+            avg = self._run_time
+            self._run_time = took if avg is None else avg + RUN_TIME_WEIGHT * (took - avg)
             self._deadlines.pop(job.id, None)
             # A full worker claims as soon as a slot frees. An idle one (its last claim found the queue
             # drained) is not woken: new work is announced (wake(), NOTIFY) or found by the poll, and a
