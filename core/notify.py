@@ -19,16 +19,16 @@ Deliveries to a subscriber can be spaced by ``min_gap`` (a monitor's poll costs 
 with a trailing call so the last notification is never dropped. Subscribers may skip the notifications
 their own process sent (a monitor already knows its own changes).
 
-A NOTIFY reaches every listener, so by itself it wakes every idle worker for each batch of new jobs, and
-all but one of them claim nothing: a herd whose empty claims cost more CPU than no-op jobs do. A worker
-process therefore also holds a :class:`ClaimTurn` (a third connection): among the workers serving the same
-job types on one schema, only the holder of the turn acts on a work announcement. The others wait for
-the turn in PostgreSQL's lock queue (``pg_advisory_lock``, granted first come, first served), costing
-nothing. A holder keeps the turn while it has free slots and passes it on when it cannot take the work it
-hears of; the next worker in line claims as soon as it gets the turn. New work thus wakes as many workers
-as it needs, one after the other, and extra idle workers cost nothing. The turn only decides who answers
-an announcement: polling, a worker's own submits and a deep queue still make any worker claim, and while
-its connection is down a worker answers every announcement as before.
+A NOTIFY reaches every listener, so work announced to every worker wakes them all for each batch of new
+jobs, and all but one of them claim nothing: a herd whose empty claims cost more CPU than no-op jobs do.
+A worker therefore hears work announcements through a :class:`ClaimTurn` (a third connection) instead:
+among the workers serving the same job types on one schema, only the holder of the turn LISTENs for work.
+The others wait for the turn in PostgreSQL's lock queue (``pg_advisory_lock``, granted first come, first
+served), costing nothing, neither to them nor to the server. A holder keeps the turn while it can take
+the work it hears of and passes it on when it cannot; the next worker in line claims as soon as it gets
+the turn. New work thus wakes as many workers as it needs, one after the other, and extra idle workers
+cost nothing. The turn only decides who hears announcements: polling, a worker's own submits and a deep
+queue still make any worker claim, and a worker whose turn connection is down finds work by polling.
 """
 
 from __future__ import annotations
@@ -84,44 +84,40 @@ _TURN_UNLOCK = "SELECT pg_advisory_unlock(" + _TURN_KEY + ")"
 class ClaimTurn:
     """Who answers the next work announcement among idle workers (wake-one; see the module doc).
 
-    Made by :meth:`PgNotifier.claim_turn` and started and stopped with it. The worker says whether it
-    wants the turn (:meth:`want`: it has free slots) and asks :attr:`leads` when an announcement arrives;
-    ``on_grant`` is called when the turn comes to this worker, which then claims at once: work announced
-    while the turn was passed on was heard by a worker that could not take it.
+    Made by :meth:`PgNotifier.claim_turn` and started and stopped with it. The worker says whether it wants
+    the turn (:meth:`want`: it has free slots). Only while it holds the turn does its connection LISTEN for
+    work, calling ``on_announce()`` per announcement: the workers waiting in line hear nothing (nor does
+    the server signal them). ``on_grant()`` is called when the turn comes to the worker, which then claims
+    at once: work may have been announced to the worker that passed the turn on.
     """
 
     def __init__(
         self,
         connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]],
         types: list[str],
-        on_grant: Callable[[], None],
         *,
+        on_grant: Callable[[], None],
+        on_announce: Callable[[], None],
         reconnect_delay: float,
         max_reconnect_delay: float,
-        check_interval: float = 5.0,
+        keepalive: float,
     ) -> None:
         self._connect = connect
         #: The job types of the workers sharing this turn (workers serving other types have their own).
         self.types = ",".join(sorted(types))
         self.on_grant = on_grant
+        self.on_announce = on_announce
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
-        #: Seconds between checks of the connection while holding the turn (see _hold).
-        self.check_interval = check_interval
+        self.keepalive = keepalive
         self._wanted = False
         self._want_changed: asyncio.Event | None = None
-        self._up = False
         self._task: asyncio.Task[None] | None = None
         #: Whether this worker holds the turn.
         self.held = False
-        #: Counter, for tests and figures: how often the turn came to this worker.
+        #: Counters, for tests and figures: how often the turn came here, announcements heard holding it.
         self.grants = 0
-
-    @property
-    def leads(self) -> bool:
-        """Whether this worker answers work announcements: it holds the turn, or the turn cannot work now
-        (its connection is down), in which case every idle worker answers them, as without a turn."""
-        return self.held or not self._up
+        self.heard = 0
 
     def want(self, yes: bool) -> None:
         """Queue for the turn (``yes``: this worker has free slots), or pass it on / give up its place."""
@@ -150,31 +146,36 @@ class ClaimTurn:
 
     async def _loop(self) -> None:
         delay = self.reconnect_delay
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(CHANNELS["work"]))
+        unlisten = sql.SQL("UNLISTEN {}").format(sql.Identifier(CHANNELS["work"]))
+        key = [TURN_LOCK_CLASS, self.types]
         while True:
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
                 conn = await self._connect()
-                self._up = True
                 delay = self.reconnect_delay
-                key = [TURN_LOCK_CLASS, self.types]
                 while True:
                     await self._until_wanted(True)
                     # Waits in the server until granted: the lock queue is the line of idle workers. (A
                     # cancelled wait is cancelled in the server too: psycopg sends a cancel request.)
                     await conn.execute(_TURN_LOCK, key)
+                    # Listen before looking: what is announced from now on is heard, what came before is
+                    # found by the claim on_grant() asks for.
+                    await conn.execute(listen)
                     self.held = True
                     self.grants += 1
                     if self._wanted:
-                        self._granted()
+                        self._call(self.on_grant)
                     await self._hold(conn)
                     self.held = False
+                    await conn.execute(unlisten)
                     await conn.execute(_TURN_UNLOCK, key)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # Meanwhile this worker hears no announcements: its polls find the work.
                 log.warning("claim-turn connection lost (%s); reconnecting in %.1f s", exc, delay)
             finally:
-                self._up = False
                 self.held = False
                 if conn is not None:
                     with contextlib.suppress(Exception):
@@ -183,18 +184,31 @@ class ClaimTurn:
             delay = min(delay * 2, self.max_reconnect_delay)
 
     async def _hold(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Hold the turn until the worker gives it up, checking the connection now and then: a holder whose
-        connection died has lost the lock to the next in line, and must stop answering announcements."""
-        while self._wanted:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.check_interval):
-                    await self._until_wanted(False)
-            if self._wanted:
-                await conn.execute("SELECT 1")
-
-    def _granted(self) -> None:
+        """Hear work announcements until the worker gives the turn up (or the connection fails)."""
+        hearing = asyncio.create_task(self._hear(conn), name="claim-turn-listen")
+        giving_up = asyncio.create_task(self._until_wanted(False), name="claim-turn-want")
         try:
-            self.on_grant()
+            await asyncio.wait([hearing, giving_up], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hearing.cancel()
+            giving_up.cancel()
+            # asyncio.wait, not cancel_and_wait: a stop() cancelling us meanwhile must not be swallowed.
+            await asyncio.wait([hearing, giving_up])
+        if not hearing.cancelled() and (exc := hearing.exception()) is not None:
+            raise exc
+
+    async def _hear(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while True:
+            async for _ in conn.notifies(timeout=self.keepalive):
+                self.heard += 1
+                self._call(self.on_announce)
+            # Quiet for a while: make sure the connection is alive (a dead one lost the lock to the next).
+            await conn.execute("SELECT 1")
+
+    @staticmethod
+    def _call(callback: Callable[[], None]) -> None:
+        try:
+            callback()
         except Exception:  # the worker's failure must not stop the turn
             log.exception("claim-turn callback failed")
 
@@ -247,20 +261,25 @@ class PgNotifier:
             raise RuntimeError("subscribe before start()")
         self._subs.setdefault(kind, []).append(_Subscriber(callback, min_gap, skip_own))
 
-    def claim_turn(self, types: list[str], on_grant: Callable[[], None]) -> ClaimTurn:
+    def claim_turn(
+        self, types: list[str], *, on_grant: Callable[[], None], on_announce: Callable[[], None]
+    ) -> ClaimTurn:
         """A :class:`ClaimTurn` for a worker serving ``types`` (its own connection), run with this notifier.
 
-        ``on_grant()`` is called on the event loop when the turn comes to the worker. Make it before
-        :meth:`start`.
+        The worker hears work announcements through it (``on_announce()``, while it holds the turn) instead
+        of subscribing to ``work``; ``on_grant()`` when the turn comes to it. Both run on the event loop.
+        Make it before :meth:`start`.
         """
         if self._started:
             raise RuntimeError("claim_turn before start()")
         turn = ClaimTurn(
             self._connect,
             types,
-            on_grant,
+            on_grant=on_grant,
+            on_announce=on_announce,
             reconnect_delay=self.reconnect_delay,
             max_reconnect_delay=self.max_reconnect_delay,
+            keepalive=self.keepalive,
         )
         self._turns.append(turn)
         return turn

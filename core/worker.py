@@ -7,8 +7,9 @@
   once after :meth:`Worker.wake_controls`, which LISTEN/NOTIFY calls) or, in this process, at once through
   :meth:`Worker.request_control`.
 * A graceful stop asks running jobs to stop at their next checkpoint and requeues them from it.
-* Wake-one (PostgreSQL): one NOTIFY reaches every worker, so only the holder of the claim turn
-  (:class:`core.notify.ClaimTurn`) answers it; a busy holder passes the turn to the next idle worker.
+* Wake-one (PostgreSQL): one NOTIFY would reach every worker, so only the holder of the claim turn
+  (:class:`core.notify.ClaimTurn`) hears work announcements; a busy holder passes the turn to the next
+  idle worker.
 * Leases (PostgreSQL, ``reap_expired``): every claimed job holds a lease the heartbeat renews. The worker
   also keeps a local deadline per job (when the lease it last renewed runs out, by our monotonic clock) and
   stops a job whose deadline passed at its next checkpoint, without a round trip: after a stall (a frozen
@@ -58,12 +59,7 @@ def make_worker_id() -> str:
 
 
 class ClaimTurnLike(Protocol):
-    """Who answers a work announcement among idle workers (:class:`core.notify.ClaimTurn` on PostgreSQL)."""
-
-    @property
-    def leads(self) -> bool:
-        """Whether this worker answers announcements now."""
-        ...
+    """Who hears work announcements among idle workers (:class:`core.notify.ClaimTurn` on PostgreSQL)."""
 
     def want(self, yes: bool) -> None:
         """Queue for the turn (the worker has free slots), or pass it on."""
@@ -173,8 +169,8 @@ class Worker:
         #: Slots offered to jobs being submitted in this process (see :meth:`offer_slot`).
         self._offered = 0
         self.completed_count = 0
-        #: The claim turn (PostgreSQL with LISTEN/NOTIFY; set by the service before start): with one, only
-        #: the holder answers other processes' work announcements (see :meth:`wake_announced`).
+        #: The claim turn (PostgreSQL with LISTEN/NOTIFY; set by the service before start): only its holder
+        #: hears other processes' work announcements (see :meth:`wake_announced`).
         self.turn: ClaimTurnLike | None = None
         #: Claims sent to the store (for tests and figures).
         self.claims_sent = 0
@@ -248,17 +244,14 @@ class Worker:
         self._wakeup.set()
 
     def wake_announced(self) -> None:
-        """Another process announced new work (NOTIFY): look for it if this worker answers announcements.
+        """Another process announced new work (NOTIFY, heard by the holder of the claim turn): look for it.
 
-        With a claim turn only its holder does (the others would claim nothing: one NOTIFY reaches every
-        worker). A holder without a free slot cannot take the work now: unless its jobs are short (see
+        A holder without a free slot cannot take the work now: unless its jobs are short (see
         TURN_PASS_DELAY) it passes the turn on, and the next idle worker claims when the turn reaches it.
         """
-        turn = self.turn
-        if turn is None or turn.leads:
-            self._wakeup.set()
-            if self._full():
-                self._pass_turn_later()
+        self._wakeup.set()
+        if self._full():
+            self._pass_turn_later()
 
     def _full(self) -> bool:
         """No free slot, or jobs claimed ahead wait for one."""
