@@ -49,6 +49,10 @@ LOST_CLAIM_BACKOFF_MAX = 0.032
 #: worker a claim, and spread the jobs thinner: smaller batches, more transactions per job). With longer
 #: jobs it passes the turn at once; before it knows how long its jobs run, after this long.
 TURN_PASS_DELAY = 0.05
+#: A worker waiting for the claim turn polls this many times less often: the holder answers announcements,
+#: and each poll that finds a job or two of the holder's stream spreads the work thinner. Its polls only
+#: guard against a holder that stalled (a frozen process keeps its connection, hence the turn).
+TURN_WAITER_POLL_FACTOR = 4
 #: Weight of the latest run in the worker's typical run time (an exponential moving average).
 RUN_TIME_WEIGHT = 0.1
 
@@ -60,6 +64,9 @@ def make_worker_id() -> str:
 
 class ClaimTurnLike(Protocol):
     """Who hears work announcements among idle workers (:class:`core.notify.ClaimTurn` on PostgreSQL)."""
+
+    #: Whether this worker holds the turn.
+    held: bool
 
     def want(self, yes: bool) -> None:
         """Queue for the turn (the worker has free slots), or pass it on."""
@@ -399,6 +406,8 @@ class Worker:
     async def _idle_wait(self, types: list[str]) -> bool:
         """Wait for a wake-up, the next due job or the poll interval; returns whether woken."""
         timeout = self.poll_interval
+        if self.turn is not None and not self.turn.held:
+            timeout *= TURN_WAITER_POLL_FACTOR
         now = time.monotonic()
         # Look for delayed jobs at most once per poll interval, not on every idle moment.
         if now >= self._next_due_check:
