@@ -242,8 +242,8 @@ class Worker:
         await self._flush_outcomes()
 
     def wake(self, run_at_delay: float | None = None) -> None:
-        """Look for work now (called on submit in this process, on NOTIFY from other processes without a
-        claim turn, and when the turn comes to this worker); ``run_at_delay`` for a delayed job."""
+        """Look for work now (called on submit in this process, and when the claim turn comes to this
+        worker); ``run_at_delay`` for a delayed job."""
         if run_at_delay is not None and run_at_delay > 0:
             due = time.monotonic() + run_at_delay
             if self._next_due is None or due < self._next_due:
@@ -393,9 +393,9 @@ class Worker:
                     continue
                 woken = await self._idle_wait(types)
                 if woken and lost:
-                    # One NOTIFY wakes every worker and one of them gets each job. A worker that keeps losing
-                    # that race waits a little before claiming: on few cores N-1 empty claims per job
-                    # cost more CPU than the work, and the jobs that arrive meanwhile come in one claim.
+                    # Our wake-ups keep finding nothing: another worker takes the work first (a poll,
+                    # a handover of the claim turn). Wait a little before claiming: empty claims cost
+                    # more CPU than no-op work, and the jobs that arrive meanwhile come in one claim.
                     await asyncio.sleep(min(LOST_CLAIM_BACKOFF_MAX, LOST_CLAIM_BACKOFF * 2 ** min(lost, 5)))
             except asyncio.CancelledError:
                 raise
