@@ -205,26 +205,47 @@ async def _pg_worker_main(url: str, concurrency: int) -> None:
     await svc.stop()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (0 if it is gone)."""
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (empty if the process is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
+        return []
+
+
+def _cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """utime + stime of a process, from /proc (0 if it is gone); with ``children``, plus its exited
+    children's (what the postmaster reaped: backends that closed during a run)."""
+    fields = _stat(pid)
+    if not fields:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _postgres_pids() -> list[int]:
-    """The PostgreSQL server processes on this machine (to attribute CPU; empty for a remote server)."""
-    pids = []
+def _server_cpu(postmaster: int | None) -> float:
+    """CPU seconds of one PostgreSQL server: its postmaster and every backend, live or exited.
+
+    Only that server's processes: other clusters on a shared machine are not ours to count. A backend that
+    opens during a run counts from zero; one that closes is counted in the postmaster's children's time.
+    """
+    if postmaster is None:
+        return 0.0
+    total = _cpu_seconds(postmaster, children=True)
     for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if (d / "comm").read_text().strip() in ("postgres", "postmaster"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
+        if d.name.isdigit() and (f := _stat(int(d.name))) and int(f[1]) == postmaster:
+            total += _cpu_seconds(int(d.name), children=True)
+    return total
+
+
+def _postmaster_of(backend_pid: int) -> int | None:
+    """The postmaster of a backend running on this machine (None for a remote server)."""
+    fields = _stat(backend_pid)
+    try:
+        comm = Path(f"/proc/{backend_pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    return int(fields[1]) if fields and comm in ("postgres", "postmaster") else None
 
 
 def _with_schema(url: str, schema: str) -> str:
@@ -330,11 +351,15 @@ async def _pg_run(url: str, n: int, procs: list[subprocess.Popen[str]], mode: st
             with svc.db.engine.connect() as conn:
                 return int(conn.execute(count_completed).scalar_one())
 
-        pg_pids = _postgres_pids()
+        def backend_pid() -> int:
+            with svc.db.engine.connect() as conn:
+                return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+        postmaster = _postmaster_of(await svc.db.run(backend_pid))
         cpu0 = {
             "submitter": _cpu_seconds(os.getpid()),
-            "workers": sum(_cpu_seconds(p.pid) for p in procs),
-            "postgres": sum(_cpu_seconds(p) for p in pg_pids),
+            "postgres": _server_cpu(postmaster),
+            **{f"worker {i}": _cpu_seconds(p.pid) for i, p in enumerate(procs)},
         }
         t0 = time.perf_counter()
         if mode == "bulk":
@@ -353,8 +378,8 @@ async def _pg_run(url: str, n: int, procs: list[subprocess.Popen[str]], mode: st
         elapsed = time.perf_counter() - t0
         cpu1 = {
             "submitter": _cpu_seconds(os.getpid()),
-            "workers": sum(_cpu_seconds(p.pid) for p in procs),
-            "postgres": sum(_cpu_seconds(p) for p in pg_pids),
+            "postgres": _server_cpu(postmaster),
+            **{f"worker {i}": _cpu_seconds(p.pid) for i, p in enumerate(procs)},
         }
         lag: float | None = None
         try:
@@ -402,11 +427,13 @@ def print_postgres(figures: list[PgFigure], sqlite: dict[str, float], note: str)
         lag = "n/a" if f.monitor_lag_ms is None else f"{f.monitor_lag_ms:.0f} ms"
         label = f"progressbot on PostgreSQL, {f.workers} worker proc ({f.mode})"
         per_k = {k: 1000 * v / f.n for k, v in f.cpu.items()}
+        workers = [v for k, v in per_k.items() if k.startswith("worker ")]
         print(
             f"{label:58s} {f.jobs_per_s:9.0f} jobs/s   {f.jobs_per_s / ref:4.2f}x SQLite ({f.mode});"
             f" run-process monitor saw the last completion +{lag};"
             f" CPU s per 1000 jobs: submitter {per_k['submitter']:.2f},"
-            f" workers {per_k['workers']:.2f}, postgres {per_k['postgres']:.2f}"
+            f" workers {sum(workers):.2f} ({' + '.join(f'{w:.2f}' for w in workers)}),"
+            f" postgres {per_k['postgres']:.2f}"
         )
 
 

@@ -5,7 +5,8 @@ A notification only makes a process look *now* instead of at its next poll: poll
 record, so a lost notification (a reconnect, a crash between a commit and its NOTIFY) costs latency, never
 correctness. That is also why notifications carry no data beyond the sender's origin tag.
 
-Each process opens two dedicated autocommit psycopg connections, outside the engine's pool:
+Each process opens two dedicated autocommit psycopg connections, outside the engine's pool (a worker a third,
+for its claim turn: see below):
 
 * the *listener* runs ``LISTEN`` for the channels this process cares about and reads ``notifies()``. It
   wakes every ``keepalive`` seconds to check the connection, and reconnects with a backoff. After a
@@ -17,6 +18,17 @@ Each process opens two dedicated autocommit psycopg connections, outside the eng
 Deliveries to a subscriber can be spaced by ``min_gap`` (a monitor's poll costs more than a wake-up), again
 with a trailing call so the last notification is never dropped. Subscribers may skip the notifications
 their own process sent (a monitor already knows its own changes).
+
+A NOTIFY reaches every listener, so work announced to every worker wakes them all for each batch of new
+jobs, and all but one of them claim nothing: a herd whose empty claims cost more CPU than no-op jobs do.
+A worker therefore hears work announcements through a :class:`ClaimTurn` (a third connection) instead:
+among the workers serving the same job types on one schema, only the holder of the turn LISTENs for work.
+The others wait for the turn in PostgreSQL's lock queue (``pg_advisory_lock``, granted first come, first
+served), costing nothing, neither to them nor to the server. A holder keeps the turn while it can take
+the work it hears of and passes it on when it cannot; the next worker in line claims as soon as it gets
+the turn. New work thus wakes as many workers as it needs, one after the other, and extra idle workers
+cost nothing. The turn only decides who hears announcements: polling, a worker's own submits and a deep
+queue still make any worker claim, and a worker whose turn connection is down finds work by polling.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +49,9 @@ from .aio import cancel_and_wait
 from .store import ChangeKind
 
 log = logging.getLogger(__name__)
+
+#: The advisory lock class of the claim turn (ASCII "pbTn"); its object id hashes the schema and job types.
+TURN_LOCK_CLASS = 0x7062546E
 
 #: The channel of each change kind (channels are per database, like the tables).
 CHANNELS: dict[ChangeKind, str] = {
@@ -58,6 +73,144 @@ class _Subscriber:
     skip_own: bool
     last: float = -math.inf
     timer: asyncio.TimerHandle | None = None
+
+
+# The turn's lock, keyed by the schema (tables are per schema, locks per database) and the job types served.
+_TURN_KEY = "%s, hashtext(coalesce(current_schema(), '') || ':' || %s)"
+_TURN_LOCK = "SELECT pg_advisory_lock(" + _TURN_KEY + ")"
+_TURN_UNLOCK = "SELECT pg_advisory_unlock(" + _TURN_KEY + ")"
+
+
+class ClaimTurn:
+    """Who answers the next work announcement among idle workers (wake-one; see the module doc).
+
+    Made by :meth:`PgNotifier.claim_turn` and started and stopped with it. The worker says whether it wants
+    the turn (:meth:`want`: it has free slots). Only while it holds the turn does its connection LISTEN for
+    work, calling ``on_announce()`` per announcement: the workers waiting in line hear nothing (nor does
+    the server signal them). ``on_grant()`` is called when the turn comes to the worker, which then claims
+    at once: work may have been announced to the worker that passed the turn on.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]],
+        types: list[str],
+        *,
+        on_grant: Callable[[], None],
+        on_announce: Callable[[], None],
+        reconnect_delay: float,
+        max_reconnect_delay: float,
+        keepalive: float,
+    ) -> None:
+        self._connect = connect
+        #: The job types of the workers sharing this turn (workers serving other types have their own).
+        self.types = ",".join(sorted(types))
+        self.on_grant = on_grant
+        self.on_announce = on_announce
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.keepalive = keepalive
+        self._wanted = False
+        self._want_changed: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        #: Whether this worker holds the turn.
+        self.held = False
+        #: Counters, for tests and figures: how often the turn came here, announcements heard holding it.
+        self.grants = 0
+        self.heard = 0
+
+    def want(self, yes: bool) -> None:
+        """Queue for the turn (``yes``: this worker has free slots), or pass it on / give up its place."""
+        if yes != self._wanted:
+            self._wanted = yes
+            if self._want_changed is not None:
+                self._want_changed.set()
+
+    def start(self) -> None:
+        """Start the task that queues for, holds and passes on the turn."""
+        if self._task is None:
+            self._want_changed = asyncio.Event()
+            self._task = asyncio.create_task(self._loop(), name="claim-turn")
+
+    async def stop(self) -> None:
+        """Stop; closing the connection releases the turn (or leaves the queue)."""
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+            self._task = None
+
+    async def _until_wanted(self, wanted: bool) -> None:
+        assert self._want_changed is not None
+        while self._wanted != wanted:
+            self._want_changed.clear()
+            await self._want_changed.wait()
+
+    async def _loop(self) -> None:
+        delay = self.reconnect_delay
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(CHANNELS["work"]))
+        unlisten = sql.SQL("UNLISTEN {}").format(sql.Identifier(CHANNELS["work"]))
+        key = [TURN_LOCK_CLASS, self.types]
+        while True:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await self._connect()
+                delay = self.reconnect_delay
+                while True:
+                    await self._until_wanted(True)
+                    # Waits in the server until granted: the lock queue is the line of idle workers. (A
+                    # cancelled wait is cancelled in the server too: psycopg sends a cancel request.)
+                    await conn.execute(_TURN_LOCK, key)
+                    # Listen before looking: what is announced from now on is heard, what came before is
+                    # found by the claim on_grant() asks for.
+                    await conn.execute(listen)
+                    self.held = True
+                    self.grants += 1
+                    if self._wanted:
+                        self._call(self.on_grant)
+                    await self._hold(conn)
+                    self.held = False
+                    await conn.execute(unlisten)
+                    await conn.execute(_TURN_UNLOCK, key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Meanwhile this worker hears no announcements: its polls find the work.
+                log.warning("claim-turn connection lost (%s); reconnecting in %.1f s", exc, delay)
+            finally:
+                self.held = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_reconnect_delay)
+
+    async def _hold(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Hear work announcements until the worker gives the turn up (or the connection fails)."""
+        hearing = asyncio.create_task(self._hear(conn), name="claim-turn-listen")
+        giving_up = asyncio.create_task(self._until_wanted(False), name="claim-turn-want")
+        try:
+            await asyncio.wait([hearing, giving_up], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hearing.cancel()
+            giving_up.cancel()
+            # asyncio.wait, not cancel_and_wait: a stop() cancelling us meanwhile must not be swallowed.
+            await asyncio.wait([hearing, giving_up])
+        if not hearing.cancelled() and (exc := hearing.exception()) is not None:
+            raise exc
+
+    async def _hear(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while True:
+            async for _ in conn.notifies(timeout=self.keepalive):
+                self.heard += 1
+                self._call(self.on_announce)
+            # Quiet for a while: make sure the connection is alive (a dead one lost the lock to the next).
+            await conn.execute("SELECT 1")
+
+    @staticmethod
+    def _call(callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:  # the worker's failure must not stop the turn
+            log.exception("claim-turn callback failed")
 
 
 class PgNotifier:
@@ -89,6 +242,7 @@ class PgNotifier:
         self._listening: asyncio.Event | None = None
         self._sender: psycopg.AsyncConnection[Any] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._turns: list[ClaimTurn] = []
         self._started = False
         #: Counters, for tests and figures: notifications sent (after coalescing) and received.
         self.sent = 0
@@ -107,6 +261,29 @@ class PgNotifier:
             raise RuntimeError("subscribe before start()")
         self._subs.setdefault(kind, []).append(_Subscriber(callback, min_gap, skip_own))
 
+    def claim_turn(
+        self, types: list[str], *, on_grant: Callable[[], None], on_announce: Callable[[], None]
+    ) -> ClaimTurn:
+        """A :class:`ClaimTurn` for a worker serving ``types`` (its own connection), run with this notifier.
+
+        The worker hears work announcements through it (``on_announce()``, while it holds the turn) instead
+        of subscribing to ``work``; ``on_grant()`` when the turn comes to it. Both run on the event loop.
+        Make it before :meth:`start`.
+        """
+        if self._started:
+            raise RuntimeError("claim_turn before start()")
+        turn = ClaimTurn(
+            self._connect,
+            types,
+            on_grant=on_grant,
+            on_announce=on_announce,
+            reconnect_delay=self.reconnect_delay,
+            max_reconnect_delay=self.max_reconnect_delay,
+            keepalive=self.keepalive,
+        )
+        self._turns.append(turn)
+        return turn
+
     @property
     def listening(self) -> bool:
         """Whether the listener connection is up and LISTENing."""
@@ -124,6 +301,8 @@ class PgNotifier:
         self._send_wakeup = asyncio.Event()
         self._listening = asyncio.Event()
         self._tasks.append(asyncio.create_task(self._send_loop(), name="notify-send"))
+        for turn in self._turns:
+            turn.start()
         if self._subs:
             self._tasks.append(asyncio.create_task(self._listen_loop(), name="notify-listen"))
             with contextlib.suppress(TimeoutError):
@@ -137,6 +316,8 @@ class PgNotifier:
         if not self._started:
             return
         self._started = False
+        for turn in self._turns:
+            await turn.stop()
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for subs in self._subs.values():
@@ -274,4 +455,4 @@ class PgNotifier:
             log.exception("notification subscriber failed")
 
 
-__all__ = ["CHANNELS", "PgNotifier"]
+__all__ = ["CHANNELS", "ClaimTurn", "PgNotifier"]

@@ -242,7 +242,10 @@ class ProgressService:
         if worker is not None:
             # Due work is claimed at once; delayed work from elsewhere is found by the worker's periodic
             # next_run_at check (re-reading it on every NOTIFY would cost a query per wake-up).
-            notifier.subscribe("work", worker.wake)
+            # Wake-one: work announcements reach only the holder of the claim turn (see core.notify).
+            worker.turn = notifier.claim_turn(
+                worker.registry.types(), on_grant=worker.wake, on_announce=worker.wake_announced
+            )
             notifier.subscribe("control", worker.wake_controls)
         if self.config.watch_others:
             # A poll costs more than a wake-up: at most one per monitor tick; our own changes are known here.

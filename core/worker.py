@@ -7,6 +7,9 @@
   once after :meth:`Worker.wake_controls`, which LISTEN/NOTIFY calls) or, in this process, at once through
   :meth:`Worker.request_control`.
 * A graceful stop asks running jobs to stop at their next checkpoint and requeues them from it.
+* Wake-one (PostgreSQL): one NOTIFY would reach every worker, so only the holder of the claim turn
+  (:class:`core.notify.ClaimTurn`) hears work announcements; a busy holder passes the turn to the next
+  idle worker.
 * Leases (PostgreSQL, ``reap_expired``): every claimed job holds a lease the heartbeat renews. The worker
   also keeps a local deadline per job (when the lease it last renewed runs out, by our monotonic clock) and
   stops a job whose deadline passed at its next checkpoint, without a round trip: after a stall (a frozen
@@ -25,7 +28,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .context import JobContext, SyncJobContext
 from .errors import JobCancelled, JobInterrupt, JobPaused, LeaseLost
@@ -41,11 +44,33 @@ log = logging.getLogger(__name__)
 #: Backoff after a wake-up whose claim found nothing (see Worker._claim_loop): 1 ms, doubling, at most 32 ms.
 LOST_CLAIM_BACKOFF = 0.001
 LOST_CLAIM_BACKOFF_MAX = 0.032
+#: The holder of the claim turn whose slots are busy while work waits keeps the turn if its jobs typically
+#: run shorter than this: a slot frees soon and it claims the work itself (a handover would cost the next
+#: worker a claim, and spread the jobs thinner: smaller batches, more transactions per job). With longer
+#: jobs it passes the turn at once; before it knows how long its jobs run, after this long.
+TURN_PASS_DELAY = 0.05
+#: A worker waiting for the claim turn polls this many times less often: the holder answers announcements,
+#: and each poll that finds a job or two of the holder's stream spreads the work thinner. Its polls only
+#: guard against a holder that stalled (a frozen process keeps its connection, hence the turn).
+TURN_WAITER_POLL_FACTOR = 4
+#: Weight of the latest run in the worker's typical run time (an exponential moving average).
+RUN_TIME_WEIGHT = 0.1
 
 
 def make_worker_id() -> str:
     """A worker id unique across hosts and processes."""
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class ClaimTurnLike(Protocol):
+    """Who hears work announcements among idle workers (:class:`core.notify.ClaimTurn` on PostgreSQL)."""
+
+    #: Whether this worker holds the turn.
+    held: bool
+
+    def want(self, yes: bool) -> None:
+        """Queue for the turn (the worker has free slots), or pass it on."""
+        ...
 
 
 @dataclass(slots=True)
@@ -59,6 +84,8 @@ class RunningJob:
     pending_logs: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)
     #: When its lease runs out by our monotonic clock, as far as we know (infinite without leases).
     lease_deadline: float = math.inf
+    #: When it started (monotonic), for the worker's typical run time.
+    started: float = field(default_factory=time.monotonic)
 
 
 class _QueuedBackend:
@@ -151,6 +178,14 @@ class Worker:
         #: Slots offered to jobs being submitted in this process (see :meth:`offer_slot`).
         self._offered = 0
         self.completed_count = 0
+        #: The claim turn (PostgreSQL with LISTEN/NOTIFY; set by the service before start): only its holder
+        #: hears other processes' work announcements (see :meth:`wake_announced`).
+        self.turn: ClaimTurnLike | None = None
+        #: Claims sent to the store (for tests and figures).
+        self.claims_sent = 0
+        self._pass_timer: asyncio.TimerHandle | None = None
+        #: Typical seconds a job runs here (None until one ended).
+        self._run_time: float | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> list[Job]:
@@ -175,6 +210,10 @@ class Worker:
         Jobs still running after ``grace`` seconds are cancelled as tasks and requeued as well.
         """
         self._accepting = False
+        self._want_turn(False)
+        if self._pass_timer is not None:
+            self._pass_timer.cancel()
+            self._pass_timer = None
         grace = self.shutdown_grace if grace is None else grace
         # Jobs claimed ahead but never started go straight back to the queue.
         for job in self._ready:
@@ -218,13 +257,47 @@ class Worker:
         self._outcome_ready.set()
 
     def wake(self, run_at_delay: float | None = None) -> None:
-        """Look for work now (called on submit in this process, and on NOTIFY from other processes);
-        ``run_at_delay`` for a delayed job."""
+        """Look for work now (called on submit in this process, and when the claim turn comes to this
+        worker); ``run_at_delay`` for a delayed job."""
         if run_at_delay is not None and run_at_delay > 0:
             due = time.monotonic() + run_at_delay
             if self._next_due is None or due < self._next_due:
                 self._next_due = due
         self._wakeup.set()
+
+    def wake_announced(self) -> None:
+        """Another process announced new work (NOTIFY, heard by the holder of the claim turn): look for it.
+
+        A holder without a free slot cannot take the work now: unless its jobs are short (see
+        TURN_PASS_DELAY) it passes the turn on, and the next idle worker claims when the turn reaches it.
+        """
+        self._wakeup.set()
+        if self._full():
+            self._pass_turn_later()
+
+    def _full(self) -> bool:
+        """No free slot, or jobs claimed ahead wait for one."""
+        return bool(self._ready) or len(self.running) + self._offered >= self.concurrency
+
+    def _want_turn(self, yes: bool) -> None:
+        if self.turn is not None:
+            self.turn.want(yes)
+
+    def _pass_turn_later(self) -> None:
+        """Work we know of waits while our slots are busy: pass the turn on unless we will claim it soon."""
+        if self.turn is None or self._pass_timer is not None:
+            return
+        if self._run_time is None:
+            self._pass_timer = asyncio.get_running_loop().call_later(
+                TURN_PASS_DELAY, self._pass_turn, self.claims_sent
+            )
+        elif self._run_time >= TURN_PASS_DELAY:
+            self._want_turn(False)
+
+    def _pass_turn(self, claims_then: int) -> None:
+        self._pass_timer = None
+        if self.claims_sent == claims_then and self._full():
+            self._want_turn(False)
 
     def offer_slot(self) -> Handoff | None:
         """Offer a free slot to a job this process is submitting (see :class:`~core.store.Handoff`).
@@ -290,6 +363,9 @@ class Worker:
                     await asyncio.sleep(3600)
                 free = self.concurrency - len(self.running) - self._offered
                 if free <= 0:
+                    if deep or self._ready:
+                        # The queue is deep: unless a slot frees soon, the next idle worker claims its share.
+                        self._pass_turn_later()
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     continue
@@ -303,11 +379,13 @@ class Worker:
                     free -= 1
                 if free <= 0:
                     continue
+                self._want_turn(True)  # free slots: queue for the turn (or keep it)
                 types = self.registry.types()
                 self._wakeup.clear()
                 # Claiming a few jobs ahead turns one claim transaction per job into one per batch.
                 want = free + (self.prefetch if deep else 0)
                 sent = time.monotonic()
+                self.claims_sent += 1
                 claim = asyncio.ensure_future(
                     self.store.claim(self.worker_id, want, types=types, lease_seconds=self.lease_seconds)
                 )
@@ -337,9 +415,9 @@ class Worker:
                     continue
                 woken = await self._idle_wait(types)
                 if woken and lost:
-                    # One NOTIFY wakes every worker and one of them gets each job. A worker that keeps losing
-                    # that race waits a little before claiming: on few cores N-1 empty claims per job
-                    # cost more CPU than the work, and the jobs that arrive meanwhile come in one claim.
+                    # Our wake-ups keep finding nothing: another worker takes the work first (a poll,
+                    # a handover of the claim turn). Wait a little before claiming: empty claims cost
+                    # more CPU than no-op work, and the jobs that arrive meanwhile come in one claim.
                     await asyncio.sleep(min(LOST_CLAIM_BACKOFF_MAX, LOST_CLAIM_BACKOFF * 2 ** min(lost, 5)))
             except asyncio.CancelledError:
                 raise
@@ -350,6 +428,8 @@ class Worker:
     async def _idle_wait(self, types: list[str]) -> bool:
         """Wait for a wake-up, the next due job or the poll interval; returns whether woken."""
         timeout = self.poll_interval
+        if self.turn is not None and not self.turn.held:
+            timeout *= TURN_WAITER_POLL_FACTOR
         now = time.monotonic()
         # Look for delayed jobs at most once per poll interval, not on every idle moment.
         if now >= self._next_due_check:
@@ -539,6 +619,9 @@ class Worker:
             if rj.cancel_timer is not None:
                 rj.cancel_timer.cancel()
             self.running.pop(job.id, None)
+            took = time.monotonic() - rj.started
+            avg = self._run_time
+            self._run_time = took if avg is None else avg + RUN_TIME_WEIGHT * (took - avg)
             self._deadlines.pop(job.id, None)
             # A full worker claims as soon as a slot frees. An idle one (its last claim found the queue
             # drained) is not woken: new work is announced (wake(), NOTIFY) or found by the poll, and a

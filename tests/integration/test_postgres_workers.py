@@ -192,9 +192,17 @@ async def test_kill9_worker_jobs_recovered_after_lease_by_policy(
                 if f[0] == "start" and int(f[1]) == jid and int(f[4]) > killed_at
             ]
             await svc.resume(jid, actor="@alice")
-        await wait_for(
-            lambda: _all_status(svc, ids, JobStatus.COMPLETED), timeout=60, what="all completed after resume"
-        )
+
+        async def all_completed_resuming_claimed_ahead() -> bool:
+            # Jobs the victim had claimed ahead of a free slot (never started) were paused by the same
+            # policy; they are resumed too, and were never run by the victim.
+            for job in await svc.store.get_many(ids):
+                if job.status == JobStatus.PAUSED and job.id not in interrupted:
+                    assert job.interrupted and job.id not in held
+                    await svc.resume(job.id or 0, actor="@alice")
+            return await _all_status(svc, ids, JobStatus.COMPLETED)
+
+        await wait_for(all_completed_resuming_claimed_ahead, timeout=60, what="all completed after resume")
 
     lines = read_effects(effects)
     for jid in interrupted:

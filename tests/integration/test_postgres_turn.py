@@ -1,0 +1,201 @@
+"""Wake-one on PostgreSQL: of several idle workers, only the holder of the claim turn answers a NOTIFY.
+
+In-process services (each with its own pool, notifier and turn connection, as separate processes have)
+on one real database. Polling is set to an hour, so a job that runs was claimed because of its
+announcement (or a handover), never because some worker happened to poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from core.context import JobContext
+from core.db import pg_connect_args
+from core.notify import ClaimTurn
+from core.registry import HandlerRegistry
+from core.service import ProgressService, ServiceConfig
+from tests.integration.pg_helpers import fresh_db, wait_for
+from tests.servers.postgres import PostgresServer
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.asyncio]
+
+NO_POLL = 3600.0
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer) -> str:
+    """A fresh database on the session's PostgreSQL server."""
+    return fresh_db(postgres_server)
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[list[ProgressService]]:
+    """Services started by the test; stopped at teardown."""
+    started: list[ProgressService] = []
+    yield started
+    for svc in reversed(started):
+        if svc._started:
+            await svc.stop()
+
+
+class Jobs:
+    """Handlers that note which worker ran each job and hold it until released."""
+
+    def __init__(self) -> None:
+        self.ran: dict[int, str] = {}
+        self.release = asyncio.Event()
+
+    def registry(self, worker: str, types: tuple[str, ...]) -> HandlerRegistry:
+        """A registry serving ``types``, each job noting ``worker`` as its runner."""
+        reg = HandlerRegistry()
+
+        async def hold(ctx: JobContext, data: dict[str, Any]) -> None:
+            self.ran[int(ctx.job_id)] = worker
+            await self.release.wait()
+
+        for t in types:
+            reg.handler(t)(hold)
+        return reg
+
+    def ran_by(self, job_id: int) -> Callable[[], Any]:
+        """A wait_for predicate: the worker that ran ``job_id``, once it did."""
+
+        async def check() -> str | None:
+            return self.ran.get(job_id)
+
+        return check
+
+
+async def start_worker(
+    url: str, jobs: Jobs, name: str, services: list[ProgressService], *, types: tuple[str, ...] = ("hold",)
+) -> ProgressService:
+    """A started worker-only service (as ``progressbot worker``) named ``name``."""
+    svc = ProgressService(
+        ServiceConfig(
+            database_url=url, concurrency=8, poll_interval=NO_POLL, min_interval=0.1, watch_others=False
+        ),
+        registry=jobs.registry(name, types),
+    )
+    services.append(svc)
+    await svc.start()
+    return svc
+
+
+async def start_submitter(url: str, jobs: Jobs, services: list[ProgressService]) -> ProgressService:
+    """A started service without a worker (as ``progressbot run`` beside worker processes)."""
+    svc = ProgressService(
+        ServiceConfig(database_url=url, run_worker=False, poll_interval=NO_POLL, min_interval=0.1),
+        registry=jobs.registry("submitter", ("hold", "alpha", "beta")),
+    )
+    services.append(svc)
+    await svc.start()
+    return svc
+
+
+def turn_of(svc: ProgressService) -> ClaimTurn:
+    """The worker's claim turn."""
+    assert svc.worker is not None and isinstance(svc.worker.turn, ClaimTurn)
+    return svc.worker.turn
+
+
+def _advisory_waiters(url_svc: ProgressService) -> int:
+    args, kwargs = pg_connect_args(url_svc.db.engine)
+    with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def settled(workers: list[ProgressService], waiting: int) -> None:
+    """Wait until one worker holds the turn and ``waiting`` others wait for it in the lock queue."""
+
+    async def check() -> bool:
+        held = sum(turn_of(w).held for w in workers)
+        return held == 1 and await asyncio.to_thread(_advisory_waiters, workers[0]) == waiting
+
+    await wait_for(check, timeout=30, what=f"one turn holder and {waiting} waiting")
+
+
+async def test_only_the_turn_holder_claims_and_a_busy_holder_passes_the_turn(
+    pg_url: str, services: list[ProgressService]
+) -> None:
+    jobs = Jobs()
+    workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(4)]
+    run = await start_submitter(pg_url, jobs, services)
+    await settled(workers, waiting=3)
+    [holder] = [w for w in workers if turn_of(w).held]
+    others = [w for w in workers if w is not holder]
+    claims_before = {id(w): w.worker.claims_sent for w in others if w.worker is not None}
+
+    # Eight jobs, announced one by one: the holder takes each, and its three idle peers never look.
+    ids = []
+    for _ in range(8):
+        job = await run.submit("hold", {})
+        ids.append(job.id or 0)
+        await wait_for(jobs.ran_by(job.id or 0), timeout=15, what=f"job {job.id} started")
+    names = {jobs.ran[i] for i in ids}
+    assert len(names) == 1
+    assert all(w.worker is not None and w.worker.claims_sent == claims_before[id(w)] for w in others)
+
+    # The holder's eight slots are busy: the next job goes to the next idle worker in line.
+    job = await run.submit("hold", {})
+    other = await wait_for(jobs.ran_by(job.id or 0), timeout=15, what="a job on the next worker")
+    assert other not in names
+
+    jobs.release.set()
+    done = await asyncio.gather(*(run.wait_for(i, timeout=30) for i in [*ids, job.id or 0]))
+    assert all(j.status == "completed" for j in done)
+
+
+async def test_workers_of_other_job_types_have_their_own_turn(
+    pg_url: str, services: list[ProgressService]
+) -> None:
+    jobs = Jobs()
+    alpha = await start_worker(pg_url, jobs, "alpha-worker", services, types=("alpha",))
+    beta = await start_worker(pg_url, jobs, "beta-worker", services, types=("beta",))
+    run = await start_submitter(pg_url, jobs, services)
+    # Each holds the turn of its own job types: neither waits for the other.
+    await wait_for(
+        _all(lambda: turn_of(alpha).held and turn_of(beta).held), timeout=30, what="both hold their turn"
+    )
+    b = await run.submit("beta", {})
+    a = await run.submit("alpha", {})
+    assert await wait_for(jobs.ran_by(b.id or 0), timeout=15, what="beta job started") == "beta-worker"
+    assert await wait_for(jobs.ran_by(a.id or 0), timeout=15, what="alpha job started") == "alpha-worker"
+    jobs.release.set()
+
+
+async def test_work_is_still_claimed_when_the_turn_connections_drop(
+    pg_url: str, services: list[ProgressService]
+) -> None:
+    jobs = Jobs()
+    workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(2)]
+    run = await start_submitter(pg_url, jobs, services)
+    await settled(workers, waiting=1)
+    args, kwargs = pg_connect_args(run.db.engine)
+    with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE 'SELECT pg_advisory%%' AND pid <> pg_backend_pid()"
+        )
+    # Announced while the turns are down or coming back: someone claims it all the same.
+    first = await run.submit("hold", {})
+    await wait_for(jobs.ran_by(first.id or 0), timeout=15, what="job started while the turn was down")
+    # And the turn works again afterwards.
+    await settled(workers, waiting=1)
+    second = await run.submit("hold", {})
+    await wait_for(jobs.ran_by(second.id or 0), timeout=15, what="job started after the reconnect")
+    jobs.release.set()
+
+
+def _all(pred: Callable[[], bool]) -> Callable[[], Any]:
+    async def check() -> bool:
+        return bool(pred())
+
+    return check
