@@ -59,14 +59,13 @@ from adapters.render import STATUS_ICON
 from core.aio import cancel_and_wait
 from core.builtin import register_builtins
 from core.db import Database
-from core.events import JobProgressEvent, next_seq
 from core.registry import HandlerRegistry
 from core.service import ProgressService, ServiceConfig
 from tests.fake_discord import FakeDiscordServer, running_fake_discord
 from tests.integration.delivery_helpers import History
 from tests.integration.matrix_helpers import UserClient, content_of, relates, status_word
 from tests.servers.synapse import SynapseServer
-from tests.unit.test_board import Room
+from tests.unit.test_board import Room, event
 from tests.unit.virtual_clock import VirtualClock
 
 SAMPLE_EVERY = 0.5
@@ -560,18 +559,7 @@ async def simulate_board(
 
         def emit(jid: int, status: str, current: float | None) -> None:
             history[jid].append((clock.now, status, current))
-            ev = JobProgressEvent(
-                id=jid,
-                type="job",
-                status=status,
-                seq=next_seq(),
-                timestamp=clock.now,
-                current=current,
-                owner="alice",
-                room="r",
-                name=f"j{jid}",
-            )
-            driver.offer(ev, "r")
+            driver.offer(event(jid, status, current, timestamp=clock.now, total=None, name=f"j{jid}"), "r")
 
         steps = int(seconds / 0.5)
         for t in range(steps + 1):

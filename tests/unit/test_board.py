@@ -122,11 +122,11 @@ async def service(tmp_path: Path) -> Any:
 
 
 def event(job: int, status: str, current: float | None = None, **kw: Any) -> JobProgressEvent:
+    """Job ``job``'s next event (alice's, in room "r"); ``kw`` overrides any other field."""
     base: dict[str, Any] = {"owner": "alice", "room": "r", "name": f"job {job}", "total": 100.0}
+    base["timestamp"] = 0.0
     base.update(kw)
-    return JobProgressEvent(
-        id=job, type="job", status=status, seq=next_seq(), timestamp=0.0, current=current, **base
-    )
+    return JobProgressEvent(id=job, type="job", status=status, seq=next_seq(), current=current, **base)
 
 
 def make(

@@ -20,10 +20,9 @@ from typing import Any
 
 from adapters.driver import Content, ProgressDriver
 from adapters.outbox import Outbox, Priority, RateLimited
-from core.events import JobProgressEvent, next_seq
 from core.registry import HandlerRegistry
 from core.service import ProgressService, ServiceConfig
-from tests.unit.test_board import Room
+from tests.unit.test_board import Room, event
 from tests.unit.virtual_clock import VirtualClock
 
 JOBS, SECONDS = 4, 60
@@ -72,18 +71,7 @@ async def one_minute_of_four_jobs(db: Path, pace: bool) -> dict[str, Any]:
 
     def emit(job: int, status: str, current: float | None) -> None:
         history[job].append((clock.now, status, current))
-        ev = JobProgressEvent(
-            id=job,
-            type="job",
-            status=status,
-            seq=next_seq(),
-            timestamp=clock.now,
-            current=current,
-            owner="alice",
-            room="r",
-            name=f"job {job}",
-        )
-        driver.offer(ev, "r")
+        driver.offer(event(job, status, current, timestamp=clock.now, total=None), "r")
 
     def stale(job: int) -> float:
         rec = driver.record("job", job)
