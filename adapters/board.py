@@ -829,6 +829,9 @@ class RoomBoards:
             board.collapsed_done = int(extra.get("done") or 0)
             board.collapsed_cancelled = int(extra.get("cancelled") or 0)
             board.collapsed_failed = [int(j) for j in extra.get("failed") or []]
+            # Registered before the reads below: a live event arriving meanwhile joins this board
+            # instead of starting a second one.
+            self.boards[room] = board
             for jid in extra.get("jobs") or []:
                 if int(jid) in board.jobs:
                     continue  # a live event brought a newer state already
@@ -836,12 +839,13 @@ class RoomBoards:
                     ev = self.driver.service.current_event(await self.driver.service.store.get(int(jid)))
                 except LookupError:
                     continue
+                if int(jid) in board.jobs:
+                    continue  # a live event came while the row was read: it is at least as new
                 self._job_board[int(jid)] = board
                 board.jobs[int(jid)] = ev
                 if ev.terminal:
                     board.ended_at[int(jid)] = self._clock()
                     # The shown text tells whether its outcome was there; the reply is not sent twice.
-            self.boards[room] = board
             self._kick(board)
         return rest
 

@@ -341,6 +341,39 @@ async def test_live_events_before_the_catch_up_still_edit_the_stored_board(servi
     await close(driver2, room)
 
 
+async def test_a_live_event_during_the_restore_joins_the_stored_board(service: ProgressService) -> None:
+    """A job's live event that arrives while the restart reads the stored board's jobs joins that board:
+    no second board is posted."""
+    clock = VirtualClock()
+    jobs = [await service.submit("t.job", owner="alice", room="r") for _ in range(2)]
+    ids = [int(j.id or 0) for j in jobs]
+    room, driver, _boards = make(service, clock, mode="always")
+    for j in ids:
+        driver.offer(event(j, "running", 10), "r")
+    await run_until(clock, lambda: bool(room.board_ids()) and driver.pending() == 0)
+    board = room.board_ids()[0]
+    await driver.aclose(0.5)
+
+    driver2, boards2 = always_boards(service, room, clock)
+    driver2.expect_catch_up()
+    real_get = service.store.get
+
+    async def get_while_a_job_reports(job_id: int) -> Any:
+        driver2.offer(event(ids[1], "running", 30), "r")  # live, in the middle of the restore
+        return await real_get(job_id)
+
+    service.store.get = get_while_a_job_reports  # type: ignore[method-assign]
+    posts_before = len(room.posted)
+    await driver2.catch_up(lambda r: r)
+    service.store.get = real_get  # type: ignore[method-assign]
+    for j in ids:
+        driver2.offer(event(j, "completed", 100), "r")
+    await run_until(clock, lambda: driver2.pending() == 0 and not boards2.boards)
+    assert len(room.posted) == posts_before and room.board_ids() == [board]
+    assert "board closed" in room.messages[board]
+    await close(driver2, room)
+
+
 class AgingRoom(Room):
     """A platform whose messages in ``old`` can no longer be edited (Discord's one-hour rule)."""
 
