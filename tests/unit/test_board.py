@@ -279,17 +279,23 @@ def always_boards(
     return driver, boards
 
 
-async def test_restart_mid_board_edits_the_same_board_message(service: ProgressService) -> None:
-    """A board survives a restart: the new driver edits the same message, posts no duplicate."""
-    clock = VirtualClock()
-    jobs = [await service.submit("t.job", owner="alice", room="r") for _ in range(6)]
-    ids = [int(j.id or 0) for j in jobs]
+async def board_before_a_restart(
+    service: ProgressService, clock: VirtualClock, jobs: int
+) -> tuple[Room, list[int], str]:
+    """``jobs`` running jobs on a posted board of room "r", then the bot stops: the room, ids and board."""
+    ids = [int((await service.submit("t.job", owner="alice", room="r")).id or 0) for _ in range(jobs)]
     room, driver, _boards = make(service, clock, mode="always")
     for j in ids:
         driver.offer(event(j, "running", 10), "r")
     await run_until(clock, lambda: bool(room.board_ids()) and driver.pending() == 0)
-    board = room.board_ids()[0]
     await driver.aclose(0.5)
+    return room, ids, room.board_ids()[0]
+
+
+async def test_restart_mid_board_edits_the_same_board_message(service: ProgressService) -> None:
+    """A board survives a restart: the new driver edits the same message, posts no duplicate."""
+    clock = VirtualClock()
+    room, ids, board = await board_before_a_restart(service, clock, 6)
 
     driver2, boards2 = always_boards(service, room, clock)
     await driver2.catch_up(lambda r: r)
@@ -345,14 +351,7 @@ async def test_a_live_event_during_the_restore_joins_the_stored_board(service: P
     """A job's live event that arrives while the restart reads the stored board's jobs joins that board:
     no second board is posted."""
     clock = VirtualClock()
-    jobs = [await service.submit("t.job", owner="alice", room="r") for _ in range(2)]
-    ids = [int(j.id or 0) for j in jobs]
-    room, driver, _boards = make(service, clock, mode="always")
-    for j in ids:
-        driver.offer(event(j, "running", 10), "r")
-    await run_until(clock, lambda: bool(room.board_ids()) and driver.pending() == 0)
-    board = room.board_ids()[0]
-    await driver.aclose(0.5)
+    room, ids, board = await board_before_a_restart(service, clock, 2)
 
     driver2, boards2 = always_boards(service, room, clock)
     driver2.expect_catch_up()
