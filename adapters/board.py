@@ -54,11 +54,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BoardLine",
+    "BoardMarkup",
     "BoardPolicy",
     "BoardView",
     "RoomBoards",
     "board_html",
     "board_plain",
+    "board_text",
     "board_view",
     "fit",
     "summary_text",
@@ -858,40 +860,61 @@ class RoomBoards:
 
 
 # ---------------------------------------------------------------------------------------------- formats
-def line_parts(line: BoardLine) -> list[str]:
-    """The plain pieces of a line after its label: ``— paused by @a``, the bar, the details."""
-    out = []
-    if line.state:
-        out.append(f"— {line.state}")
-    if line.bar:
-        out.append(line.bar)
-    if line.detail:
-        out.append(f"· {line.detail}")
-    return out
+@dataclass(frozen=True, slots=True)
+class BoardMarkup:
+    """How one text format writes the pieces of a board; :func:`board_text` lays them out once for all.
+
+    ``escape`` makes user text safe in the format; ``strong`` and ``em`` wrap escaped text; ``bar`` gets
+    the raw progress bar (bar characters and digits) and writes it as the format shows code.
+    """
+
+    escape: Callable[[str], str]
+    strong: Callable[[str], str]
+    em: Callable[[str], str]
+    bar: Callable[[str], str]
+    newline: str
 
 
-def board_plain(view: BoardView) -> str:
-    """The board as plain text (Matrix ``body``, consoles): mass mentions defused."""
-    lines = [view.header]
-    lines += [" ".join([f"{ln.icon} {ln.label}", *line_parts(ln)]) for ln in view.lines]
-    if view.summary:
-        lines.append(f"… {view.summary}")
-    return defuse_mentions("\n".join(lines))
+def _same(text: str) -> str:
+    return text
 
 
-def board_html(view: BoardView) -> str:
-    """The board as HTML (Matrix ``formatted_body``): everything user-supplied escaped."""
-    e = html.escape
-    out = [f"<b>{e(view.header)}</b>"]
+#: Plain text (Matrix ``body``, consoles).
+PLAIN_MARKUP = BoardMarkup(escape=_same, strong=_same, em=_same, bar=_same, newline="\n")
+#: HTML (Matrix ``formatted_body``).
+HTML_MARKUP = BoardMarkup(
+    escape=html.escape,
+    strong=lambda t: f"<b>{t}</b>",
+    em=lambda t: f"<i>{t}</i>",
+    bar=lambda t: f"<code>{html.escape(t)}</code>",
+    newline="<br>",
+)
+
+
+def board_text(view: BoardView, markup: BoardMarkup) -> str:
+    """The board in one format: the header, one line per job (icon, label, state, bar, details), and the
+    summary of the rest."""
+    e = markup.escape
+    out = [markup.strong(e(view.header))]
     for ln in view.lines:
-        bits = [f"{ln.icon} <b>{e(ln.label)}</b>"]
+        bits = [f"{ln.icon} {markup.strong(e(ln.label))}"]
         if ln.state:
-            bits.append(f"— <i>{e(ln.state)}</i>")
+            bits.append(f"— {markup.em(e(ln.state))}")
         if ln.bar:
-            bits.append(f"<code>{e(ln.bar)}</code>")
+            bits.append(markup.bar(ln.bar))
         if ln.detail:
             bits.append(f"· {e(ln.detail)}")
         out.append(" ".join(bits))
     if view.summary:
-        out.append(f"<i>… {e(view.summary)}</i>")
-    return defuse_mentions("<br>".join(out))
+        out.append(markup.em(f"… {e(view.summary)}"))
+    return markup.newline.join(out)
+
+
+def board_plain(view: BoardView) -> str:
+    """The board as plain text (Matrix ``body``, consoles): mass mentions defused."""
+    return defuse_mentions(board_text(view, PLAIN_MARKUP))
+
+
+def board_html(view: BoardView) -> str:
+    """The board as HTML (Matrix ``formatted_body``): everything user-supplied escaped."""
+    return defuse_mentions(board_text(view, HTML_MARKUP))

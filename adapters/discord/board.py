@@ -15,28 +15,26 @@ from typing import Any
 
 import discord
 
-from ..board import BoardView
+from ..board import BoardMarkup, BoardView, board_text
 from ..driver import Content
 from ..render import clip
 from .content import MAX_CHOICE_NAME, MAX_CONTENT, esc
 from .views import make_view
 
+#: Discord markdown: bold labels, italic outcomes, the bar as code (bar characters and digits only:
+#: nothing to escape in it).
+MARKDOWN_MARKUP = BoardMarkup(
+    escape=esc,
+    strong=lambda t: f"**{t}**",
+    em=lambda t: f"*{t}*",
+    bar=lambda t: f"`{t}`",
+    newline="\n",
+)
+
 
 def board_markdown(view: BoardView) -> str:
-    """The board as Discord markdown: bold labels, italic outcomes, the bar as code."""
-    out = [f"**{esc(view.header)}**"]
-    for ln in view.lines:
-        bits = [f"{ln.icon} **{esc(ln.label)}**"]
-        if ln.state:
-            bits.append(f"— *{esc(ln.state)}*")
-        if ln.bar:
-            bits.append(f"`{ln.bar}`")  # bar characters and digits only: nothing to escape
-        if ln.detail:
-            bits.append(f"· {esc(ln.detail)}")
-        out.append(" ".join(bits))
-    if view.summary:
-        out.append(f"*… {esc(view.summary)}*")
-    return "\n".join(out)
+    """The board as Discord markdown."""
+    return board_text(view, MARKDOWN_MARKUP)
 
 
 @dataclass(slots=True, frozen=True)
