@@ -103,23 +103,26 @@ def turn_of(svc: ProgressService) -> ClaimTurn:
     return svc.worker.turn
 
 
-def _advisory_waiters(url_svc: ProgressService) -> int:
-    args, kwargs = pg_connect_args(url_svc.db.engine)
-    with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 async def settled(workers: list[ProgressService], waiting: int) -> None:
-    """Wait until one worker holds the turn and ``waiting`` others wait for it in the lock queue."""
+    """Wait until one worker holds the turn and ``waiting`` others try for it."""
 
     async def check() -> bool:
         held = sum(turn_of(w).held for w in workers)
-        return held == 1 and await asyncio.to_thread(_advisory_waiters, workers[0]) == waiting
+        return held == 1 and sum(turn_of(w).waiting for w in workers) == waiting
 
     await wait_for(check, timeout=30, what=f"one turn holder and {waiting} waiting")
+
+
+def _snapshots_older_than(svc: ProgressService, since: int) -> int:
+    """How many backends (bar this one) hold a snapshot from before transaction ``since``."""
+    args, kwargs = pg_connect_args(svc.db.engine)
+    with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            " AND backend_xmin IS NOT NULL AND age(backend_xmin) >= age(%s::text::xid)",
+            (str(since),),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 async def test_only_the_turn_holder_claims_and_a_busy_holder_passes_the_turn(
@@ -182,7 +185,7 @@ async def test_work_is_still_claimed_when_the_turn_connections_drop(
     with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE query LIKE 'SELECT pg_advisory%%' AND pid <> pg_backend_pid()"
+            " WHERE query LIKE 'SELECT pg_%%advisory%%' AND pid <> pg_backend_pid()"
         )
     # Announced while the turns are down or coming back: someone claims it all the same.
     first = await run.submit("hold", {})
@@ -192,6 +195,43 @@ async def test_work_is_still_claimed_when_the_turn_connections_drop(
     second = await run.submit("hold", {})
     await wait_for(jobs.ran_by(second.id or 0), timeout=15, what="job started after the reconnect")
     jobs.release.set()
+
+
+async def test_workers_waiting_for_the_turn_do_not_hold_back_row_cleanup(
+    pg_url: str, services: list[ProgressService]
+) -> None:
+    # A worker waiting for the turn must not keep a snapshot open: it would pin the xmin horizon, so the
+    # row versions every claim leaves behind could never be pruned and claims would slow down with each
+    # idle worker (a blocked pg_advisory_lock did that: this test fails with it).
+    jobs = Jobs()
+    workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(3)]
+    run = await start_submitter(pg_url, jobs, services)
+    await settled(workers, waiting=2)
+    args, kwargs = pg_connect_args(run.db.engine)
+    with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
+        row = conn.execute("SELECT txid_current()::text").fetchone()
+    assert row is not None
+    since = int(row[0]) % 2**32
+
+    async def released() -> bool:
+        return await asyncio.to_thread(_snapshots_older_than, run, since) == 0
+
+    await wait_for(released, timeout=15, what="no backend holding a snapshot older than the transaction")
+    assert sum(turn_of(w).waiting for w in workers) == 2
+    # And the waiting workers still take the turn over when the holder is busy.
+    for _ in range(9):
+        await run.submit("hold", {})
+    await wait_for(lambda_ran_by_two(jobs), timeout=15, what="jobs on two workers")
+    jobs.release.set()
+
+
+def lambda_ran_by_two(jobs: Jobs) -> Callable[[], Any]:
+    """A wait_for predicate: jobs ran on at least two workers."""
+
+    async def check() -> bool:
+        return len(set(jobs.ran.values())) >= 2
+
+    return check
 
 
 def _all(pred: Callable[[], bool]) -> Callable[[], Any]:
