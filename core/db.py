@@ -9,12 +9,10 @@ avoids lock contention inside the process), a small pool for PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -137,6 +135,88 @@ def pg_connect_args(engine: Engine) -> tuple[list[Any], dict[str, Any]]:
     return list(args), dict(kwargs)
 
 
+class _DbThreads:
+    """The threads that run blocking database calls: a queue of calls, each answered on its event loop.
+
+    What :class:`concurrent.futures.ThreadPoolExecutor` plus ``run_in_executor`` do, minus the layers a
+    database call does not need: no concurrent Future chained to the asyncio one, no context copy (no
+    context variable is read in a store method), one ``call_soon_threadsafe`` per answer. A sequential
+    ``await submit()`` pays one such round trip per job; this one costs about two thirds of the executor's
+    (measured on a 2-core VM: 72 vs 104 µs of wall time for a no-op call).
+
+    Invariants: a queued call runs unless its caller was cancelled before it started; a call that ran is
+    answered (a caller cancelled meanwhile just finds its future done); :meth:`shutdown` runs the queued
+    calls first.
+    """
+
+    def __init__(self, count: int, name: str) -> None:
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(count)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, call: _Call) -> None:
+        """Queue a call; a thread runs it and settles its future on its loop."""
+        self._calls.put(call)
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call.run()
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop the threads and wait for them."""
+        for _ in self._threads:
+            self._calls.put(None)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+
+
+class _Call:
+    """One database call and the future its caller awaits."""
+
+    __slots__ = ("args", "fn", "future", "kwargs", "loop")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.fn, self.args, self.kwargs, self.loop, self.future = fn, args, kwargs, loop, future
+
+    def run(self) -> None:
+        """Run the call in this (database) thread and hand its outcome to the caller's loop."""
+        if self.future.cancelled():
+            # Its caller was cancelled before the call started: skip it, as an executor skips a cancelled
+            # work item (a claim nobody waits for must not take jobs). A started call always finishes.
+            return
+        try:
+            result = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:  # the caller gets whatever the call raised, as run_in_executor does
+            self._answer(None, exc)
+        else:
+            self._answer(result, None)
+
+    def _answer(self, result: Any, exc: BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._settle, result, exc)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    def _settle(self, result: Any, exc: BaseException | None) -> None:
+        if self.future.done():  # the awaiting task was cancelled meanwhile
+            return
+        if exc is not None:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
 class Database:
     """An engine plus the executor that runs blocking database calls for the event loop."""
 
@@ -149,7 +229,7 @@ class Database:
         self.is_sqlite = is_sqlite_url(self.url)
         threads = 1 if self.is_sqlite else 4
         self.engine = make_engine(self.url, busy_timeout_ms=busy_timeout_ms, pool_size=threads + 2)
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="progressbot-db")
+        self._threads = _DbThreads(threads, "progressbot-db")
         self._closed = False
         #: The database server's clock minus ours (PostgreSQL; zero on SQLite). See :meth:`now`.
         self.clock_offset = timedelta(0)
@@ -191,16 +271,18 @@ class Database:
         self.clock_offset = server - (before + (after - before) / 2)
 
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` in the database executor and await its result."""
+        """Run ``fn(*args, **kwargs)`` in a database thread and await its result."""
+        if self._closed:
+            raise RuntimeError("the database is closed")
         loop = asyncio.get_running_loop()
-        ctx = contextvars.copy_context()
-        call = functools.partial(ctx.run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._executor, call)
+        future: asyncio.Future[T] = loop.create_future()
+        self._threads.submit(_Call(fn, args, kwargs, loop, future))
+        return await future
 
     def close(self) -> None:
         """Stop the executor (waiting for running calls) and dispose of the engine."""
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=True)
+        self._threads.shutdown()
         self.engine.dispose()

@@ -29,9 +29,10 @@ for a lock holds a snapshot, so each waiting worker would pin the database's xmi
 the claims leave behind could then be pruned, and every claim's index scan would wade through all of them:
 measured, 2,250 index entries read per claim with one waiting worker against 105 without, and 2,116 →
 1,679 jobs/s.) A holder keeps the turn while it can take the work it hears of and passes it on when it
-cannot; the next worker to try claims as soon as it gets the turn. New work thus wakes as many workers as it needs, one after the other, and extra idle workers
-cost nothing. The turn only decides who hears announcements: polling, a worker's own submits and a deep
-queue still make any worker claim, and a worker whose turn connection is down finds work by polling.
+cannot; the next worker to try claims as soon as it gets the turn. New work thus wakes as many workers as
+it needs, one after the other, and extra idle workers cost next to nothing. The turn only decides who
+hears announcements: polling, a worker's own submits and a deep queue still make any worker claim, and a
+worker whose turn connection is down finds work by polling.
 """
 
 from __future__ import annotations
