@@ -19,20 +19,21 @@ Deliveries to a subscriber can be spaced by ``min_gap`` (a monitor's poll costs 
 with a trailing call so the last notification is never dropped. Subscribers may skip the notifications
 their own process sent (a monitor already knows its own changes).
 
-A NOTIFY reaches every listener, so work announced to every worker wakes them all for each batch of new
-jobs, and all but one of them claim nothing: a herd whose empty claims cost more CPU than no-op jobs do.
-A worker therefore hears work announcements through a :class:`ClaimTurn` (a third connection) instead:
-among the workers serving the same job types on one schema, only the holder of the turn LISTENs for work.
-The others try for the turn every :data:`TURN_RETRY` seconds (``pg_try_advisory_lock``), a tiny query
-that costs them and the server next to nothing. (Not a blocked ``pg_advisory_lock``: a statement waiting
-for a lock holds a snapshot, so each waiting worker would pin the database's xmin horizon. No row version
-the claims leave behind could then be pruned, and every claim's index scan would wade through all of them:
-measured, 2,250 index entries read per claim with one waiting worker against 105 without, and 2,116 →
-1,679 jobs/s.) A holder keeps the turn while it can take the work it hears of and passes it on when it
-cannot; the next worker to try claims as soon as it gets the turn. New work thus wakes as many workers as
-it needs, one after the other, and extra idle workers cost next to nothing. The turn only decides who
-hears announcements: polling, a worker's own submits and a deep queue still make any worker claim, and a
-worker whose turn connection is down finds work by polling.
+A NOTIFY reaches every listener, so work announced to every worker wakes them all for each batch of new jobs,
+and all but one of them claim nothing: a herd whose empty claims cost more CPU than no-op jobs do. A worker
+therefore hears work announcements through a :class:`ClaimTurn` (a third connection) instead: among the
+workers serving the same job types on one schema, only the holder of the turn LISTENs for work. The others try
+for the turn (``pg_try_advisory_lock``) when a holder announces it gave the turn up (on :data:`TURN_CHANNEL`,
+heard on the listener connection each process has anyway), and every :data:`TURN_RETRY` seconds in case a
+holder vanished without a word. (Not a blocked ``pg_advisory_lock``: a statement waiting for a lock holds a
+snapshot, so each waiting worker would pin the database's xmin horizon. No row version the claims leave behind
+could then be pruned, and every claim's index scan would wade through all of them: measured, 2,250 index
+entries read per claim with one waiting worker against 105 without, and 2,116 → 1,679 jobs/s.) A holder keeps
+the turn while it can take the work it hears of and passes it on when it cannot; the next worker to try claims
+as soon as it gets the turn. New work thus wakes as many workers as it needs, one after the other, and extra
+idle workers cost next to nothing. The turn only decides who hears announcements: polling, a worker's own
+submits and a deep queue still make any worker claim, and a worker whose turn connection is down finds work by
+polling.
 """
 
 from __future__ import annotations
@@ -57,10 +58,14 @@ log = logging.getLogger(__name__)
 #: The advisory lock class of the claim turn (ASCII "pbTn"); its object id hashes the schema and job types.
 TURN_LOCK_CLASS = 0x7062546E
 
-#: Seconds between a waiting worker's tries for the claim turn (see the module doc for why it does not
-#: block on the lock). A turn passed on is thus taken up within this long; the announcements of that gap
-#: are found by the claim the new holder makes at once.
-TURN_RETRY = 0.1
+#: A holder that gives the turn up says so on this channel: the waiting workers try for it at once.
+TURN_CHANNEL = "progressbot_turn"
+
+#: Seconds between a waiting worker's tries for the claim turn when it hears nothing on
+#: :data:`TURN_CHANNEL`: a holder killed outright releases the lock (its connection closes) unannounced.
+#: (See the module doc for why a waiting worker does not block on the lock.) The announcements of such a
+#: gap are found by the claim the new holder makes at once.
+TURN_RETRY = 1.0
 
 #: The channel of each change kind (channels are per database, like the tables).
 CHANNELS: dict[ChangeKind, str] = {
@@ -87,6 +92,7 @@ class _Subscriber:
 # The turn's lock, keyed by the schema (tables are per schema, locks per database) and the job types served.
 _TURN_KEY = "%s, hashtext(coalesce(current_schema(), '') || ':' || %s)"
 _TURN_TRY = "SELECT pg_try_advisory_lock(" + _TURN_KEY + ")"
+_TURN_FREE = sql.SQL("NOTIFY {}").format(sql.Identifier(TURN_CHANNEL))
 _TURN_UNLOCK = "SELECT pg_advisory_unlock(" + _TURN_KEY + ")"
 
 
@@ -95,8 +101,9 @@ class ClaimTurn:
 
     Made by :meth:`PgNotifier.claim_turn` and started and stopped with it. The worker says whether it wants
     the turn (:meth:`want`: it has free slots). Only while it holds the turn does its connection LISTEN for
-    work, calling ``on_announce()`` per announcement: the workers waiting in line hear nothing (nor does
-    the server signal them). ``on_grant()`` is called when the turn comes to the worker, which then claims
+    work, calling ``on_announce()`` per announcement: the workers waiting for the turn hear no work
+    announcements. They try for it when a holder gives it up (:meth:`nudge`) and every ``retry`` seconds.
+    ``on_grant()`` is called when the turn comes to the worker, which then claims
     at once: work may have been announced to the worker that passed the turn on.
     """
 
@@ -122,6 +129,7 @@ class ClaimTurn:
         self.keepalive = keepalive
         self.retry = retry
         self._wanted = False
+        #: Set when the worker's wish changes or a holder gave the turn up: the turn task looks again.
         self._want_changed: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         #: Whether this worker holds the turn.
@@ -138,6 +146,11 @@ class ClaimTurn:
             self._wanted = yes
             if self._want_changed is not None:
                 self._want_changed.set()
+
+    def nudge(self) -> None:
+        """A holder gave the turn up (heard on :data:`TURN_CHANNEL`): try for it now if waiting."""
+        if self._want_changed is not None:
+            self._want_changed.set()
 
     def start(self) -> None:
         """Start the task that queues for, holds and passes on the turn."""
@@ -182,6 +195,8 @@ class ClaimTurn:
                     self.held = False
                     await conn.execute(unlisten)
                     await conn.execute(_TURN_UNLOCK, key)
+                    # The workers waiting for the turn hear it is free (autocommit: sent at once).
+                    await conn.execute(_TURN_FREE)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -196,15 +211,20 @@ class ClaimTurn:
             delay = min(delay * 2, self.max_reconnect_delay)
 
     async def _take(self, conn: psycopg.AsyncConnection[Any], key: list[Any]) -> bool:
-        """Try for the turn until it is ours (True) or no longer wanted (False)."""
+        """Try for the turn until it is ours (True) or no longer wanted (False): now, whenever a holder
+        announces it gave the turn up (:meth:`nudge`), and every ``retry`` seconds."""
+        assert self._want_changed is not None
         try:
             while self._wanted:
+                # Cleared before the try: a nudge that comes during it is kept for the wait below.
+                self._want_changed.clear()
                 row = await (await conn.execute(_TURN_TRY, key)).fetchone()
                 if row is not None and row[0]:
                     return True
                 self.waiting = True
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._until_wanted(False), self.retry)
+                    async with asyncio.timeout(self.retry):
+                        await self._want_changed.wait()
             return False
         finally:
             self.waiting = False
@@ -306,6 +326,7 @@ class PgNotifier:
             reconnect_delay=self.reconnect_delay,
             max_reconnect_delay=self.max_reconnect_delay,
             keepalive=self.keepalive,
+            retry=TURN_RETRY,
         )
         self._turns.append(turn)
         return turn
@@ -329,7 +350,7 @@ class PgNotifier:
         self._tasks.append(asyncio.create_task(self._send_loop(), name="notify-send"))
         for turn in self._turns:
             turn.start()
-        if self._subs:
+        if self._subs or self._turns:
             self._tasks.append(asyncio.create_task(self._listen_loop(), name="notify-listen"))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -342,6 +363,8 @@ class PgNotifier:
         if not self._started:
             return
         self._started = False
+        # Closing a turn's connection frees the turn: the workers waiting for it should hear so now.
+        handover = any(turn.held for turn in self._turns)
         for turn in self._turns:
             await turn.stop()
         await cancel_and_wait(self._tasks)
@@ -351,12 +374,12 @@ class PgNotifier:
                 if sub.timer is not None:
                     sub.timer.cancel()
                     sub.timer = None
-        if self._pending:
+        if self._pending or handover:
             # Typically a shutdown's requeued jobs: other workers should pick them up now.
             kinds, self._pending = self._pending, set()
             try:
                 async with asyncio.timeout(flush_timeout):
-                    await self._send(kinds)
+                    await self._send(kinds, turn_free=handover)
             except Exception as exc:  # best effort: the others' polls find the rows anyway
                 log.warning("final NOTIFY failed: %s", exc)
         await self._close_sender()
@@ -372,16 +395,16 @@ class PgNotifier:
         args, kwargs = self.connect_args
         return await psycopg.AsyncConnection.connect(*args, **dict(kwargs, autocommit=True))
 
-    async def _send(self, kinds: set[ChangeKind]) -> None:
+    async def _send(self, kinds: set[ChangeKind], *, turn_free: bool = False) -> None:
         if self._sender is None or self._sender.closed:
             self._sender = await self._connect()
-        ordered = sorted(kinds)
-        query = "SELECT " + ", ".join("pg_notify(%s, %s)" for _ in ordered)
+        channels = [CHANNELS[kind] for kind in sorted(kinds)] + ([TURN_CHANNEL] if turn_free else [])
+        query = "SELECT " + ", ".join("pg_notify(%s, %s)" for _ in channels)
         params: list[str] = []
-        for kind in ordered:
-            params += [CHANNELS[kind], self.origin]
+        for channel in channels:
+            params += [channel, self.origin]
         await self._sender.execute(query, params)
-        self.sent += len(ordered)
+        self.sent += len(channels)
 
     async def _close_sender(self) -> None:
         conn, self._sender = self._sender, None
@@ -424,14 +447,16 @@ class PgNotifier:
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
                 conn = await self._connect()
-                for kind in self._subs:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNELS[kind])))
+                channels = [CHANNELS[kind] for kind in self._subs] + ([TURN_CHANNEL] if self._turns else [])
+                for channel in channels:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 self._listening.set()
                 delay = self.reconnect_delay
                 if not first:
                     # Whatever was announced while we were not listening went unheard: look now.
                     for kind in self._subs:
                         self._dispatch(kind, None)
+                    self._nudge_turns()
                 first = False
                 while True:
                     async for n in conn.notifies(timeout=self.keepalive):
@@ -439,6 +464,8 @@ class PgNotifier:
                         heard = _KINDS.get(n.channel)
                         if heard is not None:
                             self._dispatch(heard, n.payload)
+                        elif n.channel == TURN_CHANNEL:
+                            self._nudge_turns()
                     # Quiet for a while: make sure the connection is still alive (a dead peer is silent).
                     await conn.execute("SELECT 1")
             except asyncio.CancelledError:
@@ -452,6 +479,10 @@ class PgNotifier:
                         await conn.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_reconnect_delay)
+
+    def _nudge_turns(self) -> None:
+        for turn in self._turns:
+            turn.nudge()
 
     def _dispatch(self, kind: ChangeKind, payload: str | None) -> None:
         for sub in self._subs.get(kind, ()):

@@ -1,8 +1,9 @@
 """Wake-one on PostgreSQL: of several idle workers, only the holder of the claim turn answers a NOTIFY.
 
 In-process services (each with its own pool, notifier and turn connection, as separate processes have)
-on one real database. Polling is set to an hour, so a job that runs was claimed because of its
-announcement (or a handover), never because some worker happened to poll.
+on one real database. Polling, and a waiting worker's own tries for the turn, are set to an hour, so a job
+that runs was claimed because of its announcement (or an announced handover), never because some worker
+happened to poll.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from core import notify
 from core.context import JobContext
 from core.db import pg_connect_args
 from core.notify import ClaimTurn
@@ -31,6 +33,12 @@ NO_POLL = 3600.0
 def pg_url(postgres_server: PostgresServer) -> str:
     """A fresh database on the session's PostgreSQL server."""
     return fresh_db(postgres_server)
+
+
+@pytest.fixture(autouse=True)
+def no_turn_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting workers never retry on their own: a turn given up must be announced to be taken up."""
+    monkeypatch.setattr(notify, "TURN_RETRY", NO_POLL)
 
 
 @pytest.fixture
@@ -222,6 +230,22 @@ async def test_workers_waiting_for_the_turn_do_not_hold_back_row_cleanup(
     for _ in range(9):
         await run.submit("hold", {})
     await wait_for(lambda_ran_by_two(jobs), timeout=15, what="jobs on two workers")
+    jobs.release.set()
+
+
+async def test_a_stopping_holder_hands_the_turn_on(pg_url: str, services: list[ProgressService]) -> None:
+    jobs = Jobs()
+    workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(2)]
+    run = await start_submitter(pg_url, jobs, services)
+    await settled(workers, waiting=1)
+    [holder] = [w for w in workers if turn_of(w).held]
+    [other] = [w for w in workers if w is not holder]
+    await holder.stop()
+    # The other worker heard that the turn is free and took it: it answers the next announcement.
+    await wait_for(_all(lambda: turn_of(other).held), timeout=15, what="the turn taken over")
+    job = await run.submit("hold", {})
+    ran_on = await wait_for(jobs.ran_by(job.id or 0), timeout=15, what="job started")
+    assert ran_on == f"w{workers.index(other)}"
     jobs.release.set()
 
 
