@@ -3,7 +3,13 @@
 Prints jobs/s for progressbot, Huey's SqliteHuey (a real consumer, same process run) and a raw-sqlite3
 floor doing the same three statements per job with one commit each. Run:
 
-    python bench/queue_throughput.py [--n 5000] [--concurrency 2] [--db postgresql://...|auto]
+    python bench/queue_throughput.py [--n 5000] [--concurrency 2] [--repeat 3] [--db postgresql://...|auto]
+
+Every measurement is repeated ``--repeat`` times, the contenders taking turns (progressbot, Huey and the
+floor one after the other, then again), and the median is printed: a shared 2-core VM changes speed by
+a third from one minute to the next, so one figure each would compare machines, not contenders. Each
+ratio is taken within a repetition (contenders measured side by side), and its median and range are
+printed. The fsync floor, a reference only, runs once.
 
 With ``--db`` it also measures PostgreSQL with 1, 2 and 4 worker processes beside one submitting process
 (which runs no worker, as ``progressbot run`` beside ``progressbot worker`` processes), printed beside the
@@ -20,6 +26,7 @@ import argparse
 import asyncio
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -395,46 +402,72 @@ async def _pg_run(url: str, n: int, procs: list[subprocess.Popen[str]], mode: st
             svc.db.close()
 
 
-def bench_postgres(url: str, n: int, concurrency: int) -> list[PgFigure]:
-    """jobs/s on PostgreSQL with 1, 2 and 4 worker processes, each in a schema of its own."""
+def bench_postgres(url: str, n: int, concurrency: int, repeat: int = 1) -> list[PgFigure]:
+    """jobs/s on PostgreSQL with 1, 2 and 4 worker processes, each in a schema of its own; ``repeat`` rounds
+    of the three, one after the other."""
     from core.db import normalize_url
 
     url = normalize_url(url)
     figures = []
-    for mode in ("16 producers", "bulk"):
-        for workers in PG_WORKER_COUNTS:
-            schema = f"pb_bench_{os.getpid()}_{workers}_{mode[0]}"
-            _pg_admin(url, f"CREATE SCHEMA {schema}")
+    rounds = [(mode, w) for mode in ("16 producers", "bulk") for _ in range(repeat) for w in PG_WORKER_COUNTS]
+    for mode, workers in rounds:
+        schema = f"pb_bench_{os.getpid()}_{workers}_{mode[0]}"
+        _pg_admin(url, f"CREATE SCHEMA {schema}")
+        try:
+            in_schema = _with_schema(url, schema)
+            # Create the schema first, so the workers do not wait on each other's create_all at start.
+            asyncio.run(_create_schema(in_schema))
+            procs = _start_pg_workers(in_schema, concurrency, workers)
             try:
-                in_schema = _with_schema(url, schema)
-                # Create the schema first, so the workers do not wait on each other's create_all at start.
-                asyncio.run(_create_schema(in_schema))
-                procs = _start_pg_workers(in_schema, concurrency, workers)
-                try:
-                    figures.append(asyncio.run(_pg_run(in_schema, n, procs, mode)))
-                finally:
-                    _stop_pg_workers(procs)
+                figures.append(asyncio.run(_pg_run(in_schema, n, procs, mode)))
             finally:
-                _pg_admin(url, f"DROP SCHEMA {schema} CASCADE")
+                _stop_pg_workers(procs)
+        finally:
+            _pg_admin(url, f"DROP SCHEMA {schema} CASCADE")
     return figures
 
 
 def print_postgres(figures: list[PgFigure], sqlite: dict[str, float], note: str) -> None:
-    """The PostgreSQL figures, beside the SQLite ones of the same run."""
+    """The PostgreSQL figures (medians of the repetitions), beside the SQLite ones of the same run."""
     print("PostgreSQL: one submitting process (no worker, as `progressbot run`) + N worker processes;", note)
-    for f in figures:
-        ref = sqlite[f.mode]
-        lag = "n/a" if f.monitor_lag_ms is None else f"{f.monitor_lag_ms:.0f} ms"
-        label = f"progressbot on PostgreSQL, {f.workers} worker proc ({f.mode})"
-        per_k = {k: 1000 * v / f.n for k, v in f.cpu.items()}
-        workers = [v for k, v in per_k.items() if k.startswith("worker ")]
+    for mode in dict.fromkeys(f.mode for f in figures):
+        rounds = [[f for f in figures if f.mode == mode and f.workers == w] for w in PG_WORKER_COUNTS]
+        for same in rounds:
+            f = same[0]
+            rate = median([g.jobs_per_s for g in same])
+            lags = [g.monitor_lag_ms for g in same if g.monitor_lag_ms is not None]
+            lag = "n/a" if not lags else f"{median(lags):.0f} ms"
+            label = f"progressbot on PostgreSQL, {f.workers} worker proc ({f.mode})"
+            per_k = {k: median([1000 * g.cpu[k] / g.n for g in same]) for k in ("submitter", "postgres")}
+            # Worker processes busiest first (which one holds the claim turn changes between rounds).
+            ranked = [
+                sorted((v for k, v in g.cpu.items() if k.startswith("worker ")), reverse=True) for g in same
+            ]
+            workers = [median([1000 * r[i] / f.n for r in ranked]) for i in range(f.workers)]
+            print(
+                f"{label:58s} {rate:9.0f} jobs/s   {rate / sqlite[mode]:4.2f}x SQLite ({mode});"
+                f" run-process monitor saw the last completion +{lag};"
+                f" CPU s per 1000 jobs: submitter {per_k['submitter']:.2f},"
+                f" workers {sum(workers):.2f} ({' + '.join(f'{w:.2f}' for w in workers)}),"
+                f" postgres {per_k['postgres']:.2f}"
+            )
+        most, one = rounds[-1], rounds[0]
         print(
-            f"{label:58s} {f.jobs_per_s:9.0f} jobs/s   {f.jobs_per_s / ref:4.2f}x SQLite ({f.mode});"
-            f" run-process monitor saw the last completion +{lag};"
-            f" CPU s per 1000 jobs: submitter {per_k['submitter']:.2f},"
-            f" workers {sum(workers):.2f} ({' + '.join(f'{w:.2f}' for w in workers)}),"
-            f" postgres {per_k['postgres']:.2f}"
+            f"  {mode}: {most[0].workers} worker procs vs 1, per repetition:"
+            f" {_ratio_summary([m.jobs_per_s / o.jobs_per_s for m, o in zip(most, one, strict=True)])}"
         )
+
+
+def median(values: list[float]) -> float:
+    """The median of ``values``."""
+    return statistics.median(values)
+
+
+def _ratio_summary(ratios: list[float]) -> str:
+    """ "median 1.05x (0.97x-1.12x)" for a ratio measured once per repetition."""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"median {median(ratios):.2f}x ({min(ratios):.2f}x-{max(ratios):.2f}x over {len(ratios)})"
 
 
 def main() -> None:
@@ -447,48 +480,59 @@ def main() -> None:
         default=None,
         help="also measure PostgreSQL with 1, 2 and 4 worker processes: a postgresql:// URL, or 'auto'",
     )
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="rounds of every measurement, contenders taking turns (medians)"
+    )
     ap.add_argument("--pg-worker", default=None, help=argparse.SUPPRESS)  # a worker process of the PG bench
     args = ap.parse_args()
     if args.pg_worker:
         asyncio.run(_pg_worker_main(args.pg_worker, args.concurrency))
         return
+    repeat = max(1, args.repeat)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        print(f"no-op jobs end to end, N={args.n}, concurrency={args.concurrency}, cpus={os.cpu_count()}")
-        raw = bench_raw_sqlite(tmp, args.n)
+        print(
+            f"no-op jobs end to end, N={args.n}, concurrency={args.concurrency}, cpus={os.cpu_count()},"
+            f" medians of {repeat} rounds (contenders taking turns)"
+        )
         raw_default = bench_raw_sqlite(tmp, args.n, wal=False)
-        huey = bench_huey(tmp, args.n, args.concurrency)
-        pb = bench_progressbot(tmp, args.n, args.concurrency, batched_submit=False)
-        pb_c = bench_progressbot(tmp, args.n, args.concurrency, batched_submit=False, producers=16)
-        pb_b = bench_progressbot(tmp, args.n, args.concurrency, batched_submit=True)
+        runs: dict[str, list[float]] = {k: [] for k in ("raw", "huey", "seq", "producers", "bulk")}
+        for r in range(repeat):
+            fresh = tmp / f"round-{r}"  # every contender starts from an empty database each round
+            fresh.mkdir()
+            runs["raw"].append(bench_raw_sqlite(fresh, args.n))
+            runs["huey"].append(bench_huey(fresh, args.n, args.concurrency))
+            runs["seq"].append(bench_progressbot(fresh, args.n, args.concurrency, batched_submit=False))
+            runs["producers"].append(
+                bench_progressbot(fresh, args.n, args.concurrency, batched_submit=False, producers=16)
+            )
+            runs["bulk"].append(bench_progressbot(fresh, args.n, args.concurrency, batched_submit=True))
+        raw, huey = median(runs["raw"]), median(runs["huey"])
         print(f"{'raw sqlite3 floor, WAL+NORMAL (our pragmas)':44s} {raw:9.0f} jobs/s")
-        print(f"{'raw sqlite3 floor, sqlite3 defaults (fsync)':44s} {raw_default:9.0f} jobs/s")
+        print(f"{'raw sqlite3 floor, sqlite3 defaults (fsync)':44s} {raw_default:9.0f} jobs/s   (one round)")
         print(f"{'huey SqliteHuey (thread consumer)':44s} {huey:9.0f} jobs/s")
-        print(
-            f"{'progressbot (submit one by one)':44s} {pb:9.0f} jobs/s"
-            f"   {pb / huey:4.2f}x huey, {pb / raw:4.2f}x WAL floor,"
-            f" {pb / raw_default:4.2f}x default floor"
-        )
-        print(
-            f"{'progressbot (16 concurrent producers)':44s} {pb_c:9.0f} jobs/s"
-            f"   {pb_c / huey:4.2f}x huey, {pb_c / raw:4.2f}x WAL floor,"
-            f" {pb_c / raw_default:4.2f}x default floor"
-        )
-        print(
-            f"{'progressbot (bulk submit)':44s} {pb_b:9.0f} jobs/s"
-            f"   {pb_b / huey:4.2f}x huey, {pb_b / raw:4.2f}x WAL floor,"
-            f" {pb_b / raw_default:4.2f}x default floor"
-        )
+        for key, label in (
+            ("seq", "progressbot (submit one by one)"),
+            ("producers", "progressbot (16 concurrent producers)"),
+            ("bulk", "progressbot (bulk submit)"),
+        ):
+            ours = runs[key]
+            vs_huey = [o / h for o, h in zip(ours, runs["huey"], strict=True)]
+            vs_floor = [o / f for o, f in zip(ours, runs["raw"], strict=True)]
+            print(
+                f"{label:44s} {median(ours):9.0f} jobs/s   {_ratio_summary(vs_huey)} huey,"
+                f" {_ratio_summary(vs_floor)} WAL floor, {median(ours) / raw_default:4.2f}x default floor"
+            )
         if args.db:
-            sqlite = {"16 producers": pb_c, "bulk": pb_b}
+            sqlite = {"16 producers": median(runs["producers"]), "bulk": median(runs["bulk"])}
             if args.db == "auto":
                 from tests.servers.postgres import PostgresServer
 
                 with PostgresServer() as server:
-                    figures = bench_postgres(server.url, args.n, args.concurrency)
+                    figures = bench_postgres(server.url, args.n, args.concurrency, repeat)
                 note = "a throw-away local server (fsync off)"
             else:
-                figures = bench_postgres(args.db, args.n, args.concurrency)
+                figures = bench_postgres(args.db, args.n, args.concurrency, repeat)
                 note = "the given server"
             print_postgres(figures, sqlite, note + f", concurrency {args.concurrency} per worker process")
 
