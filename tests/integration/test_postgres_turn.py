@@ -121,16 +121,24 @@ async def settled(workers: list[ProgressService], waiting: int) -> None:
     await wait_for(check, timeout=30, what=f"one turn holder and {waiting} waiting")
 
 
-def _snapshots_older_than(svc: ProgressService, since: int) -> int:
-    """How many backends (bar this one) hold a snapshot from before transaction ``since``."""
+def sql_on(svc: ProgressService, query: str, params: tuple[Any, ...] = ()) -> Any:
+    """Run ``query`` on a connection of its own to the service's database; the first column of its row."""
     args, kwargs = pg_connect_args(svc.db.engine)
     with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
-        row = conn.execute(
+        row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+    return None if row is None else row[0]
+
+
+def _snapshots_older_than(svc: ProgressService, since: int) -> int:
+    """How many backends (bar this one) hold a snapshot from before transaction ``since``."""
+    return int(
+        sql_on(
+            svc,
             "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
             " AND backend_xmin IS NOT NULL AND age(backend_xmin) >= age(%s::text::xid)",
             (str(since),),
-        ).fetchone()
-    return int(row[0]) if row else 0
+        )
+    )
 
 
 async def test_only_the_turn_holder_claims_and_a_busy_holder_passes_the_turn(
@@ -189,12 +197,11 @@ async def test_work_is_still_claimed_when_the_turn_connections_drop(
     workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(2)]
     run = await start_submitter(pg_url, jobs, services)
     await settled(workers, waiting=1)
-    args, kwargs = pg_connect_args(run.db.engine)
-    with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE query LIKE 'SELECT pg_%%advisory%%' AND pid <> pg_backend_pid()"
-        )
+    sql_on(
+        run,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE query LIKE 'SELECT pg_%%advisory%%' AND pid <> pg_backend_pid()",
+    )
     # Announced while the turns are down or coming back: someone claims it all the same.
     first = await run.submit("hold", {})
     await wait_for(jobs.ran_by(first.id or 0), timeout=15, what="job started while the turn was down")
@@ -215,11 +222,7 @@ async def test_workers_waiting_for_the_turn_do_not_hold_back_row_cleanup(
     workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(3)]
     run = await start_submitter(pg_url, jobs, services)
     await settled(workers, waiting=2)
-    args, kwargs = pg_connect_args(run.db.engine)
-    with psycopg.connect(*args, **kwargs, autocommit=True) as conn:
-        row = conn.execute("SELECT txid_current()::text").fetchone()
-    assert row is not None
-    since = int(row[0]) % 2**32
+    since = int(sql_on(run, "SELECT txid_current()::text")) % 2**32
 
     async def released() -> bool:
         return await asyncio.to_thread(_snapshots_older_than, run, since) == 0
@@ -229,7 +232,7 @@ async def test_workers_waiting_for_the_turn_do_not_hold_back_row_cleanup(
     # And the waiting workers still take the turn over when the holder is busy.
     for _ in range(9):
         await run.submit("hold", {})
-    await wait_for(lambda_ran_by_two(jobs), timeout=15, what="jobs on two workers")
+    await wait_for(ran_on_two_workers(jobs), timeout=15, what="jobs on two workers")
     jobs.release.set()
 
 
@@ -249,7 +252,7 @@ async def test_a_stopping_holder_hands_the_turn_on(pg_url: str, services: list[P
     jobs.release.set()
 
 
-def lambda_ran_by_two(jobs: Jobs) -> Callable[[], Any]:
+def ran_on_two_workers(jobs: Jobs) -> Callable[[], Any]:
     """A wait_for predicate: jobs ran on at least two workers."""
 
     async def check() -> bool:
