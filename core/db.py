@@ -151,6 +151,9 @@ class _DbThreads:
 
     def __init__(self, count: int, name: str) -> None:
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        # A call queued after the stop signs would never run: queueing and stopping exclude each other.
+        self._lock = threading.Lock()
+        self._stopped = False
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(count)
         ]
@@ -158,8 +161,11 @@ class _DbThreads:
             t.start()
 
     def submit(self, call: _Call) -> None:
-        """Queue a call; a thread runs it and settles its future on its loop."""
-        self._calls.put(call)
+        """Queue a call; a thread runs it and settles its future on its loop. RuntimeError once shut down."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the database is closed")
+            self._calls.put(call)
 
     def _work(self) -> None:
         while (call := self._calls.get()) is not None:
@@ -167,8 +173,12 @@ class _DbThreads:
 
     def shutdown(self) -> None:
         """Run what is queued, then stop the threads and wait for them."""
-        for _ in self._threads:
-            self._calls.put(None)
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            for _ in self._threads:
+                self._calls.put(None)
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join()
@@ -272,8 +282,6 @@ class Database:
 
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` in a database thread and await its result."""
-        if self._closed:
-            raise RuntimeError("the database is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._threads.submit(_Call(fn, args, kwargs, loop, future))

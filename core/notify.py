@@ -103,8 +103,8 @@ class ClaimTurn:
     the turn (:meth:`want`: it has free slots). Only while it holds the turn does its connection LISTEN for
     work, calling ``on_announce()`` per announcement: the workers waiting for the turn hear no work
     announcements. They try for it when a holder gives it up (:meth:`nudge`) and every ``retry`` seconds.
-    ``on_grant()`` is called when the turn comes to the worker, which then claims
-    at once: work may have been announced to the worker that passed the turn on.
+    ``on_grant()`` is called when the turn comes to the worker, which then claims at once: work may have
+    been announced to the worker that passed the turn on.
     """
 
     def __init__(
