@@ -121,6 +121,16 @@ async def settled(workers: list[ProgressService], waiting: int) -> None:
     await wait_for(check, timeout=30, what=f"one turn holder and {waiting} waiting")
 
 
+async def settled_workers(
+    url: str, jobs: Jobs, services: list[ProgressService], count: int
+) -> tuple[list[ProgressService], ProgressService]:
+    """``count`` workers named w0, w1... and a submitter, once one worker holds the turn and the rest wait."""
+    workers = [await start_worker(url, jobs, f"w{i}", services) for i in range(count)]
+    run = await start_submitter(url, jobs, services)
+    await settled(workers, waiting=count - 1)
+    return workers, run
+
+
 def sql_on(svc: ProgressService, query: str, params: tuple[Any, ...] = ()) -> Any:
     """Run ``query`` on a connection of its own to the service's database; the first column of its row."""
     args, kwargs = pg_connect_args(svc.db.engine)
@@ -145,9 +155,7 @@ async def test_only_the_turn_holder_claims_and_a_busy_holder_passes_the_turn(
     pg_url: str, services: list[ProgressService]
 ) -> None:
     jobs = Jobs()
-    workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(4)]
-    run = await start_submitter(pg_url, jobs, services)
-    await settled(workers, waiting=3)
+    workers, run = await settled_workers(pg_url, jobs, services, 4)
     [holder] = [w for w in workers if turn_of(w).held]
     others = [w for w in workers if w is not holder]
     claims_before = {id(w): w.worker.claims_sent for w in others if w.worker is not None}
@@ -194,9 +202,7 @@ async def test_work_is_still_claimed_when_the_turn_connections_drop(
     pg_url: str, services: list[ProgressService]
 ) -> None:
     jobs = Jobs()
-    workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(2)]
-    run = await start_submitter(pg_url, jobs, services)
-    await settled(workers, waiting=1)
+    workers, run = await settled_workers(pg_url, jobs, services, 2)
     sql_on(
         run,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -219,9 +225,7 @@ async def test_workers_waiting_for_the_turn_do_not_hold_back_row_cleanup(
     # row versions every claim leaves behind could never be pruned and claims would slow down with each
     # idle worker (a blocked pg_advisory_lock did that: this test fails with it).
     jobs = Jobs()
-    workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(3)]
-    run = await start_submitter(pg_url, jobs, services)
-    await settled(workers, waiting=2)
+    workers, run = await settled_workers(pg_url, jobs, services, 3)
     since = int(sql_on(run, "SELECT txid_current()::text")) % 2**32
 
     async def released() -> bool:
@@ -238,9 +242,7 @@ async def test_workers_waiting_for_the_turn_do_not_hold_back_row_cleanup(
 
 async def test_a_stopping_holder_hands_the_turn_on(pg_url: str, services: list[ProgressService]) -> None:
     jobs = Jobs()
-    workers = [await start_worker(pg_url, jobs, f"w{i}", services) for i in range(2)]
-    run = await start_submitter(pg_url, jobs, services)
-    await settled(workers, waiting=1)
+    workers, run = await settled_workers(pg_url, jobs, services, 2)
     [holder] = [w for w in workers if turn_of(w).held]
     [other] = [w for w in workers if w is not holder]
     await holder.stop()
