@@ -39,13 +39,14 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 
 from .activity_log import ActivityLog
 from .adapter_state import AdapterState
 from .batches import BatchStore, BatchSummary, derive_batch_status
-from .db import Database
+from .db import SCHEMA_LOCK_KEY, Database
 from .errors import IllegalTransition, JobNotFound
 from .lifecycle import Action, plan
 from .models import (
@@ -419,17 +420,19 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
     async def init(self) -> None:
         """Create the schema if needed."""
         await self.db.run(self.db.create_schema)
-        if self.db.is_sqlite:
-            await self.db.run(self._migrate_sqlite)
+        await self.db.run(self._migrate)
 
-    def _migrate_sqlite(self) -> None:
+    def _migrate(self) -> None:
         """Bring a database made by an older version up to date (create_schema only adds missing tables).
 
-        SQLite only: one process serves a SQLite database, so nothing races this. ``ix_jobs_claim`` (status,
-        priority, run_at) made every claim sort all pending jobs; ``ix_jobs_due`` gives the claim order.
+        ``ix_jobs_claim`` (status, priority, run_at) made every claim sort all pending jobs; ``ix_jobs_due``
+        gives the claim order. On PostgreSQL this runs under the schema lock, so that processes starting
+        at once do not build the index twice (one process serves a SQLite database).
         """
         due = next(ix for ix in jobs_t.indexes if ix.name == "ix_jobs_due")
         with self.db.engine.begin() as conn:
+            if not self.db.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
             due.create(conn, checkfirst=True)
             conn.exec_driver_sql("DROP INDEX IF EXISTS ix_jobs_claim")
 

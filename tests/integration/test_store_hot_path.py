@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import inspect
 
 from core.db import Database
 from core.models import Job, JobStatus, Progress
@@ -108,23 +109,18 @@ async def test_a_claimed_job_reads_back_as_the_claim_answered(store: JobStore) -
 
 
 async def test_claims_follow_priority_then_age_and_an_old_claim_index_is_replaced(db_url: str) -> None:
-    """Claims take the highest priority first, then the oldest, then the lowest id; a SQLite database made
-    before the claim-order index gets it at start (and loses the old one, which only cost writes)."""
+    """Claims take the highest priority first, then the oldest, then the lowest id; a database made before
+    the claim-order index gets it at start (and loses the old one, which only cost writes)."""
     db = Database(db_url)
     try:
-        if db.is_sqlite:
-            db.create_schema()
-            with db.engine.begin() as conn:  # the schema as an older version left it
-                conn.exec_driver_sql("DROP INDEX ix_jobs_due")
-                conn.exec_driver_sql("CREATE INDEX ix_jobs_claim ON jobs (status, priority, run_at)")
+        db.create_schema()
+        with db.engine.begin() as conn:  # the schema as an older version left it
+            conn.exec_driver_sql("DROP INDEX ix_jobs_due")
+            conn.exec_driver_sql("CREATE INDEX ix_jobs_claim ON jobs (status, priority, run_at)")
         store = JobStore(db)
         await store.init()
-        if db.is_sqlite:
-            with db.engine.connect() as conn:
-                names = {
-                    r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='index'")
-                }
-            assert "ix_jobs_due" in names and "ix_jobs_claim" not in names
+        names = {ix["name"] for ix in inspect(db.engine).get_indexes("jobs")}
+        assert "ix_jobs_due" in names and "ix_jobs_claim" not in names
         now = store.now()
         specs = [(0, 0), (5, 2), (5, 1), (9, 3), (0, -1), (5, 1)]  # (priority, seconds before now)
         ids = [
