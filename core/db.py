@@ -141,8 +141,8 @@ class _DbThreads:
     What :class:`concurrent.futures.ThreadPoolExecutor` plus ``run_in_executor`` do, minus the layers a
     database call does not need: no concurrent Future chained to the asyncio one, no context copy (no
     context variable is read in a store method), one ``call_soon_threadsafe`` per answer. A sequential
-    ``await submit()`` pays one such round trip per job; this one costs about two thirds of the executor's
-    (measured on a 2-core VM: 72 vs 104 µs of wall time for a no-op call).
+    ``await submit()`` pays one such round trip per job; this one is 10-25% cheaper than the executor's
+    (measured on a 2-core VM, a no-op call: 64-67 vs 71-87 µs of wall time).
 
     Invariants: a queued call runs unless its caller was cancelled before it started; a call that ran is
     answered (a caller cancelled meanwhile just finds its future done); :meth:`shutdown` runs the queued
