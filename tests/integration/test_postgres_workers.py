@@ -209,8 +209,13 @@ async def test_kill9_worker_jobs_recovered_after_lease_by_policy(
         job = await svc.store.get(jid)
         # (``interrupted`` marks a job while it waits; the activity log keeps the story.)
         assert job.status == JobStatus.COMPLETED and job.attempts == 2
-        # Continued from its checkpoint, by the survivor.
-        assert job.result is not None and job.result["first"] > 0
+        # Continued from its checkpoint, by the survivor: each step's checkpoint is stored before the step
+        # is recorded, so the victim's last recorded step (or the one after, whose checkpoint it stored
+        # just before the kill). Not "> 0": a job killed in its first step restarts at 0, rightly.
+        last_step = max(
+            int(f[3]) for f in lines if f[0] == "step" and int(f[1]) == jid and int(f[2]) == victim.pid
+        )
+        assert job.result is not None and job.result["first"] in (last_step, last_step + 1)
         notes = [a.message for a in await svc.activity(jid, limit=50)]
         assert any("worker lease expired" in m for m in notes), notes
         restarts = [f for f in lines if f[0] == "start" and int(f[1]) == jid and int(f[2]) == survivor.pid]
