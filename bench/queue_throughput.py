@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import os
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -456,11 +456,6 @@ def print_postgres(figures: list[PgFigure], sqlite: dict[str, float], note: str)
             f"  {mode}: {most[0].workers} worker procs vs 1, per repetition:"
             f" {_ratio_summary([m.jobs_per_s / o.jobs_per_s for m, o in zip(most, one, strict=True)])}"
         )
-
-
-def median(values: list[float]) -> float:
-    """The median of ``values``."""
-    return statistics.median(values)
 
 
 def _ratio_summary(ratios: list[float]) -> str:

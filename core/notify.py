@@ -117,7 +117,7 @@ class ClaimTurn:
         reconnect_delay: float,
         max_reconnect_delay: float,
         keepalive: float,
-        retry: float = TURN_RETRY,
+        retry: float,
     ) -> None:
         self._connect = connect
         #: The job types of the workers sharing this turn (workers serving other types have their own).
