@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
-from .models import MAX_PROGRESS_MESSAGE, Control, Progress
+from .models import MAX_PROGRESS_MESSAGE, NO_PROGRESS, Control, Progress
 from .text import MAX_MESSAGE, clean_json, clean_name, clean_text
 
 StageSpec = Sequence[tuple[str, float] | str]
@@ -122,6 +122,9 @@ class ProgressState:
     def snapshot(self) -> Progress:
         """The progress now, as a value to store or send (the message clipped to what is stored)."""
         message = self.message
+        if self.current is None and self.total is None and message is None and self.stage_name is None:
+            if not self.stage_names and self.stage_index is None:
+                return NO_PROGRESS  # nothing reported (yet): one shared value, no allocation
         if message is not None and len(message) > MAX_PROGRESS_MESSAGE:
             message = message[:MAX_PROGRESS_MESSAGE]
         return Progress(

@@ -115,7 +115,9 @@ class Progress:
     @classmethod
     def of(cls, row: Any) -> Progress:
         """The progress held in a job row (anything with the row's progress attributes)."""
-        return cls(*_row_progress(row))
+        values = _row_progress(row)
+        # A job that never reported (most rows read by claims) shares the one empty value.
+        return NO_PROGRESS if values == _NO_VALUES else cls(*values)
 
 
 #: No progress reported (Progress is frozen, so one value serves every holder).
@@ -169,6 +171,7 @@ class ProgressFields:
 _COLUMN_NAMES = tuple(PROGRESS_COLUMNS.values())
 _progress_values = attrgetter(*(f.name for f in fields(Progress)))
 _row_progress = attrgetter(*_COLUMN_NAMES)
+_NO_VALUES = (None,) * len(_COLUMN_NAMES)
 if [f.name for f in fields(Progress)] != list(PROGRESS_COLUMNS) or not all(
     isinstance(getattr(ProgressFields, name, None), property) for name in PROGRESS_COLUMNS
 ):

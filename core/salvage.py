@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy import exc as sa_exc
 
-from .models import JobStatus, Progress
+from .models import NO_PROGRESS, JobStatus, Progress
 from .store import FinishResult, JobStore, Outcome, ProgressWrite
 from .text import MAX_ERROR, clean_text, storable_number
 
@@ -138,6 +138,8 @@ def _degrade_outcome(oc: Outcome, exc: BaseException) -> Outcome:
 
 def storable_progress(progress: Progress) -> Progress:
     """``progress`` with NaN, infinities and out-of-range numbers (a handler's ``report()``) made unknown."""
+    if progress is NO_PROGRESS:
+        return progress
     nums = (progress.current, progress.total, progress.weighted_percent)
     clean = tuple(storable_number(n) for n in nums)
     if all(a is b for a, b in zip(clean, nums, strict=True)):
@@ -145,12 +147,21 @@ def storable_progress(progress: Progress) -> Progress:
     return dataclasses.replace(progress, current=clean[0], total=clean[1], weighted_percent=clean[2])
 
 
+HoldsProgressT = TypeVar("HoldsProgressT", Outcome, ProgressWrite)
+
+
+def _with_storable_progress(item: HoldsProgressT) -> HoldsProgressT:
+    """``item`` (an outcome or a progress write) with :func:`storable_progress`; itself when that changes
+    nothing (the usual case: no copy)."""
+    if item.progress is None:
+        return item
+    progress = storable_progress(item.progress)
+    return item if progress is item.progress else dataclasses.replace(item, progress=progress)
+
+
 async def finish_isolating(store: JobStore, outcomes: list[Outcome]) -> FinishResult:
     """:meth:`JobStore.finish_many`, isolating an outcome that cannot be stored (see the module doc)."""
-    outcomes = [
-        oc if oc.progress is None else dataclasses.replace(oc, progress=storable_progress(oc.progress))
-        for oc in outcomes
-    ]
+    outcomes = [_with_storable_progress(oc) for oc in outcomes]
     results = await write_isolating(outcomes, store.finish_many, _degrade_outcome, "job outcomes")
     if len(results) == 1:
         return results[0]
@@ -168,7 +179,7 @@ def _degrade_progress(pw: ProgressWrite, exc: BaseException) -> ProgressWrite:
 
 async def write_progress_isolating(store: JobStore, writes: list[ProgressWrite]) -> None:
     """:meth:`JobStore.write_progress`, isolating a row that cannot be stored."""
-    writes = [dataclasses.replace(w, progress=storable_progress(w.progress)) for w in writes]
+    writes = [_with_storable_progress(w) for w in writes]
     await write_isolating(writes, store.write_progress, _degrade_progress, "progress writes")
 
 

@@ -17,6 +17,7 @@ from .context import JobContext, SyncJobContext
 from .db import Database, pg_connect_args
 from .errors import IllegalTransition, JobCancelled, JobInterrupt, JobNotFound, NotTracked, PayloadError
 from .events import EventBus, EventFilter, JobProgressEvent, Subscription, make_filter
+from .heap import freeze_startup_heap
 from .lifecycle import Action, plan
 from .models import TERMINAL_STATUSES, Activity, Batch, Control, Job, JobKind, JobStatus, utcnow
 from .monitor import JobProgressMonitor, JobView
@@ -87,6 +88,9 @@ class ServiceConfig:
     notify: bool = True
     #: Poll for (and listen to) other processes' changes; a worker-only process has no one to show them to.
     watch_others: bool = True
+    #: Once the first service of the process has started, keep the garbage collector off the objects alive
+    #: then (see :mod:`core.heap`): full collections stop walking the libraries' start-up heap.
+    freeze_startup_heap: bool = True
 
 
 #: Seconds between progress writes on PostgreSQL. Other processes (the ``run`` process hosting the chat
@@ -212,6 +216,8 @@ class ProgressService:
         await self.monitor.start()
         if self.worker is not None:
             self.recovered = await self.worker.start()
+        if self.config.freeze_startup_heap:
+            freeze_startup_heap()
         self._started = True
 
     async def stop(self) -> None:

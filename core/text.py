@@ -183,6 +183,8 @@ def clean_result(value: Any) -> Any:
     A larger result is replaced by ``{"clipped": true, "bytes": N, "preview": "<start of its JSON>"}``, so a
     reader sees both that it was clipped and what it began with.
     """
+    if value is None:
+        return None  # most handlers return nothing: no JSON to clean or measure
     data = clean_json(value)
     encoded = json.dumps(data, ensure_ascii=False)
     size = len(encoded.encode())

@@ -79,6 +79,8 @@ class RunningJob:
 
     job: Job
     ctx: JobContext
+    #: The view announced when it started (the monitor's, unless a newer record replaced it there).
+    view: JobView
     task: asyncio.Task[None] | None = None
     cancel_timer: asyncio.TimerHandle | None = None
     pending_logs: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)
@@ -535,9 +537,10 @@ class Worker:
         by_id = {j.id: j for j in res.changed}
         for oc, rj in batch:
             if oc.job_id in res.completed_ids and rj is not None:
-                # Build the final view from what we know instead of re-reading the row (its progress is
-                # the outcome's, which the live state gives the event anyway).
-                view = JobView.from_job(rj.job, progress=oc.progress)
+                # The final view is the one announced at the start, completed, instead of the row read
+                # again: nothing else changes it while the job runs (a newer record, such as a pause
+                # request, replaces it in the monitor instead), and its progress is the live state's.
+                view = rj.view
                 view.status = JobStatus.COMPLETED
                 view.result = oc.result
                 view.error = None
@@ -572,7 +575,7 @@ class Worker:
             owner=job.owner,
             room=job.room,
         )
-        rj = RunningJob(job=job, ctx=ctx, lease_deadline=self._deadlines.get(job.id, math.inf))
+        rj = RunningJob(job=job, ctx=ctx, view=view, lease_deadline=self._deadlines.get(job.id, math.inf))
         self.running[job.id] = rj
         self.monitor.job_changed(view)
         rj.task = asyncio.create_task(self._run(rj), name=f"job-{job.id}")
@@ -585,12 +588,15 @@ class Worker:
             spec = self.registry.get(job.type)
             data = self.registry.parse(spec, dict(job.payload or {}))
             timeout = job.timeout if job.timeout is not None else spec.timeout
-            async with asyncio.timeout(timeout):
-                if spec.is_async:
-                    result = await spec.fn(ctx, data)
-                else:
-                    sctx = SyncJobContext(ctx, asyncio.get_running_loop())
-                    result = await asyncio.to_thread(spec.fn, sctx, data)
+            if spec.is_async:
+                call = spec.fn(ctx, data)
+            else:
+                call = asyncio.to_thread(spec.fn, SyncJobContext(ctx, asyncio.get_running_loop()), data)
+            if timeout is None:
+                result = await call  # (no timeout context to enter and leave for the usual job)
+            else:
+                async with asyncio.timeout(timeout):
+                    result = await call
             outcome = self._outcome(job, JobStatus.COMPLETED, result=clean_result(result))
         except JobPaused:
             outcome = self._outcome(job, JobStatus.PAUSED)
