@@ -51,6 +51,7 @@ from .errors import IllegalTransition, JobNotFound
 from .lifecycle import Action, plan
 from .models import (
     ACTIVE_STATUSES,
+    NO_PROGRESS,
     PROGRESS_COLUMNS,
     TERMINAL_STATUSES,
     Control,
@@ -798,7 +799,8 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
             "c_lease": now + timedelta(seconds=lease_seconds),
             "c_origin": self.origin,
         }
-        with self.db.engine.begin() as conn:
+        # On SQLite, prepared SQL in the driver's own transaction (see _sqlite_transaction).
+        with self._transaction(prepared=True) as conn:
             if self._sqlite is not None:
                 # BEGIN IMMEDIATE already serialises writers: one UPDATE ... WHERE id IN (SELECT) suffices.
                 jobs = self._claim_sqlite(conn, params)
@@ -928,20 +930,28 @@ class JobStore(ActivityLog, BatchStore, AdapterState):
         sq = self._sqlite
         t = sq.jobs
         stamp = t.value("finished_at", now)
+        completed, running = S.COMPLETED, S.RUNNING
         params = []
+        # Jobs that never reported share one Progress value (NO_PROGRESS): bind its columns once.
+        last: Progress | None = None
+        bound: tuple[Any, ...] = ()
         for oc in done:
-            progress = (oc.progress or Progress()).columns()
+            progress = oc.progress or NO_PROGRESS
+            if progress is not last:
+                columns = progress.columns()
+                bound = tuple(t.value(c, columns[c]) for c in sq.progress_columns)
+                last = progress
             params.append(
                 (
-                    S.COMPLETED,
+                    completed,
                     t.value("result", oc.result),
                     stamp,
                     stamp,
                     self.origin,
-                    *(t.value(c, progress[c]) for c in sq.progress_columns),
+                    *bound,
                     oc.job_id,
                     oc.worker_id,
-                    S.RUNNING,
+                    running,
                 )
             )
         return int(driver_connection(conn).executemany(sq.complete, params).rowcount)

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, DateTime, Table
+from sqlalchemy import JSON, Connection, DateTime, Table
 from sqlalchemy.engine import Dialect, Row
 
 from .db import Database
@@ -52,9 +52,19 @@ class SqliteTable:
             if proc is not None and _is_datetime(c):
                 shared = memos.setdefault(type(c.type), _last_value_memo(proc))
                 self._bind[c.name] = shared
+        # Most JSON values a job writes are constants (no payload, no result, no log context): their
+        # text is known, without a trip through the json module for each.
+        for c in table.c:
+            proc = self._bind[c.name]
+            if proc is not None and isinstance(c.type, JSON):
+                self._bind[c.name] = _json_constants_out(proc)
         self._read: dict[str, Callable[[Any], Any] | None] = {
             c.name: c.type.dialect_impl(dialect).result_processor(dialect, None) for c in table.c
         }
+        for c in table.c:
+            proc = self._read[c.name]
+            if proc is not None and isinstance(c.type, JSON):
+                self._read[c.name] = _json_constants_in(proc)
         # Rows read together mostly share their stamps (jobs inserted, or claimed, in one transaction): each
         # datetime column parses a stored text once while it repeats.
         for c in table.c:
@@ -99,6 +109,36 @@ class SqliteTable:
 def _is_datetime(column: Any) -> bool:
     """Whether a column stores datetimes (a TypeDecorator such as SQLModel's UTCDateTime included)."""
     return isinstance(getattr(column.type, "impl_instance", column.type), DateTime)
+
+
+def _json_constants_out(proc: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``proc`` (a JSON column's bind processor) answering None and an empty dict from what it gave once."""
+    none, empty = proc(None), proc({})
+
+    def process(value: Any) -> Any:
+        if value is None:
+            return none
+        if value.__class__ is dict and not value:
+            return empty
+        return proc(value)
+
+    return process
+
+
+def _json_constants_in(proc: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``proc`` (a JSON column's result processor) reading NULL, ``null`` and ``{}`` without parsing; a new
+    dict each time, as parsing gives (the caller may change it)."""
+    if proc(None) is not None or proc("null") is not None or proc("{}") != {}:
+        return proc  # a processor that reads these differently keeps its own way
+
+    def process(raw: Any) -> Any:
+        if raw is None or raw == "null":
+            return None
+        if raw == "{}":
+            return {}
+        return proc(raw)
+
+    return process
 
 
 def _last_value_memo(proc: Callable[[Any], Any], *, equal: bool = False) -> Callable[[Any], Any]:

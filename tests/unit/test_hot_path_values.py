@@ -104,3 +104,19 @@ def test_the_first_service_of_a_process_freezes_the_start_up_heap_once(tmp_path:
     calls, frozen = _freezes_after_two_starts(tmp_path, True)
     assert calls == 1 and frozen > 10_000  # the libraries' modules, classes and caches
     assert _freezes_after_two_starts(tmp_path, False) == (0, 0)
+
+
+def test_constant_json_values_are_written_and_read_as_the_json_module_would() -> None:
+    import json
+
+    from sqlalchemy.dialects import sqlite
+
+    from core.storebase import SqliteTable, jobs_t
+
+    table = SqliteTable(jobs_t, sqlite.dialect())
+    for value in (None, {}, {"a": [1, None]}, [], 0, "x"):
+        assert json.loads(table.value("payload", value)) == value
+    first, second = table.stored("payload", "{}"), table.stored("payload", "{}")
+    assert first == {} and first is not second  # each reader gets its own dict to change
+    assert table.stored("result", "null") is None and table.stored("result", None) is None
+    assert table.stored("result", '{"rows": [1, 2]}') == {"rows": [1, 2]}
