@@ -1,9 +1,9 @@
 """Keep the cyclic garbage collector off the heap a process builds at start-up.
 
 A running service allocates a few dozen objects per job, so CPython's collector runs often, and every few
-seconds under load it runs a full collection. A full collection walks every tracked object: the modules,
-classes and caches of SQLAlchemy, pydantic, the chat libraries and the monitor's recent job views, tens of
-thousands of objects that live as long as the process. Measured on the bulk bench (20,000 no-op jobs),
+seconds under load it runs a full collection. A full collection walks every tracked object, among them the
+modules, classes and caches of SQLAlchemy, pydantic and the chat libraries: tens of thousands of objects
+that live as long as the process. Measured on the bulk bench (20,000 no-op jobs),
 full collections cost 10-16 µs of CPU per job, about a tenth of its whole cost.
 
 :func:`freeze_startup_heap` runs once per process, when the first service has started: it collects what is
