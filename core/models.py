@@ -187,10 +187,11 @@ class JobTable(SQLModel, table=True):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        # In claim order (priority descending, then run_at, then id, which every index ends with): a claim
-        # reads its first rows instead of sorting every pending job. (It replaces "ix_jobs_claim", whose
-        # ascending priority could not give that order; see JobStore.init.)
-        Index("ix_jobs_due", "status", text("priority DESC"), "run_at"),
+        # In claim order (priority descending, then run_at, then id): a claim reads its first rows instead of
+        # sorting every pending job. The id is spelled out: PostgreSQL orders equal keys by their place in
+        # the table, not by id, and a plan that has to sort by id at all may sort every pending job (see
+        # JobStore._migrate). It replaces "ix_jobs_claim" and "ix_jobs_due", which lacked it.
+        Index("ix_jobs_claim_order", "status", text("priority DESC"), "run_at", "id"),
         Index("ix_jobs_updated", "updated_at"),
         Index("ix_jobs_batch", "batch_id"),
     )
