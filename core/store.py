@@ -117,11 +117,15 @@ _CLAIM_SQLITE = (
     .returning(*jobs_t.c)
 )
 # PostgreSQL: lock the candidates with SKIP LOCKED (concurrent claimers take different rows, nobody waits)
-# and update them, in one statement (one round trip). The CTE is evaluated once.
+# and update them, in one statement (one round trip). The CTE is evaluated once. The update finds the rows
+# by id alone: they are locked, and were pending when locked (a locked row is checked again in its newest
+# version). A second status test here let the planner, when it expected few pending jobs (no statistics
+# yet), scan every pending job and match each against the picked ids: 15-25 ms per claim with 16,000
+# queued, against well under 1 ms through the primary key.
 _CLAIM_PICKED = _CLAIM_PICK.with_for_update(skip_locked=True).cte("picked")
 _CLAIM_PG = (
     update(jobs_t)
-    .where(jobs_t.c.id == _CLAIM_PICKED.c.id, jobs_t.c.status == JobStatus.PENDING)
+    .where(jobs_t.c.id == _CLAIM_PICKED.c.id)
     .values(**dict(_CLAIM_VALUES, updated_at=func.clock_timestamp()))  # see JobStore._stamp
     .returning(*jobs_t.c)
 )
