@@ -143,6 +143,9 @@ class JobProgressMonitor:
         self._live: dict[int | str, ProgressState] = {}
         self._dirty: set[Key] = set()
         self._unsaved: set[int] = set()
+        #: The progress each live job's row holds, as far as this monitor knows (read at attach, then as
+        #: written): an event whose progress equals it needs no write (a job that started and reported none).
+        self._saved: dict[int | str, Progress] = {}
         self._last_emit: dict[Key, float] = {}
         self._last_status: dict[Key, str] = {}
         self._batch_dirty: set[int] = set()
@@ -196,12 +199,14 @@ class JobProgressMonitor:
             # A resumed job starts from what it had reported before.
             st.restore(view.progress)
             self._live[view.id] = st
+            self._saved[view.id] = st.snapshot()
         self._views[key] = view
         return st
 
     def detach(self, job_id: int | str) -> None:
         """Forget the live state of a job that stopped running here (after its final event)."""
         st = self._live.pop(job_id, None)
+        self._saved.pop(job_id, None)
         if st is not None and isinstance(job_id, int):
             self._unsaved.discard(job_id)
 
@@ -254,7 +259,12 @@ class JobProgressMonitor:
         self._dirty.discard(key)
         self._last_emit[key] = self.clock()
         self._last_status[key] = view.status
-        if st is not None and view.persisted and isinstance(view.id, int):
+        if (
+            st is not None
+            and view.persisted
+            and isinstance(view.id, int)
+            and view.progress != self._saved.get(view.id)
+        ):
             self._unsaved.add(view.id)
         self.events_emitted += 1
         self.bus.publish(ev)
@@ -396,6 +406,9 @@ class JobProgressMonitor:
                 # Not lost: written with the next tick (unless newer progress is written first).
                 self._unsaved.update(w.job_id for w in writes)
                 raise
+            for w in writes:
+                if w.job_id in self._live:  # (not detached meanwhile)
+                    self._saved[w.job_id] = w.progress
             # The batches of these jobs aggregate the progress just written: refresh them (throttled by
             # _refresh_batches like every batch event), so a batch moves while its jobs report, not only
             # when one of them changes status.

@@ -311,3 +311,40 @@ async def test_an_event_holds_one_progress_value_and_reads_flat() -> None:
     d = ev.to_dict()
     assert d["progress"] == {"current": 3, "total": 12, "percentage": None} and d["message"] == "step 3"
     assert d["stage"] == {"name": "render", "index": 1, "count": 3} and "current" not in d
+
+
+async def test_a_job_that_reports_nothing_costs_no_progress_write(tmp_path: Any) -> None:
+    """Starting and finishing a job that never reported writes its row twice (claim, outcome), not three
+    times: the running event's progress is what the row holds already. A report is written as before."""
+    from core.db import Database
+    from core.monitor import JobProgressMonitor, JobView
+    from core.store import JobStore, NewJob, ProgressWrite
+
+    db = Database(f"sqlite:///{tmp_path}/m.db")
+    store = JobStore(db)
+    await store.init()
+    written: list[int] = []
+    write = store.write_progress
+
+    async def counted(writes: list[ProgressWrite]) -> None:
+        written.extend(w.job_id for w in writes)
+        await write(writes)
+
+    store.write_progress = counted  # type: ignore[method-assign]
+    try:
+        for reports in (False, True):
+            monitor = JobProgressMonitor(EventBus(), store, min_interval=0.0)
+            await monitor.start()
+            await store.submit(NewJob(type="t"))
+            [job] = await store.claim("w1", 1)
+            state = monitor.attach(job)
+            monitor.job_changed(JobView.from_job(job))  # the "running" event
+            if reports:
+                state.report(1, 4, "one of four")
+                monitor.job_changed(JobView.from_job(job), force=True)
+            await monitor.stop()  # flushes what is unsaved
+            assert written == ([job.id] if reports else []), reports
+            if reports:
+                assert (await store.get(job.id or 0)).progress_message == "one of four"
+    finally:
+        db.close()
