@@ -4,6 +4,7 @@ statistics say.
 A table that was never analyzed (a new deployment, the first minute of a burst) makes the planner guess:
 it expected one pending job, so each claim sorted every pending job (6.9 ms against 0.5 ms with 16,566
 queued) and then matched every pending job against the picked ids (15-25 ms per claim in the bulk bench),
+each heartbeat matched every running job against its own (half a second with 20,000 jobs in the table),
 and each poll read the whole table. These tests run the statements the store sends, as it
 sends them, under EXPLAIN on such a table.
 """
@@ -68,9 +69,12 @@ async def test_claims_and_polls_use_their_index_on_a_table_never_analyzed(db: Da
     claimed = await store.claim("w2", 34, types=["t"])
     claim = [s for s in sent if "FOR UPDATE SKIP LOCKED" in s[0]]
     sent.clear()
+    leases = await store.heartbeat("w2", 30.0)
+    heartbeat = [s for s in sent if "lease_until" in s[0]]
+    sent.clear()
     changed = await store.changed_since(store.now(), others_only=False)
     event.remove(db.engine, "before_cursor_execute", record)
-    assert len(claimed) == 34 and changed == []
+    assert len(claimed) == 34 and changed == [] and sorted(leases) == sorted(j.id for j in claimed)
 
     with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
         stats = "SELECT last_analyze, last_autoanalyze FROM pg_stat_user_tables WHERE relname = 'jobs'"
@@ -80,5 +84,8 @@ async def test_claims_and_polls_use_their_index_on_a_table_never_analyzed(db: Da
     # The pick reads the claim order's first entries; the update finds the picked rows by their key.
     assert claim_plan.count("ix_jobs_claim_order") == 1 and "Sort" not in claim_plan, claim_plan
     assert "Index Scan using jobs_pkey" in claim_plan, claim_plan
+    heartbeat_plan = _plan(pg_url, heartbeat)  # the locked rows are found by their key too
+    assert "Index Scan using jobs_pkey" in heartbeat_plan and "Seq Scan" not in heartbeat_plan, heartbeat_plan
+    assert heartbeat_plan.count("ix_jobs_claim_order") <= 1, heartbeat_plan
     poll_plan = _plan(pg_url, sent)  # the poll's SET LOCAL, then its SELECT
     assert "ix_jobs_updated" in poll_plan and "Seq Scan" not in poll_plan, poll_plan
