@@ -250,7 +250,9 @@ async def test_stalled_worker_loses_its_lease_and_writes_nothing(
     frozen.wait_ready()
     svc = await run_process(pg_url, tmp_path)
     services.append(svc)
-    job = await svc.submit("slow", {"steps": 12, "step_ms": 150})
+    # 6 s of work: the other worker must start (seconds, on a busy machine) before the job ends, or the
+    # frozen worker finishes it before it is frozen (seen once in CI with 1.8 s of work).
+    job = await svc.submit("slow", {"steps": 40, "step_ms": 150})
     jid = job.id or 0
 
     async def frozen_stepping() -> bool:
