@@ -12,9 +12,12 @@ from typing import Any
 import pytest
 
 from core.context import JobContext
+from core.db import Database
 from core.events import EventBus, JobProgressEvent
 from core.models import Progress
+from core.monitor import JobProgressMonitor, JobView
 from core.registry import HandlerRegistry
+from core.store import JobStore, NewJob, ProgressWrite
 from tests.conftest import ServiceFactory, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -316,10 +319,6 @@ async def test_an_event_holds_one_progress_value_and_reads_flat() -> None:
 async def test_a_job_that_reports_nothing_costs_no_progress_write(tmp_path: Any) -> None:
     """Starting and finishing a job that never reported writes its row twice (claim, outcome), not three
     times: the running event's progress is what the row holds already. A report is written as before."""
-    from core.db import Database
-    from core.monitor import JobProgressMonitor, JobView
-    from core.store import JobStore, NewJob, ProgressWrite
-
     db = Database(f"sqlite:///{tmp_path}/m.db")
     store = JobStore(db)
     await store.init()

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from sqlalchemy import event
 
-from core.db import Database
+from core.db import Database, pg_connect_args
 from core.store import JobStore, NewJob
 from tests.integration.pg_helpers import fresh_db
 from tests.servers.postgres import PostgresServer
@@ -41,11 +41,17 @@ def db(pg_url: str) -> Iterator[Database]:
     database.close()
 
 
-def _plan(url: str, statements: list[tuple[str, Any]]) -> str:
+def _connect(db: Database) -> psycopg.Connection[Any]:
+    """A plain psycopg connection to the store's database, outside its pool."""
+    args, kwargs = pg_connect_args(db.engine)
+    return psycopg.connect(*args, **kwargs)
+
+
+def _plan(db: Database, statements: list[tuple[str, Any]]) -> str:
     """EXPLAIN ANALYZE of the last of ``statements`` (SQL and parameters as sent), after the ones before it,
     in one transaction that is rolled back."""
     *before, (last, params) = statements
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+    with _connect(db) as conn:
         for sql, p in before:
             conn.execute(sql, p)
         plan = "\n".join(row[0] for row in conn.execute("EXPLAIN ANALYZE " + last, params))
@@ -53,7 +59,7 @@ def _plan(url: str, statements: list[tuple[str, Any]]) -> str:
     return plan
 
 
-async def test_claims_and_polls_use_their_index_on_a_table_never_analyzed(db: Database, pg_url: str) -> None:
+async def test_claims_and_polls_use_their_index_on_a_table_never_analyzed(db: Database) -> None:
     store = JobStore(db)
     await store.init()
     for _ in range(QUEUED // 500):
@@ -76,16 +82,16 @@ async def test_claims_and_polls_use_their_index_on_a_table_never_analyzed(db: Da
     event.remove(db.engine, "before_cursor_execute", record)
     assert len(claimed) == 34 and changed == [] and sorted(leases) == sorted(j.id for j in claimed)
 
-    with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+    with _connect(db) as conn:
         stats = "SELECT last_analyze, last_autoanalyze FROM pg_stat_user_tables WHERE relname = 'jobs'"
         assert conn.execute(stats).fetchone() == (None, None)  # the planner has no statistics to go by
 
-    claim_plan = _plan(pg_url, claim)
+    claim_plan = _plan(db, claim)
     # The pick reads the claim order's first entries; the update finds the picked rows by their key.
     assert claim_plan.count("ix_jobs_claim_order") == 1 and "Sort" not in claim_plan, claim_plan
     assert "Index Scan using jobs_pkey" in claim_plan, claim_plan
-    heartbeat_plan = _plan(pg_url, heartbeat)  # the locked rows are found by their key too
+    heartbeat_plan = _plan(db, heartbeat)  # the locked rows are found by their key too
     assert "Index Scan using jobs_pkey" in heartbeat_plan and "Seq Scan" not in heartbeat_plan, heartbeat_plan
     assert heartbeat_plan.count("ix_jobs_claim_order") <= 1, heartbeat_plan
-    poll_plan = _plan(pg_url, sent)  # the poll's SET LOCAL, then its SELECT
+    poll_plan = _plan(db, sent)  # the poll's SET LOCAL, then its SELECT
     assert "ix_jobs_updated" in poll_plan and "Seq Scan" not in poll_plan, poll_plan

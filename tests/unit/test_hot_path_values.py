@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -9,9 +11,13 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+from sqlalchemy.dialects import sqlite
+
 from core.context import ProgressState
 from core.db import Database, make_engine
 from core.models import NO_PROGRESS, PROGRESS_COLUMNS, Progress
+from core.store import JobStore, NewJob
+from core.storebase import SqliteTable, jobs_t
 from core.text import clean_result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,10 +53,6 @@ def test_none_binds_as_sql_null_through_the_quick_adapter(tmp_path: Path) -> Non
 
 def test_rows_written_on_the_hot_path_keep_sql_nulls(tmp_path: Path) -> None:
     """The store's unset columns are real NULLs (what other readers and SQL filters rely on)."""
-    import asyncio
-
-    from core.store import JobStore, NewJob
-
     async def submit() -> int:
         db = Database(f"sqlite:///{tmp_path}/b.db")
         store = JobStore(db)
@@ -107,12 +109,6 @@ def test_the_first_service_of_a_process_freezes_the_start_up_heap_once(tmp_path:
 
 
 def test_constant_json_values_are_written_and_read_as_the_json_module_would() -> None:
-    import json
-
-    from sqlalchemy.dialects import sqlite
-
-    from core.storebase import SqliteTable, jobs_t
-
     table = SqliteTable(jobs_t, sqlite.dialect())
     for value in (None, {}, {"a": [1, None]}, [], 0, "x"):
         assert json.loads(table.value("payload", value)) == value
